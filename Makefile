@@ -1,0 +1,38 @@
+# Every target creates the virtualenv when it is missing or older than pyproject.toml.
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' && { echo $$p; break; }; done)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PG15 := /usr/lib/postgresql/15/bin/postgres
+
+.PHONY: demo test test-pg15 lint bench db-stop clean
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: Python 3.11 or newer is required" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m sync demo
+
+# The suite runs on the embedded PostgreSQL 18, then again on PostgreSQL 15 when its binaries are
+# installed (Supabase runs 15 and 17). With DATABASE_URL set, it runs once, against that server.
+test: $(STAMP)
+	$(PY) -m pytest
+	@if [ -z "$$DATABASE_URL" ] && [ -x $(PG15) ]; then \
+		echo "== again on PostgreSQL 15 =="; SYNC_PG=15 $(PY) -m pytest; fi
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+db-stop: $(STAMP)
+	$(PY) -m sync.embedded stop
+
+clean: db-stop
+	rm -rf .pg

@@ -1,0 +1,66 @@
+-- The tool's own state, kept in the target in schema _sync. Created on first use, idempotently.
+-- No grants to the API roles: PostgREST must never expose it (new public tables may be auto-granted;
+-- _sync is not public, and PUBLIC is revoked explicitly).
+
+CREATE SCHEMA IF NOT EXISTS _sync;
+REVOKE ALL ON SCHEMA _sync FROM PUBLIC;
+
+CREATE TABLE IF NOT EXISTS _sync.schema_version (
+    version    integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per `sync run`. high_water is the source's clock when the run started: the next catch-up
+-- reads from there (minus an overlap), never from target data.
+CREATE TABLE IF NOT EXISTS _sync.runs (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    status      text NOT NULL DEFAULT 'running'
+                CHECK (status IN ('running', 'succeeded', 'quarantined', 'failed', 'interrupted')),
+    since       timestamptz,
+    high_water  timestamptz,
+    options     jsonb NOT NULL DEFAULT '{}',
+    counts      jsonb NOT NULL DEFAULT '{}'
+);
+
+-- Per run and table: the last primary key copied (committed in the same transaction as the rows).
+CREATE TABLE IF NOT EXISTS _sync.checkpoints (
+    run_id     bigint NOT NULL REFERENCES _sync.runs (id) ON DELETE CASCADE,
+    table_name text NOT NULL,
+    last_key   jsonb,
+    rows_done  bigint NOT NULL DEFAULT 0,
+    done       boolean NOT NULL DEFAULT false,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, table_name)
+);
+
+-- Source key -> target key, for users matched by e-mail and rows whose integer key was taken.
+-- Keys are stored as text (uuid and integer keys alike) and cast back in joins.
+CREATE TABLE IF NOT EXISTS _sync.id_map (
+    table_name text NOT NULL,
+    source_key text NOT NULL,
+    target_key text NOT NULL,
+    reason     text NOT NULL,
+    run_id     bigint,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_name, source_key)
+);
+CREATE INDEX IF NOT EXISTS id_map_target_idx ON _sync.id_map (table_name, target_key);
+
+-- Rows the target refused, with the database's own message, until they land.
+CREATE TABLE IF NOT EXISTS _sync.quarantine (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    run_id      bigint,
+    table_name  text NOT NULL,
+    source_key  text NOT NULL,
+    row_data    jsonb NOT NULL,
+    error       text NOT NULL,
+    sqlstate    text,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    resolved_at timestamptz
+);
+CREATE UNIQUE INDEX IF NOT EXISTS quarantine_open_idx
+    ON _sync.quarantine (table_name, source_key) WHERE resolved_at IS NULL;
+
+INSERT INTO _sync.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;

@@ -1,0 +1,42 @@
+"""Errors a user can cause or meet, each with the exit code the CLI returns for it."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_QUARANTINED = 3
+
+
+class SyncError(Exception):
+    """A failure explained in one sentence to the user; ``exit_code`` is what the CLI returns."""
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(SyncError):
+    """Bad input: options, mapping files, DSNs, privileges, or a plan that would lose data."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConnectError(UsageError):
+    """A database could not be reached or refused the login; the message names the side."""
+
+
+class MappingError(UsageError):
+    """A mapping file is malformed; the message names the file, the table and the key."""
+
+
+class PlanError(UsageError):
+    """The plan would lose data or cannot be executed; ``problems`` lists every reason at once."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(
+            f"the plan has {len(problems)} problem(s); nothing was written:\n  - " + "\n  - ".join(problems)
+        )
+
+
+class LockedError(SyncError):
+    """Another run holds the target's run lock."""

@@ -1,0 +1,85 @@
+"""Test harness: a real PostgreSQL (embedded, or DATABASE_URL), fresh databases for every test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sync import testbed
+from sync.embedded import Server, ensure_server
+
+
+@pytest.fixture(scope="session")
+def server() -> Server:
+    """The PostgreSQL server of this test session, with the Supabase roles in place."""
+    srv = ensure_server()
+    testbed.prepare_cluster(srv)
+    return srv
+
+
+@pytest.fixture(scope="session")
+def supabase_template(server: Server) -> testbed.Database:
+    return testbed.supabase_template(server)
+
+
+def _fresh(server: Server, template: str) -> Iterator[testbed.Database]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    db = testbed.create_database(server, name, template=template)
+    try:
+        yield db
+    finally:
+        testbed.drop_database(server, name)
+
+
+@pytest.fixture
+def supabase_db(server: Server, supabase_template: testbed.Database) -> Iterator[testbed.Database]:
+    """A fresh, empty Supabase-shaped database."""
+    yield from _fresh(server, supabase_template.name)
+
+
+@pytest.fixture
+def make_db(server: Server, supabase_template: testbed.Database):
+    """Factory of fresh databases copied from a template (default: the empty Supabase one)."""
+    created: list[str] = []
+
+    def make(template: str | None = None) -> testbed.Database:
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        created.append(name)
+        return testbed.create_database(server, name, template=template or supabase_template.name)
+
+    yield make
+    for name in created:
+        testbed.drop_database(server, name)
+
+
+@pytest.fixture(scope="session")
+def seed_templates(server: Server, supabase_template: testbed.Database) -> tuple[str, str]:
+    """Seed scenario templates at scale 1: (production, development); rebuilt when their code changes."""
+    from sync import scenario
+
+    digest = testbed.fingerprint(testbed.sql_dir(), Path(scenario.__file__))
+    data = None
+
+    def build(side: str):
+        def run(db: testbed.Database) -> None:
+            nonlocal data
+            data = data or scenario.generate()
+            if side == "production":
+                scenario.build_production(db.url, data)
+            else:
+                scenario.build_development(db.url, data)
+
+        return run
+
+    prod = testbed.ensure_template(server, "sync_tpl_seed_production", digest, build("production"))
+    dev = testbed.ensure_template(server, "sync_tpl_seed_development", digest, build("development"))
+    return prod.name, dev.name
+
+
+@pytest.fixture
+def seed_dbs(make_db, seed_templates: tuple[str, str]) -> tuple[testbed.Database, testbed.Database]:
+    """Fresh copies of the seed scenario: (production = source, development = target)."""
+    return make_db(seed_templates[0]), make_db(seed_templates[1])
