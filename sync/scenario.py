@@ -220,17 +220,26 @@ class Scenario:
 
 
 class _Hasher:
-    """bcrypt hashes at cost 4, one per distinct password (salted once, shared by its users)."""
+    """bcrypt hashes at cost 4, one per distinct password (salted once, shared by its users).
+
+    Salts are drawn from the scenario's RNG, not the OS's, so the same seed gives the same hashes.
+    """
+
+    ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
     def __init__(self, rng: random.Random) -> None:
         self.cache: dict[str, str] = {}
         self.rng = rng
 
+    def salt(self, cost: int) -> bytes:
+        body = "".join(self.rng.choice(self.ALPHABET) for _ in range(21)) + self.rng.choice(".Oeu")
+        return f"$2b${cost:02d}${body}".encode()
+
     def hash(self, password: str, cost: int = 4) -> str:
         if cost != 4:
-            return bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost)).decode()
+            return bcrypt.hashpw(password.encode(), self.salt(cost)).decode()
         if password not in self.cache:
-            self.cache[password] = bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+            self.cache[password] = bcrypt.hashpw(password.encode(), self.salt(4)).decode()
         return self.cache[password]
 
 

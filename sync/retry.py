@@ -1,0 +1,114 @@
+"""The retry policy shared by the stages: which failures are transient, and how long to wait for them.
+
+A transient failure is one the same work can succeed after: a lost connection, a serialization
+failure or deadlock, a server out of connections or restarting, a statement cancelled by a timeout,
+an HTTP 429 or 5xx. Everything else is a data error or a bug and must not be retried blindly: the
+caller isolates it (the batch is split until the bad rows are found) or reports it.
+
+Waits grow exponentially with full jitter, so parallel workers that failed together do not come
+back together; a server's own hint (``Retry-After``) wins when it gives one. Attempts are bounded
+and each retry is logged with what failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import asyncpg
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+logger = logging.getLogger("sync.retry")
+
+# SQLSTATEs worth a second try: the transaction lost a race or the server was briefly unavailable.
+TRANSIENT_SQLSTATES = frozenset(
+    {
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "53300",  # too_many_connections
+        "57P01",  # admin_shutdown
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now
+        "55P03",  # lock_not_available (lock_timeout)
+    }
+)
+QUERY_CANCELED = "57014"
+
+DEFAULT_ATTEMPTS = 6
+DEFAULT_INITIAL_WAIT = 0.5
+DEFAULT_MAX_WAIT = 30.0
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """True when ``exc`` is a database failure that retrying the same transaction may cure.
+
+    Works for asyncpg and psycopg errors alike (both carry ``sqlstate``). A cancelled statement counts
+    only when a timeout cancelled it: a user's Ctrl-C or ``pg_cancel_backend`` must stop the run.
+    """
+    if isinstance(exc, (asyncpg.PostgresConnectionError, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError) and "connection" in str(exc).lower():
+        return True  # "connection is closed" / "connection was closed in the middle of operation"
+    sqlstate = getattr(exc, "sqlstate", None)
+    if not isinstance(sqlstate, str):
+        return False
+    if sqlstate.startswith("08") or sqlstate in TRANSIENT_SQLSTATES:
+        return True
+    return sqlstate == QUERY_CANCELED and "timeout" in str(exc).lower()
+
+
+def retrying(
+    predicate: Callable[[BaseException], bool] = is_transient_db_error,
+    *,
+    attempts: int = DEFAULT_ATTEMPTS,
+    initial_wait: float = DEFAULT_INITIAL_WAIT,
+    max_wait: float = DEFAULT_MAX_WAIT,
+    wait_hint: Callable[[BaseException], float | None] | None = None,
+    what: str = "operation",
+) -> AsyncRetrying:
+    """An ``AsyncRetrying`` that retries exceptions matching ``predicate``, then re-raises the last one.
+
+    ``attempts`` bounds the tries (the first included). Waits are exponential with full jitter between
+    ``initial_wait`` and ``max_wait`` seconds; ``wait_hint`` may return a server-given delay for an
+    exception (capped at ``max_wait``), which replaces the computed one. ``what`` names the work in the
+    log line of each retry. Use as ``async for attempt in retrying(...): with attempt: ...``.
+    """
+    backoff = wait_random_exponential(multiplier=initial_wait, max=max_wait)
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        hinted = wait_hint(exc) if wait_hint is not None and exc is not None else None
+        return min(hinted, max_wait) if hinted is not None else backoff(state)
+
+    def log_retry(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        logger.warning(
+            "%s failed (attempt %d of %d): %s; retrying in %.1f s",
+            what,
+            state.attempt_number,
+            attempts,
+            _describe(exc),
+            delay,
+        )
+
+    return AsyncRetrying(
+        retry=retry_if_exception(predicate),
+        stop=stop_after_attempt(attempts),
+        wait=wait,
+        before_sleep=log_retry,
+        reraise=True,
+    )
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no exception"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
