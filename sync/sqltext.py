@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 
 def ident(name: str) -> str:
-    """A quoted identifier: ``my "col"`` → ``"my ""col"""``."""
+    """A quoted identifier; embedded double quotes are doubled."""
     return '"' + name.replace('"', '""') + '"'
 
 

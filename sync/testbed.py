@@ -67,7 +67,9 @@ def create_database(server: Server, name: str, template: str | None = None) -> D
 def drop_database(server: Server, name: str) -> None:
     """Drop ``name`` if it exists, disconnecting its sessions."""
     with psycopg.connect(server.url, autocommit=True) as conn:
-        template = conn.execute("SELECT datistemplate FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        template = conn.execute(
+            "SELECT datistemplate FROM pg_database WHERE datname = %s", (name,)
+        ).fetchone()
         if template and template[0]:
             conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(sql.Identifier(name)))
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
