@@ -75,21 +75,48 @@ ALTER ROLE authenticated SET statement_timeout = '8s';
 ALTER ROLE authenticator SET statement_timeout = '8s';
 ALTER ROLE postgres SET search_path = "$user", public, extensions;
 
--- PostgREST's login may become any API role.
-GRANT anon, authenticated, service_role TO authenticator;
-
--- `postgres` holds the API roles WITH ADMIN OPTION (hosted re-grants them that way since PG 16,
--- where CREATEROLE alone no longer gives control over other roles), and the predefined roles that
--- stand in for superuser powers: read everything, monitor, cancel other backends.
-GRANT anon, authenticated, service_role TO postgres WITH ADMIN OPTION;
-GRANT pg_read_all_data TO postgres WITH ADMIN OPTION;
-GRANT pg_monitor, pg_signal_backend TO postgres;
-
--- pg_create_subscription exists from PG 16 on; hosted grants it there.
-DO $subscription$
+-- Memberships, granted only when missing (or when the admin option is missing), so a re-run is
+-- silent:
+--   * PostgREST's login may become any API role;
+--   * `postgres` holds the API roles WITH ADMIN OPTION (hosted re-grants them that way since PG 16,
+--     where CREATEROLE alone no longer gives control over other roles), and the predefined roles
+--     that stand in for superuser powers: read everything, monitor, cancel other backends;
+--   * pg_create_subscription exists from PG 16 on; hosted grants it there.
+DO $memberships$
+DECLARE
+    grant_row record;
 BEGIN
-    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'pg_create_subscription') THEN
-        GRANT pg_create_subscription TO postgres;
-    END IF;
+    FOR grant_row IN
+        SELECT *
+        FROM (VALUES
+            ('anon',                   'authenticator', false),
+            ('authenticated',          'authenticator', false),
+            ('service_role',           'authenticator', false),
+            ('anon',                   'postgres',      true),
+            ('authenticated',          'postgres',      true),
+            ('service_role',           'postgres',      true),
+            ('pg_read_all_data',       'postgres',      true),
+            ('pg_monitor',             'postgres',      false),
+            ('pg_signal_backend',      'postgres',      false),
+            ('pg_create_subscription', 'postgres',      false)
+        ) AS wanted (granted_role, member, with_admin)
+        WHERE EXISTS (SELECT FROM pg_roles WHERE rolname = wanted.granted_role)
+          AND NOT EXISTS (
+              SELECT
+              FROM pg_auth_members AS m
+              JOIN pg_roles AS g ON g.oid = m.roleid
+              JOIN pg_roles AS u ON u.oid = m.member
+              WHERE g.rolname = wanted.granted_role
+                AND u.rolname = wanted.member
+                AND (m.admin_option OR NOT wanted.with_admin)
+          )
+    LOOP
+        EXECUTE format(
+            'GRANT %I TO %I%s',
+            grant_row.granted_role,
+            grant_row.member,
+            CASE WHEN grant_row.with_admin THEN ' WITH ADMIN OPTION' ELSE '' END
+        );
+    END LOOP;
 END
-$subscription$;
+$memberships$;
