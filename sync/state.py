@@ -28,12 +28,9 @@ LOCK_KEY = 0x53594E43  # "SYNC"
 
 async def ensure_state(conn: asyncpg.Connection) -> None:
     """Create the ``_sync`` schema on first use (idempotent; safe under concurrent callers)."""
-    version = await conn.fetchval(
-        "SELECT CASE WHEN to_regclass('_sync.schema_version') IS NULL THEN NULL "
-        "ELSE (SELECT max(version) FROM _sync.schema_version) END"
-    )
-    if version == STATE_VERSION:
-        return
+    if await conn.fetchval("SELECT to_regclass('_sync.schema_version') IS NOT NULL"):
+        if await conn.fetchval("SELECT max(version) FROM _sync.schema_version") == STATE_VERSION:
+            return
     async with conn.transaction():
         # Serialise creators: CREATE ... IF NOT EXISTS still races on the catalog.
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('_sync.schema'))")

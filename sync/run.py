@@ -1,0 +1,231 @@
+"""A whole run: lock, plan, auth import, tables in FK order, second pass, sequences, run record.
+
+``connect → introspect → plan → auth import → copy tables → finish``. The CLI calls :func:`run_sync`;
+it is usable as a library too. Every stage below this one is in its own module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from sync import copy as table_copy
+from sync.catalog import read_catalog
+from sync.connect import Endpoint, connect
+from sync.errors import EXIT_OK, EXIT_QUARANTINED, PlanError
+from sync.mapping import Mapping
+from sync.plan import Plan, TablePlan, build_plan, check_casts
+from sync.snapshot import SourceSnapshot
+from sync.sqltext import ident, table_ident
+from sync.state import RunLock, begin_run, catch_up_since, ensure_state, finish_run, record_high_water
+
+log = logging.getLogger("sync")
+
+AuthStage = Callable[["RunContext"], Awaitable[dict[str, Any]]]
+
+
+@dataclass
+class RunOptions:
+    """What the user asked of this run."""
+
+    since: datetime | None = None
+    restart: bool = False
+    overlap: timedelta = timedelta(minutes=10)
+    batch_size: int | None = None
+    jobs: int | None = None
+    skip_auth: bool = False
+
+
+@dataclass
+class RunContext:
+    """What the stages of a run share."""
+
+    source: Endpoint
+    target: Endpoint
+    mapping: Mapping
+    plan: Plan
+    snapshot: SourceSnapshot
+    run_id: int
+    since: datetime | None
+
+
+@dataclass
+class RunReport:
+    """What a run did; ``exit_code`` is 0 when everything landed, 3 when some rows were quarantined."""
+
+    run_id: int
+    since: datetime | None
+    high_water: datetime | None
+    resumed: bool
+    tables: list[table_copy.TableResult] = field(default_factory=list)
+    auth: dict[str, Any] | None = None
+    sequences_moved: int = 0
+    seconds: float = 0.0
+
+    @property
+    def quarantined(self) -> int:
+        return sum(t.quarantined for t in self.tables) + int((self.auth or {}).get("quarantined", 0))
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_QUARANTINED if self.quarantined else EXIT_OK
+
+    def counts(self) -> dict[str, Any]:
+        """The per-table counts, as stored with the run."""
+        return {
+            "tables": {
+                t.table: {
+                    "read": t.read,
+                    "inserted": t.inserted,
+                    "updated": t.updated,
+                    "quarantined": t.quarantined,
+                    "remapped": t.remapped,
+                }
+                for t in self.tables
+            },
+            "auth": self.auth or {},
+        }
+
+
+async def load_plan(source: Endpoint, target: Endpoint, mapping: Mapping) -> Plan:
+    """Read both catalogs and build the plan; PlanError (nothing written) when it would lose data."""
+    sconn, tconn = await connect(source), await connect(target)
+    try:
+        schemas = mapping.sync.schemas
+        async with sconn.transaction(readonly=True):
+            source_catalog = await read_catalog(sconn, schemas)
+        target_catalog = await read_catalog(tconn, schemas)
+        plan = build_plan(source_catalog, target_catalog, mapping)
+        problems = await check_casts(tconn, plan.tables)
+        if problems:
+            raise PlanError(problems)
+        return plan
+    finally:
+        await sconn.close()
+        await tconn.close()
+
+
+async def run_sync(
+    source: Endpoint,
+    target: Endpoint,
+    mapping: Mapping,
+    options: RunOptions,
+    *,
+    auth_stage: AuthStage | None = None,
+    progress: table_copy.Progress | None = None,
+) -> RunReport:
+    """Run the whole pipeline once; resumable: a rerun continues from the checkpoints."""
+    started = time.perf_counter()
+    lock = RunLock(target)
+    plan = await load_plan(source, target, mapping)
+    await lock.acquire()
+    tconn = await connect(target, application_name="sync run")
+    snapshot = SourceSnapshot(source)
+    try:
+        await ensure_state(tconn)
+        since = options.since
+        if since is None and not options.restart:
+            since = await catch_up_since(tconn, options.overlap)
+        run = await begin_run(tconn, since, restart=options.restart, options=_describe(options, mapping))
+        since = run.since
+        await snapshot.open()
+        if snapshot.high_water is not None:
+            await record_high_water(tconn, run.id, snapshot.high_water)
+        report = RunReport(run.id, since, run.high_water or snapshot.high_water, run.resumed)
+        ctx = RunContext(source, target, mapping, plan, snapshot, run.id, since)
+        try:
+            if auth_stage is not None and not options.skip_auth:
+                report.auth = await auth_stage(ctx)
+            report.tables = await copy_tables(ctx, options, progress)
+            await patch_deferred(ctx, options)
+            report.sequences_moved = await move_sequences(tconn, plan)
+        except (Exception, asyncio.CancelledError) as exc:
+            status = (
+                "interrupted" if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)) else "failed"
+            )
+            await asyncio.shield(finish_run(tconn, run.id, status, report.counts()))
+            raise
+        report.seconds = time.perf_counter() - started
+        status = "quarantined" if report.quarantined else "succeeded"
+        await finish_run(tconn, run.id, status, report.counts())
+        return report
+    finally:
+        await snapshot.close()
+        await tconn.close()
+        await lock.release()
+
+
+def _describe(options: RunOptions, mapping: Mapping) -> dict[str, Any]:
+    return {
+        "since": options.since.isoformat() if options.since else None,
+        "batch_size": options.batch_size or mapping.sync.batch_size,
+        "jobs": options.jobs or mapping.sync.jobs,
+        "mapping": mapping.origin,
+    }
+
+
+async def copy_tables(
+    ctx: RunContext, options: RunOptions, progress: table_copy.Progress | None
+) -> list[table_copy.TableResult]:
+    """Copy every planned table, parents before children; independent tables run concurrently."""
+    jobs = options.jobs or ctx.mapping.sync.jobs
+    copy_ctx = _copy_context(ctx, options, progress)
+    slots = asyncio.Semaphore(jobs)
+    names = {t.name for t in ctx.plan.tables}
+    deferred = {(t.name, link) for t in ctx.plan.tables for link in t.deferred}
+    tasks: dict[str, asyncio.Task[table_copy.TableResult]] = {}
+
+    async def one(tp: TablePlan) -> table_copy.TableResult:
+        for link in tp.parents:
+            if link.parent in names and link.parent != tp.name and (tp.name, link) not in deferred:
+                await tasks[link.parent]
+        async with slots:
+            return await table_copy.TableCopy(copy_ctx, tp).run()
+
+    async with asyncio.TaskGroup() as group:
+        for tp in ctx.plan.tables:  # parents first, so every awaited parent task exists already
+            tasks[tp.name] = group.create_task(one(tp))
+    return [tasks[t.name].result() for t in ctx.plan.tables]
+
+
+def _copy_context(
+    ctx: RunContext, options: RunOptions, progress: table_copy.Progress | None
+) -> table_copy.CopyContext:
+    return table_copy.CopyContext(
+        plan=ctx.plan,
+        source=ctx.snapshot,
+        target=ctx.target,
+        run_id=ctx.run_id,
+        since=ctx.since,
+        batch_size=options.batch_size or ctx.mapping.sync.batch_size,
+        progress=progress,
+    )
+
+
+async def patch_deferred(ctx: RunContext, options: RunOptions) -> None:
+    """Second pass for cycles: fill the FK columns that were inserted NULL, now that both sides landed."""
+    copy_ctx = _copy_context(ctx, options, None)
+    for tp in ctx.plan.tables:
+        if tp.deferred:
+            await table_copy.DeferredPatch(copy_ctx, tp).run()
+
+
+async def move_sequences(conn: asyncpg.Connection, plan: Plan) -> int:
+    """Move every sequence owned by a copied column to at least max(column) in target; never back."""
+    moved = 0
+    for tp in plan.tables:
+        copied = {c.target for c in tp.columns}
+        for column, sequence in tp.sequences.items():
+            if column in copied:
+                await table_copy.advance_sequence(
+                    conn, sequence, f"SELECT max({ident(column)}) FROM {table_ident(tp.name)}"
+                )
+                moved += 1
+    return moved

@@ -1,0 +1,85 @@
+"""One consistent view of the source for every reader of a run: an exported snapshot.
+
+The coordinator opens a ``REPEATABLE READ READ ONLY`` transaction, exports its snapshot and keeps the
+transaction open for the run; each reader joins it with ``SET TRANSACTION SNAPSHOT``, so parallel
+jobs read the same instant. A transaction-mode pooler cannot hold that transaction across
+statements; there, and after the coordinator is lost, readers fall back to a fresh read-only
+transaction per batch (said in the plan and the run's log).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+import asyncpg
+
+from sync.connect import Endpoint, PoolMode, connect
+
+log = logging.getLogger("sync")
+
+
+class SourceSnapshot:
+    """The run's view of the source: its snapshot id (when one could be exported) and its clock."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.snapshot_id: str | None = None
+        self.high_water: datetime | None = None
+        self._coordinator: asyncpg.Connection | None = None
+        self._tx: asyncpg.transaction.Transaction | None = None
+
+    async def open(self) -> SourceSnapshot:
+        """Export the snapshot (where the connection can hold one) and read the source's clock."""
+        conn = await connect(self.endpoint, application_name="sync coordinator")
+        if self.endpoint.mode is PoolMode.TRANSACTION:
+            self.high_water = await conn.fetchval("SELECT now()")
+            await conn.close()
+            log.info("source is behind a transaction pooler: no shared snapshot, reads are per batch")
+            return self
+        self._coordinator = conn
+        self._tx = conn.transaction(isolation="repeatable_read", readonly=True)
+        await self._tx.start()
+        self.snapshot_id, self.high_water = await conn.fetchrow("SELECT pg_export_snapshot(), now()")
+        return self
+
+    @property
+    def shared(self) -> bool:
+        """Whether readers share one snapshot (the coordinator is alive)."""
+        return (
+            self.snapshot_id is not None
+            and self._coordinator is not None
+            and not self._coordinator.is_closed()
+        )
+
+    async def reader(self) -> asyncpg.Connection:
+        """A new source connection, read-only, inside the shared snapshot when there is one."""
+        conn = await connect(self.endpoint, application_name="sync reader")
+        await self.begin(conn)
+        return conn
+
+    async def begin(self, conn: asyncpg.Connection) -> asyncpg.transaction.Transaction:
+        """Open ``conn``'s read-only transaction, joining the snapshot if it is still there."""
+        tx = conn.transaction(isolation="repeatable_read", readonly=True)
+        await tx.start()
+        if self.shared:
+            try:
+                await conn.execute(f"SET TRANSACTION SNAPSHOT '{self.snapshot_id}'")
+            except asyncpg.PostgresError as exc:
+                # The exporting transaction is gone: go on from a fresh snapshot rather than fail.
+                log.warning("shared source snapshot lost (%s); reading from a fresh one", exc)
+                self.snapshot_id = None
+                await tx.rollback()
+                tx = conn.transaction(isolation="repeatable_read", readonly=True)
+                await tx.start()
+        return tx
+
+    async def close(self) -> None:
+        """End the coordinator's transaction and connection."""
+        if self._coordinator is not None and not self._coordinator.is_closed():
+            try:
+                if self._tx is not None:
+                    await self._tx.rollback()
+            finally:
+                await self._coordinator.close()
+        self._coordinator = None
