@@ -667,7 +667,8 @@ def upsert_sql(tp: TablePlan) -> str:
         conflict = "DO NOTHING"
     else:
         types = {c.target: c.target_type for c in tp.columns}
-        changed = f"{_comparable(updatable, types, 't.')} IS DISTINCT FROM {_comparable(updatable, types, 'EXCLUDED.')}"
+        before, after = _comparable(updatable, types, "t."), _comparable(updatable, types, "EXCLUDED.")
+        changed = f"{before} IS DISTINCT FROM {after}"
         if tp.policy == "newest-wins" and "updated_at" in updatable:
             changed += ' AND EXCLUDED."updated_at" > t."updated_at"'
         sets = ", ".join(f"{ident(c)} = EXCLUDED.{ident(c)}" for c in updatable)

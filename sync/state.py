@@ -28,9 +28,9 @@ LOCK_KEY = 0x53594E43  # "SYNC"
 
 async def ensure_state(conn: asyncpg.Connection) -> None:
     """Create the ``_sync`` schema on first use (idempotent; safe under concurrent callers)."""
-    if await conn.fetchval("SELECT to_regclass('_sync.schema_version') IS NOT NULL"):
-        if await conn.fetchval("SELECT max(version) FROM _sync.schema_version") == STATE_VERSION:
-            return
+    exists = await conn.fetchval("SELECT to_regclass('_sync.schema_version') IS NOT NULL")
+    if exists and await conn.fetchval("SELECT max(version) FROM _sync.schema_version") == STATE_VERSION:
+        return
     async with conn.transaction():
         # Serialise creators: CREATE ... IF NOT EXISTS still races on the catalog.
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('_sync.schema'))")
@@ -110,7 +110,8 @@ async def begin_run(
         return RunRecord(unfinished["id"], unfinished["since"], unfinished["high_water"], resumed=True)
     if unfinished is not None:
         await conn.execute(
-            "UPDATE _sync.runs SET status = 'interrupted', finished_at = now() WHERE id = $1", unfinished["id"]
+            "UPDATE _sync.runs SET status = 'interrupted', finished_at = now() WHERE id = $1",
+            unfinished["id"],
         )
     run_id = await conn.fetchval(
         "INSERT INTO _sync.runs (since, options) VALUES ($1, $2::jsonb) RETURNING id",

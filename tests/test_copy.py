@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 
 import asyncpg
 import psycopg
-import pytest
 
 from sync.connect import Endpoint, Side
 from sync.mapping import Mapping
@@ -135,8 +134,10 @@ def seed_parent_child(source, target) -> None:
         target.url,
         """
         INSERT INTO requests (owner_id, amount, created_at, updated_at)
-            SELECT '00000000-0000-0000-0000-000000000002', 1, '2024-11-25', '2024-11-25' FROM generate_series(1, 3);
-        INSERT INTO docs (request_id, path, created_at, updated_at) VALUES (12, 'dev/test', '2024-11-25', '2024-11-25');
+            SELECT '00000000-0000-0000-0000-000000000002', 1, '2024-11-25', '2024-11-25'
+            FROM generate_series(1, 3);
+        INSERT INTO docs (request_id, path, created_at, updated_at)
+            VALUES (12, 'dev/test', '2024-11-25', '2024-11-25');
     """,
     )
 
@@ -217,7 +218,8 @@ def test_an_old_parent_that_a_new_row_needs_is_copied_whatever_its_date(make_db)
     execute(
         source.url,
         """
-        INSERT INTO owners VALUES ('00000000-0000-0000-0000-000000000009', 'old owner', '2023-01-01', '2023-01-01');
+        INSERT INTO owners
+            VALUES ('00000000-0000-0000-0000-000000000009', 'old owner', '2023-01-01', '2023-01-01');
         INSERT INTO requests (owner_id, amount, created_at, updated_at)
             VALUES ('00000000-0000-0000-0000-000000000009', 5, '2024-12-01', '2024-12-01');
     """,
@@ -279,7 +281,8 @@ def test_a_backend_terminated_mid_batch_is_retried_and_the_run_completes(make_db
                 )
                 done = (
                     await conn.fetchval(
-                        "SELECT coalesce(sum(rows_done), 0) FROM _sync.checkpoints WHERE table_name = 'public.docs'"
+                        "SELECT coalesce(sum(rows_done), 0) FROM _sync.checkpoints "
+                        "WHERE table_name = 'public.docs'"
                     )
                     if await conn.fetchval("SELECT to_regclass('_sync.checkpoints') IS NOT NULL")
                     else 0
