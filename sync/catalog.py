@@ -67,7 +67,7 @@ class Trigger:
     for_each_row: bool
     enabled: bool
     fires_on_replica: bool
-    """Set to ``ENABLE ALWAYS``/``ENABLE REPLICA``: it fires even with ``session_replication_role = replica``."""
+    """``ENABLE ALWAYS``/``ENABLE REPLICA``: fires even under ``session_replication_role = replica``."""
     reaches_outside: bool
     """Its function sends HTTP requests (``pg_net``, Database Webhooks)."""
 
@@ -307,7 +307,12 @@ def _trigger(r: asyncpg.Record, table: str) -> Trigger:
     timing = "INSTEAD OF" if kind & _INSTEAD else "BEFORE" if kind & _BEFORE else "AFTER"
     events = [
         event
-        for bit, event in ((_INSERT, "INSERT"), (_UPDATE, "UPDATE"), (_DELETE, "DELETE"), (_TRUNCATE, "TRUNCATE"))
+        for bit, event in (
+            (_INSERT, "INSERT"),
+            (_UPDATE, "UPDATE"),
+            (_DELETE, "DELETE"),
+            (_TRUNCATE, "TRUNCATE"),
+        )
         if kind & bit
     ]
     enabled = r["tgenabled"]

@@ -12,7 +12,16 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from sync.errors import MappingError
@@ -37,11 +46,21 @@ def _one_of(choices: Any) -> BeforeValidator:
     def check(value: object) -> object:
         if value not in allowed:
             raise PydanticCustomError(
-                "choice", "{value} is not one of {allowed}", {"value": repr(value), "allowed": ", ".join(allowed)}
+                "choice",
+                "{value} is not one of {allowed}",
+                {"value": repr(value), "allowed": ", ".join(allowed)},
             )
         return value
 
     return BeforeValidator(check)
+
+
+def _column_or_false(value: object) -> object:
+    if value is False or isinstance(value, str):
+        return value
+    raise PydanticCustomError(
+        "since", "expected a column name, or false to read the whole table every run", {}
+    )
 
 
 class _Strict(BaseModel):
@@ -58,17 +77,18 @@ class SyncSettings(_Strict):
     jobs: int = Field(default=4, ge=1)
     triggers: Annotated[TriggerMode, _one_of(TriggerMode)] = "fire"
 
-    @model_validator(mode="after")
-    def _no_reserved_schema(self) -> SyncSettings:
-        reserved = [s for s in self.schemas if s in RESERVED_SCHEMAS]
-        if reserved:
-            raise PydanticCustomError(
-                "reserved",
-                "schema {schema!r} cannot be synced as rows: auth users are imported by the auth stage "
-                "and Storage objects go through the Storage API",
-                {"schema": reserved[0]},
-            )
-        return self
+    @field_validator("schemas")
+    @classmethod
+    def _no_reserved_schema(cls, schemas: list[str]) -> list[str]:
+        for schema in schemas:
+            if schema in RESERVED_SCHEMAS:
+                raise PydanticCustomError(
+                    "reserved",
+                    "schema {schema} cannot be synced as rows: auth users are imported by the auth stage "
+                    "and Storage objects go through the Storage API",
+                    {"schema": repr(schema)},
+                )
+        return schemas
 
 
 class TableRule(_Strict):
@@ -77,7 +97,7 @@ class TableRule(_Strict):
     key: Annotated[KeyStrategy, _one_of(KeyStrategy)] | None = None
     match_on: list[str] | None = None
     natural: list[str] | None = None
-    since: str | Literal[False] | None = None
+    since: Annotated[str | Literal[False], BeforeValidator(_column_or_false)] | None = None
     """The source column of the window; ``false`` reads the whole table every run."""
     policy: Annotated[Policy, _one_of(Policy)] | None = None
     rename: dict[str, str] = Field(default_factory=dict)
@@ -93,13 +113,15 @@ class TableRule(_Strict):
         both = sorted(set(self.ignore) & set(self.rename))
         if both:
             raise PydanticCustomError(
-                "ignored_and_renamed", "column {column!r} is both ignored and renamed", {"column": both[0]}
+                "ignored_and_renamed",
+                "column {column} is both ignored and renamed",
+                {"column": repr(both[0])},
             )
         targets = list(self.rename.values())
         twice = sorted({t for t in targets if targets.count(t) > 1})
         if twice:
             raise PydanticCustomError(
-                "rename_twice", "two columns are renamed to {column!r}", {"column": twice[0]}
+                "rename_twice", "two columns are renamed to {column}", {"column": repr(twice[0])}
             )
         return self
 
@@ -109,7 +131,7 @@ class Mapping(_Strict):
 
     sync: SyncSettings = Field(default_factory=SyncSettings)
     tables: dict[str, TableRule] = Field(default_factory=dict)
-    path: Path | None = Field(default=None, exclude=True)
+    _path: Path | None = PrivateAttr(default=None)
 
     def rule(self, table: str) -> TableRule:
         """The rule of ``table`` (``schema.table``), or an empty one when the file has none."""
@@ -118,7 +140,12 @@ class Mapping(_Strict):
     @property
     def origin(self) -> str:
         """How messages name this mapping."""
-        return str(self.path) if self.path else "the built-in defaults"
+        return str(self._path) if self._path else "the built-in defaults"
+
+    @property
+    def path(self) -> Path | None:
+        """The file this mapping was read from; None for the built-in defaults."""
+        return self._path
 
 
 def load_mapping(path: Path | None = None) -> Mapping:
@@ -151,8 +178,10 @@ def parse_mapping(text: str, path: Path) -> Mapping:
     try:
         mapping = Mapping.model_validate(data)
     except ValidationError as exc:
-        raise MappingError("\n".join(_describe(path, error) for error in exc.errors())) from None
-    return mapping.model_copy(update={"path": path})
+        lines = {_location(e["loc"]): _describe(path, e) for e in reversed(exc.errors())}
+        raise MappingError("\n".join(reversed(lines.values()))) from None
+    mapping._path = path
+    return mapping
 
 
 def _describe(path: Path, error: Any) -> str:
@@ -170,11 +199,13 @@ def _location(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if not _is_branch(p)]
     if parts[:1] == ["tables"] and len(parts) > 1:
         parts[1] = f'"{parts[1]}"'
-    return ".".join(_toml_key(p) if not p.startswith('"') else p for p in parts) or "(top level)"
+    return ".".join(toml_key(p) if not p.startswith('"') else p for p in parts) or "(top level)"
 
 
 def _is_branch(part: Any) -> bool:
-    return isinstance(part, str) and (part in ("str", "bool", "none") or part.startswith(("literal[", "function-")))
+    return isinstance(part, str) and (
+        part in ("str", "bool", "none") or part.startswith(("literal[", "function-"))
+    )
 
 
 def _owner(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -191,11 +222,6 @@ def _owner(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-def _toml_key(name: str) -> str:
-    """``name`` as a TOML key: bare when it can be, quoted otherwise."""
-    return name if _BARE_KEY.match(name) else toml_string(name)
-
-
 def toml_string(value: str) -> str:
     """``value`` as a TOML basic string."""
     escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
@@ -203,5 +229,10 @@ def toml_string(value: str) -> str:
 
 
 def toml_key(name: str) -> str:
-    """``name`` as a TOML key (for the mapping lines messages suggest)."""
-    return _toml_key(name)
+    """``name`` as a TOML key: bare when it can be, quoted otherwise."""
+    return name if _BARE_KEY.match(name) else toml_string(name)
+
+
+def table_header(table: str) -> str:
+    """The header of ``table``'s entry, e.g. ``[tables."public.profiles"]``."""
+    return f"[tables.{toml_string(table)}]"

@@ -1,0 +1,196 @@
+"""What a run would do, measured on the live databases: the report behind ``sync plan``.
+
+Both databases are only read, each in one ``REPEATABLE READ READ ONLY`` transaction (a consistent
+view, and a guarantee that nothing is written): their catalogs, the plan drawn from them, the cast
+checks, then per table the source rows in the window and, for remapped integer keys, how many of
+those keys the target already uses for another row, and how the source's users meet the target's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from sync.catalog import Catalog, Table, read_catalog
+from sync.connect import Endpoint, connect
+from sync.errors import UsageError
+from sync.mapping import Mapping
+from sync.plan import (
+    AUTH_USERS,
+    PlanReport,
+    TablePlan,
+    TableReport,
+    TriggerReport,
+    UserReport,
+    check_casts,
+    draft_plan,
+)
+from sync.sqltext import ident
+
+
+async def preview(
+    source: Endpoint, target: Endpoint, mapping: Mapping, since: datetime | None = None
+) -> PlanReport:
+    """Plan the copy of ``source`` into ``target`` and count what it would move; writes nothing.
+
+    ``since`` starts the window (None: whole tables). Problems that would lose data come back in the
+    report's ``errors``; unreachable databases raise ConnectError, refused reads UsageError.
+    """
+    async with AsyncExitStack() as stack:
+        src = await stack.enter_async_context(_reading(source))
+        tgt = await stack.enter_async_context(_reading(target))
+        async with _failures_named(source):
+            source_catalog = await read_catalog(src, mapping.sync.schemas)
+        async with _failures_named(target):
+            target_catalog = await read_catalog(tgt, mapping.sync.schemas)
+        plan, problems = draft_plan(source_catalog, target_catalog, mapping)
+        async with _failures_named(target):
+            problems += await check_casts(tgt, plan.tables)
+        tables = [TableReport.of(p) for p in plan.tables]
+        users = None
+        if not problems:
+            sides = _Sessions(source, target, src, tgt, source_catalog, target_catalog)
+            tables = [
+                await sides.measure(report, p, since) for report, p in zip(tables, plan.tables, strict=True)
+            ]
+            users = await sides.users()
+        return PlanReport(
+            source=str(source),
+            target=str(target),
+            source_version=source_catalog.server_version,
+            target_version=target_catalog.server_version,
+            mapping=mapping.origin,
+            since=since,
+            auth_mode=plan.auth_mode,
+            tables=tables,
+            users=users,
+            auth_triggers=[TriggerReport.of(t) for t in plan.auth_triggers],
+            notes=plan.notes,
+            warnings=plan.warnings,
+            errors=problems,
+        )
+
+
+@asynccontextmanager
+async def _reading(endpoint: Endpoint) -> AsyncIterator[asyncpg.Connection]:
+    """A connection inside one read-only, repeatable-read transaction, rolled back and closed after."""
+    conn = await connect(endpoint, application_name="sync plan")
+    try:
+        transaction = conn.transaction(isolation="repeatable_read", readonly=True)
+        async with _failures_named(endpoint):
+            await transaction.start()
+        try:
+            yield conn
+        finally:
+            if not conn.is_closed():
+                await transaction.rollback()
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def _failures_named(endpoint: Endpoint) -> AsyncIterator[None]:
+    """Turn a database error into one line naming the side (a missing privilege, a cancelled query)."""
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        raise UsageError(
+            f"The {endpoint.side} database refused a read: {endpoint.redact(str(exc))}"
+        ) from None
+
+
+def _table_sql(table: Table) -> str:
+    return f"{ident(table.schema)}.{ident(table.table)}"
+
+
+@dataclass(frozen=True)
+class _Sessions:
+    """Both read-only sessions and their catalogs, for the counts that compare one side with the other."""
+
+    source: Endpoint
+    target: Endpoint
+    src: asyncpg.Connection
+    tgt: asyncpg.Connection
+    source_catalog: Catalog
+    target_catalog: Catalog
+
+    async def measure(self, report: TableReport, plan: TablePlan, since: datetime | None) -> TableReport:
+        """``report`` with the source rows in the window and, for remapped keys, the collisions.
+
+        A row whose since-column is NULL counts as in the window, as the copy reads it: an unknown
+        date is no reason to leave a row behind.
+        """
+        table = _table_sql(self.source_catalog.tables[plan.source_name])
+        window, args = "", []
+        if plan.since is not None and since is not None:
+            column = ident(plan.since)
+            window, args = f" WHERE ({column} >= $1::timestamptz OR {column} IS NULL)", [since]
+        async with _failures_named(self.source):
+            if plan.key != "remap":
+                rows = await self.src.fetchval(f"SELECT count(*) FROM {table}{window}", *args)
+                return report.model_copy(update={"window_rows": rows})
+            source_of = {c.target: c.source for c in plan.columns}
+            columns = ", ".join(ident(source_of[c]) for c in [*plan.primary_key, *plan.match_on])
+            keyed = await self.src.fetch(f"SELECT {columns} FROM {table}{window}", *args)
+        async with _failures_named(self.target):
+            collisions = await self._collisions(plan, keyed)
+        return report.model_copy(update={"window_rows": len(keyed), "collisions": collisions})
+
+    async def _collisions(self, plan: TablePlan, keyed: Sequence[asyncpg.Record]) -> int:
+        """How many of the source's (key, match_on) rows meet a target row with the key but not the rest."""
+        if not keyed:
+            return 0
+        width = len(plan.primary_key)
+        # Each key column narrowed with = ANY (the server infers the array type); tuples compared below.
+        narrowing = " AND ".join(f"{ident(c)} = ANY(${i})" for i, c in enumerate(plan.primary_key, start=1))
+        existing = await self.tgt.fetch(
+            f"SELECT {', '.join(ident(c) for c in [*plan.primary_key, *plan.match_on])} "
+            f"FROM {_table_sql(self.target_catalog.tables[plan.name])} WHERE {narrowing}",
+            *([row[i] for row in keyed] for i in range(width)),
+        )
+        there = {tuple(r)[:width]: tuple(r)[width:] for r in existing}
+        rows = [(tuple(r)[:width], tuple(r)[width:]) for r in keyed]
+        return sum(1 for key, match in rows if key in there and there[key] != match)
+
+    async def users(self) -> UserReport | None:
+        """Every source user, matched to the target's by id, then normalised e-mail, then phone digits."""
+        if AUTH_USERS not in self.source_catalog.tables or AUTH_USERS not in self.target_catalog.tables:
+            return None
+        async with _failures_named(self.source):
+            ours = await self.src.fetch(_USERS)
+        async with _failures_named(self.target):
+            theirs = await self.tgt.fetch(_USERS)
+        return _match_users(ours, theirs)
+
+
+_USERS = r"""
+SELECT id, lower(trim(email)) AS email,
+       nullif(regexp_replace(coalesce(phone, ''), '\D', '', 'g'), '') AS phone
+FROM auth.users
+"""
+
+
+def _match_users(ours: Sequence[asyncpg.Record], theirs: Sequence[asyncpg.Record]) -> UserReport:
+    ids = {u["id"] for u in theirs}
+    emails = {u["email"] for u in theirs if u["email"]}
+    phones = {u["phone"] for u in theirs if u["phone"]}
+    by_id = by_email = by_phone = 0
+    for user in ours:
+        if user["id"] in ids:
+            by_id += 1
+        elif user["email"] and user["email"] in emails:
+            by_email += 1
+        elif user["phone"] and user["phone"] in phones:
+            by_phone += 1
+    return UserReport(
+        source=len(ours),
+        target=len(theirs),
+        matched_by_id=by_id,
+        matched_by_email=by_email,
+        matched_by_phone=by_phone,
+        to_create=len(ours) - by_id - by_email - by_phone,
+    )
