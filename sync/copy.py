@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -85,7 +85,8 @@ class CopyContext:
     since: datetime | None
     batch_size: int = 5000
     progress: Progress | None = None
-    results: dict[str, TableResult] = field(default_factory=dict)
+    only_keys: dict[str, list[str]] | None = None
+    """When set, copy only these source keys per table (``sync quarantine retry``)."""
 
 
 class RowRejected(Exception):
@@ -109,12 +110,12 @@ def _links(tp: TablePlan) -> list[ParentLink]:
     return list(dict.fromkeys([*tp.parents, *tp.deferred]))
 
 
-def _text_pk(tp: TablePlan) -> str:
+def _text_pk(tp: TablePlan, alias: str = "") -> str:
     """SQL (over the source table) giving a row's key as one text value, as the id map stores it."""
     cols = _source_pk(tp)
     if len(cols) == 1:
-        return f"{ident(cols[0])}::text"
-    return f"jsonb_build_array({column_list(cols)})::text"
+        return f"{alias}{ident(cols[0])}::text"
+    return f"jsonb_build_array({column_list(cols, alias)})::text"
 
 
 def _source_pk(tp: TablePlan) -> list[str]:
@@ -129,20 +130,25 @@ def _source_types(tp: TablePlan) -> dict[str, str]:
 class SelectionSql:
     """The SQL that picks a table's rows for the run: the window, and the closure of its children."""
 
-    def __init__(self, plan: Plan, since: datetime | None) -> None:
+    def __init__(
+        self, plan: Plan, since: datetime | None, only_keys: dict[str, list[str]] | None = None
+    ) -> None:
         self.plan = plan
-        self.by_name = {t.name: t for t in plan.tables}
         self.since = since
+        self.only_keys = only_keys
 
     def in_window(self, tp: TablePlan, alias: str = "") -> str:
         """True for rows whose since-column is in the window (NULL since-columns count as in it)."""
-        if self.since is None or tp.since is None:
+        if self.only_keys is not None or self.since is None or tp.since is None:
             return "true"
         col = f"{alias}{ident(tp.since)}"
         return f"({col} >= {literal(self.since.isoformat())}::timestamptz OR {col} IS NULL)"
 
     def selected(self, tp: TablePlan, alias: str = "", seen: frozenset[str] = frozenset()) -> str:
         """In the window, or referenced by a selected child row (the closure), recursively."""
+        if self.only_keys is not None:
+            keys = ", ".join(literal(k) for k in self.only_keys.get(tp.name, []))
+            return f"({_text_pk(tp, alias)} = ANY(ARRAY[{keys}]::text[]))"
         clauses = [self.in_window(tp, alias)]
         if clauses[0] == "true":
             return "true"
@@ -176,7 +182,7 @@ class TableCopy:
         self.tp = tp
         self.result = TableResult(tp.name)
         self.checkpoint_name = tp.name
-        self.selection = SelectionSql(ctx.plan, ctx.since)
+        self.selection = SelectionSql(ctx.plan, ctx.since, ctx.only_keys)
         self.source_pk = _source_pk(tp)
         self.src_types = _source_types(tp)
         self.stage_columns = [c.target for c in tp.columns]

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -41,6 +41,8 @@ class RunOptions:
     batch_size: int | None = None
     jobs: int | None = None
     skip_auth: bool = False
+    retry_quarantine: bool = False
+    """Re-attempt only the rows in quarantine (after the cause was fixed); no window, no catch-up mark."""
 
 
 @dataclass
@@ -54,6 +56,7 @@ class RunContext:
     snapshot: SourceSnapshot
     run_id: int
     since: datetime | None
+    only_keys: dict[str, list[str]] | None = None
 
 
 @dataclass
@@ -131,15 +134,24 @@ async def run_sync(
     try:
         await ensure_state(tconn)
         since = options.since
-        if since is None and not options.restart:
+        if since is None and not options.restart and not options.retry_quarantine:
             since = await catch_up_since(tconn, options.overlap)
-        run = await begin_run(tconn, since, restart=options.restart, options=_describe(options, mapping))
+        run = await begin_run(
+            tconn,
+            since,
+            restart=options.restart,
+            options=_describe(options, mapping),
+            retry=options.retry_quarantine,
+        )
         since = run.since
+        only_keys = await quarantined_keys(tconn) if options.retry_quarantine else None
+        if only_keys is not None:
+            plan = replace(plan, tables=[t for t in plan.tables if t.name in only_keys])
         await snapshot.open()
-        if snapshot.high_water is not None:
+        if snapshot.high_water is not None and not options.retry_quarantine:
             await record_high_water(tconn, run.id, snapshot.high_water)
         report = RunReport(run.id, since, run.high_water or snapshot.high_water, run.resumed)
-        ctx = RunContext(source, target, mapping, plan, snapshot, run.id, since)
+        ctx = RunContext(source, target, mapping, plan, snapshot, run.id, since, only_keys)
         try:
             if auth_stage is not None and not options.skip_auth:
                 report.auth = await auth_stage(ctx)
@@ -206,7 +218,17 @@ def _copy_context(
         since=ctx.since,
         batch_size=options.batch_size or ctx.mapping.sync.batch_size,
         progress=progress,
+        only_keys=ctx.only_keys,
     )
+
+
+async def quarantined_keys(conn: asyncpg.Connection) -> dict[str, list[str]]:
+    """The source keys of the rows still in quarantine, per table."""
+    rows = await conn.fetch(
+        "SELECT table_name, array_agg(source_key ORDER BY source_key) AS keys FROM _sync.quarantine "
+        "WHERE resolved_at IS NULL GROUP BY table_name"
+    )
+    return {r["table_name"]: list(r["keys"]) for r in rows}
 
 
 async def patch_deferred(ctx: RunContext, options: RunOptions) -> None:

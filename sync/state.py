@@ -60,14 +60,20 @@ class RunLock:
             "WHERE l.locktype = 'advisory' AND l.objid = $1 AND l.granted LIMIT 1",
             LOCK_KEY,
         )
-        running = await self.conn.fetchrow(
-            "SELECT id, started_at, options->>'host' AS host, options->>'pid' AS pid FROM _sync.runs "
-            "WHERE status = 'running' ORDER BY id DESC LIMIT 1"
-        ) if await self.conn.fetchval("SELECT to_regclass('_sync.runs') IS NOT NULL") else None
+        running = (
+            await self.conn.fetchrow(
+                "SELECT id, started_at, options->>'host' AS host, options->>'pid' AS pid FROM _sync.runs "
+                "WHERE status = 'running' ORDER BY id DESC LIMIT 1"
+            )
+            if await self.conn.fetchval("SELECT to_regclass('_sync.runs') IS NOT NULL")
+            else None
+        )
         await self.release()
         who = (
             f"run {running['id']} (started {running['started_at']:%Y-%m-%d %H:%M:%S %Z} by pid "
-            f"{running['pid']} on {running['host']})" if running else "another run"
+            f"{running['pid']} on {running['host']})"
+            if running
+            else "another run"
         )
         backend = f", target backend pid {holder['pid']}" if holder else ""
         raise LockedError(f"Another sync is running on this target: {who}{backend}. Wait for it to finish.")
@@ -90,22 +96,35 @@ class RunRecord:
 
 
 async def begin_run(
-    conn: asyncpg.Connection, since: datetime | None, *, restart: bool, options: dict[str, Any]
+    conn: asyncpg.Connection,
+    since: datetime | None,
+    *,
+    restart: bool,
+    options: dict[str, Any],
+    retry: bool = False,
 ) -> RunRecord:
     """Resume the unfinished run with the same ``since``, or start a new one.
 
     An unfinished run (crashed, killed, or failed) is continued from its checkpoints unless
-    ``restart`` is set or another ``since`` is asked for; then it is marked interrupted.
+    ``restart`` is set or another ``since`` is asked for; then it is marked interrupted. A quarantine
+    retry (``retry``) is a run of its own that neither resumes nor interrupts the others.
     """
+    stamp = {**options, "host": socket.gethostname(), "pid": os.getpid()}
+    if retry:
+        run_id = await conn.fetchval(
+            "INSERT INTO _sync.runs (since, options) VALUES (NULL, $1::jsonb) RETURNING id",
+            json.dumps({**stamp, "retry": True}, default=str),
+        )
+        return RunRecord(run_id, None, None, resumed=False)
     unfinished = await conn.fetchrow(
         "SELECT id, since, high_water FROM _sync.runs WHERE status IN ('running', 'failed', 'interrupted') "
-        "AND finished_at IS NULL ORDER BY id DESC LIMIT 1"
+        "AND finished_at IS NULL AND NOT options ? 'retry' ORDER BY id DESC LIMIT 1"
     )
-    stamp = {**options, "host": socket.gethostname(), "pid": os.getpid()}
     if unfinished is not None and not restart and (since is None or since == unfinished["since"]):
         await conn.execute(
             "UPDATE _sync.runs SET status = 'running', options = options || $2::jsonb WHERE id = $1",
-            unfinished["id"], json.dumps(stamp, default=str),
+            unfinished["id"],
+            json.dumps(stamp, default=str),
         )
         return RunRecord(unfinished["id"], unfinished["since"], unfinished["high_water"], resumed=True)
     if unfinished is not None:
@@ -115,7 +134,8 @@ async def begin_run(
         )
     run_id = await conn.fetchval(
         "INSERT INTO _sync.runs (since, options) VALUES ($1, $2::jsonb) RETURNING id",
-        since, json.dumps(stamp, default=str),
+        since,
+        json.dumps(stamp, default=str),
     )
     return RunRecord(run_id, since, None, resumed=False)
 
@@ -124,7 +144,7 @@ async def catch_up_since(conn: asyncpg.Connection, overlap: timedelta) -> dateti
     """Where a run without ``--since`` starts: the last successful run's source high-water mark."""
     mark = await conn.fetchval(
         "SELECT high_water FROM _sync.runs WHERE status IN ('succeeded', 'quarantined') "
-        "AND high_water IS NOT NULL ORDER BY id DESC LIMIT 1"
+        "AND high_water IS NOT NULL AND NOT options ? 'retry' ORDER BY id DESC LIMIT 1"
     )
     return mark - overlap if mark is not None else None
 
@@ -141,5 +161,7 @@ async def finish_run(conn: asyncpg.Connection, run_id: int, status: str, counts:
     await conn.execute(
         "UPDATE _sync.runs SET status = $2, counts = $3::jsonb, "
         "finished_at = CASE WHEN $2 IN ('succeeded', 'quarantined') THEN now() END WHERE id = $1",
-        run_id, status, json.dumps(counts, default=str),
+        run_id,
+        status,
+        json.dumps(counts, default=str),
     )

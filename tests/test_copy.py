@@ -268,6 +268,15 @@ def test_a_backend_terminated_mid_batch_is_retried_and_the_run_completes(make_db
             SELECT 11 + g % 20, 'bulk/' || g, '2024-12-03', '2024-12-03' FROM generate_series(1, 3000) g;
     """,
     )
+    # Slow the target's inserts down so the table takes seconds and the kill lands mid-table.
+    execute(
+        target.url,
+        """
+        CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_sleep(0.001); RETURN NEW; END $$;
+        CREATE TRIGGER slow BEFORE INSERT ON docs FOR EACH ROW EXECUTE FUNCTION slow();
+    """,
+    )
     killed: list[int] = []
 
     async def killer() -> None:
@@ -287,7 +296,7 @@ def test_a_backend_terminated_mid_batch_is_retried_and_the_run_completes(make_db
                     if await conn.fetchval("SELECT to_regclass('_sync.checkpoints') IS NOT NULL")
                     else 0
                 )
-                if pids and done > 0:
+                if pids and 0 < done < 2000:
                     await conn.execute("SELECT pg_terminate_backend($1)", pids[0]["pid"])
                     killed.append(pids[0]["pid"])
                     return
@@ -312,3 +321,21 @@ def test_a_backend_terminated_mid_batch_is_retried_and_the_run_completes(make_db
     docs = {t.table: t for t in report.tables}["public.docs"]
     assert docs.retries >= 1
     assert fetch(target.url, "SELECT count(*), count(DISTINCT path) FROM docs") == [(3021, 3021)]
+
+
+def test_quarantined_rows_fixed_at_the_source_land_on_retry(make_db):
+    source, target = make_db(), make_db()
+    seed_parent_child(source, target)
+    execute(target.url, "ALTER TABLE requests ADD CONSTRAINT small CHECK (amount < 15 OR amount >= 100)")
+    assert run(source, target).exit_code == 3
+    # The cause is fixed in production: those amounts were typos.
+    execute(source.url, "UPDATE requests SET amount = amount * 10 WHERE amount BETWEEN 15 AND 20")
+    retried = run(source, target, since=None, retry_quarantine=True)
+    assert retried.exit_code == 0
+    assert fetch(target.url, "SELECT count(*) FROM _sync.quarantine WHERE resolved_at IS NULL") == [(0,)]
+    new_and_fixed = "SELECT count(*) FROM requests WHERE created_at > '2024-12-01' AND amount >= 150"
+    assert fetch(target.url, new_and_fixed) == [(6,)]
+    assert fetch(target.url, "SELECT count(*) FROM docs WHERE path LIKE 'prod/%'") == [(20,)]
+    # The retry is not a catch-up mark: the next plain run still starts from the first run's mark.
+    marks = fetch(target.url, "SELECT high_water IS NULL FROM _sync.runs ORDER BY id")
+    assert marks == [(False,), (True,)]
