@@ -93,6 +93,16 @@ def stop_server() -> bool:
     return stopped
 
 
+def binaries_dir() -> Path:
+    """Where the client programs (``pg_dump``, ``psql``) matching the project's server live."""
+    if os.environ.get("DATABASE_URL"):
+        found = shutil.which("pg_dump")
+        if found is None:
+            raise EmbeddedError("pg_dump is not on PATH (needed with DATABASE_URL).")
+        return Path(found).parent
+    return _binaries()[0]
+
+
 def _probe(url: str, origin: str) -> int:
     try:
         with psycopg.connect(url, connect_timeout=10) as conn:
