@@ -1,0 +1,93 @@
+"""Progress of a run: a bar per table on a terminal, plain log lines elsewhere (CI, pipes)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+log = logging.getLogger("sync")
+
+LOG_EVERY_S = 5.0
+
+
+class RowsPerSecond(ProgressColumn):
+    """The table's copy speed."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:>8,.0f} rows/s" if speed else "       … rows/s", style="progress.data.speed")
+
+
+class RunProgress:
+    """Receives ``(table, rows)`` after each committed batch; totals come from the window counts."""
+
+    def __init__(self, console: Console, totals: dict[str, int | None], *, enabled: bool = True) -> None:
+        self.console = console
+        self.totals = totals
+        self.enabled = enabled
+        self.live = enabled and console.is_terminal
+        self._bars: Progress | None = None
+        self._tasks: dict[str, TaskID] = {}
+        self._done: dict[str, int] = {}
+        self._last_log: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+
+    def __call__(self, table: str, rows: int) -> None:
+        self._done[table] = self._done.get(table, 0) + rows
+        self._started.setdefault(table, time.monotonic())
+        if not self.enabled:
+            return
+        if self._bars is not None:
+            if table not in self._tasks:
+                self._tasks[table] = self._bars.add_task(table, total=self.totals.get(table))
+            self._bars.update(self._tasks[table], completed=self._done[table])
+            return
+        now = time.monotonic()
+        if now - self._last_log.get(table, 0.0) >= LOG_EVERY_S:
+            self._last_log[table] = now
+            elapsed = max(now - self._started[table], 1e-6)
+            total = self.totals.get(table)
+            of = f" of {total:,}" if total is not None else ""
+            log.info(
+                "%s: %s%s rows (%.0f rows/s)",
+                table,
+                f"{self._done[table]:,}",
+                of,
+                self._done[table] / elapsed,
+            )
+
+    @contextmanager
+    def shown(self) -> Iterator[RunProgress]:
+        """Show live bars for the duration (on a terminal only)."""
+        if not self.live:
+            yield self
+            return
+        self._bars = Progress(
+            TextColumn("{task.description:<28}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            RowsPerSecond(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        with self._bars:
+            yield self
+        self._bars = None
