@@ -3,29 +3,41 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import sys
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
+import asyncpg
 import click
+from pydantic import SecretStr
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from sync import scenario
+from sync.auth import AdminApi, AuthOptions, import_users
 from sync.connect import Endpoint, Side
 from sync.embedded import EmbeddedError
-from sync.errors import SyncError
+from sync.errors import EXIT_FAILED, SyncError
 from sync.mapping import load_mapping
 from sync.plan import PlanReport
 from sync.preview import preview
+from sync.progress import RunProgress
+from sync.run import RunOptions, RunReport, auth_import, run_sync
+from sync.status import read_status
+
+T = TypeVar("T")
 
 EXIT_USAGE = 2
 
-console = Console()
-errors = Console(stderr=True)
+# Pipes and CI logs get wide lines rather than tables cut to 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 140)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -256,6 +268,40 @@ def _safe(url: str) -> str:
 # ------------------------------------------------------------------------------------------------ run
 
 
+def _endpoints(source: str | None, target: str | None) -> tuple[Endpoint, Endpoint]:
+    try:
+        return Endpoint.parse(Side.SOURCE, source), Endpoint.parse(Side.TARGET, target)
+    except SyncError as exc:
+        fail(str(exc), exc.exit_code)
+
+
+def _admin_api(auth_mode: str, supabase_url: str | None, service_role_key: str | None) -> AdminApi | None:
+    if auth_mode != "admin-api":
+        return None
+    if not supabase_url or not service_role_key:
+        fail(
+            "--auth-mode admin-api needs --supabase-url and --service-role-key "
+            "(or SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY)."
+        )
+    return AdminApi(url=supabase_url, service_role_key=SecretStr(service_role_key))
+
+
+def _run_pipeline(source: Endpoint, target: Endpoint, work: Callable[[], Awaitable[T]]) -> T:
+    """Run ``work``; user errors and database failures become one line and an exit code."""
+    try:
+        return asyncio.run(work())
+    except SyncError as exc:
+        fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted: every committed batch is kept; run the same command again to resume.", EXIT_FAILED)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, ExceptionGroup) as exc:
+        inner = exc.exceptions[0] if isinstance(exc, ExceptionGroup) else exc
+        message = target.redact(source.redact(str(inner).strip() or type(inner).__name__))
+        fail(
+            f"the run failed: {message}; rerun the same command to resume from the checkpoints.", EXIT_FAILED
+        )
+
+
 @main.command("run")
 @click.option(
     "--source",
@@ -267,35 +313,51 @@ def _safe(url: str) -> str:
     "--target",
     envvar="SYNC_TARGET_URL",
     metavar="DSN",
-    help="The development database the users (and rows) go to [env SYNC_TARGET_URL].",
+    help="The development database the users and rows go to [env SYNC_TARGET_URL].",
 )
 @click.option(
-    "--auth-only",
-    is_flag=True,
-    help="Run only the auth import: every production user exists on the target and signs in with the "
-    "same password. Table rows are not copied.",
+    "--mapping",
+    "mapping_path",
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="Mapping file (default: mappings/sync.toml when present, else built-in defaults).",
 )
+@click.option(
+    "--since",
+    type=Instant(),
+    metavar="DATE",
+    help="Copy rows changed at or after this instant (a bare date is midnight UTC). Without it: "
+    "catch up from the last successful run's high-water mark.",
+)
+@click.option("--restart", is_flag=True, help="Start over instead of resuming an unfinished run.")
+@click.option(
+    "--overlap",
+    type=click.IntRange(min=0),
+    default=600,
+    show_default=True,
+    metavar="SECONDS",
+    help="Catch-up runs re-read this much before the last run's high-water mark.",
+)
+@click.option("--auth-only", is_flag=True, help="Run only the auth import; copy no table rows.")
+@click.option("--skip-auth", is_flag=True, help="Copy table rows only (the users were imported already).")
 @click.option(
     "--auth-mode",
     type=click.Choice(["direct", "admin-api"]),
-    default="direct",
-    show_default=True,
-    help="direct: INSERT into auth.users/auth.identities (needs INSERT and UPDATE there). admin-api: "
-    "create users through the Auth admin API with the service-role key; what the API cannot carry "
-    "is then written through --target.",
+    help="direct: INSERT into auth.users/auth.identities. admin-api: create users through the Auth "
+    "admin API with the service-role key; what the API cannot carry is written through --target. "
+    "Default: the mapping's [sync] auth.",
 )
 @click.option(
     "--supabase-url",
     envvar="SUPABASE_URL",
     metavar="URL",
-    help="The target project's URL (https://<ref>.supabase.co), for --auth-mode admin-api "
-    "[env SUPABASE_URL].",
+    help="The target project's URL, for --auth-mode admin-api [env SUPABASE_URL].",
 )
 @click.option(
     "--service-role-key",
     envvar="SUPABASE_SERVICE_ROLE_KEY",
     metavar="KEY",
-    help="The target project's service-role key, for --auth-mode admin-api; never printed "
+    help="The target project's service-role key, for admin-api; never printed "
     "[env SUPABASE_SERVICE_ROLE_KEY].",
 )
 @click.option(
@@ -305,50 +367,206 @@ def _safe(url: str) -> str:
     show_default=True,
     help="admin-api: requests in flight at once.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (the AuthReport model).")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), help="Rows per target transaction (default: mapping)."
+)
+@click.option("--jobs", type=click.IntRange(min=1), help="Tables copied in parallel (default: mapping).")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors; the exit code tells the outcome.")
 def run_command(
     source: str | None,
     target: str | None,
+    mapping_path: Path | None,
+    since: datetime | None,
+    restart: bool,
+    overlap: int,
     auth_only: bool,
-    auth_mode: str,
+    skip_auth: bool,
+    auth_mode: str | None,
     supabase_url: str | None,
     service_role_key: str | None,
     auth_concurrency: int,
+    batch_size: int | None,
+    jobs: int | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
-    """Bring production's users (and rows) onto the target.
+    """Bring production's users and rows onto the target: auth users first, then tables in FK order.
 
-    Exit 0: everything landed; 3: some users quarantined; 1: failed; 2: usage or privilege error.
+    Resumable: after a crash or Ctrl-C, run the same command again. Exit 0: everything landed;
+    3: some rows quarantined (see `sync status --show`); 1: failed; 2: usage, mapping or plan error.
     """
-    import logging
-
-    import asyncpg
-    from pydantic import SecretStr
-
-    from sync.auth import AdminApi, AuthOptions, import_users
-    from sync.errors import EXIT_FAILED
-
-    if not auth_only:
-        fail("copying tables is not available in `sync run` yet: run the auth import with --auth-only.")
-    if not quiet and not as_json:
-        logging.basicConfig(level=logging.WARNING, format="%(message)s")  # retries say what they retry
-    admin_api = None
-    if auth_mode == "admin-api" and supabase_url and service_role_key:
-        admin_api = AdminApi(url=supabase_url, service_role_key=SecretStr(service_role_key))
+    endpoints = _endpoints(source, target)
     try:
-        endpoints = Endpoint.parse(Side.SOURCE, source), Endpoint.parse(Side.TARGET, target)
-        options = AuthOptions(mode=auth_mode, concurrency=auth_concurrency)
-        report = asyncio.run(import_users(*endpoints, options, admin_api=admin_api))
+        mapping = load_mapping(mapping_path)
     except SyncError as exc:
         fail(str(exc), exc.exit_code)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        message = endpoints[1].redact(endpoints[0].redact(str(exc).strip() or type(exc).__name__))
-        fail(f"the auth import failed: {message}; rerun to resume (it is idempotent).", EXIT_FAILED)
+    mode = auth_mode or mapping.sync.auth
+    admin_api = _admin_api(mode, supabase_url, service_role_key)
+    auth_options = AuthOptions(mode=mode, triggers=mapping.sync.triggers, concurrency=auth_concurrency)
+    logging.basicConfig(
+        level=logging.WARNING if quiet or as_json else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    if auth_only:
+        report = _run_pipeline(
+            *endpoints, lambda: import_users(*endpoints, auth_options, admin_api=admin_api)
+        )
+        if as_json:
+            click.echo(report.model_dump_json(indent=2))
+        elif not quiet:
+            for line in report.summary():
+                _say(line, "red" if line.startswith("Quarantined") else None)
+        sys.exit(report.exit_code)
+
+    progress = RunProgress(console, {}, enabled=not quiet and not as_json)
+    options = RunOptions(
+        since=since,
+        restart=restart,
+        overlap=timedelta(seconds=overlap),
+        batch_size=batch_size,
+        jobs=jobs,
+        skip_auth=skip_auth,
+    )
+
+    async def work() -> RunReport:
+        with progress.shown():
+            return await run_sync(
+                *endpoints,
+                mapping,
+                options,
+                auth_stage=auth_import(auth_options, admin_api),
+                progress=progress,
+            )
+
+    report = _run_pipeline(*endpoints, work)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    elif not quiet:
+        _print_run(report)
+    sys.exit(report.exit_code)
+
+
+def _print_run(report: RunReport) -> None:
+    since = report.since.isoformat() if report.since else "the beginning (whole tables)"
+    _say(f"Run {report.run_id}{' (resumed)' if report.resumed else ''}: rows changed since {since}")
+    if report.auth is not None:
+        for line in report.auth.summary(shown=10):
+            _say(line, "red" if line.startswith("Quarantined") else None)
+    table = Table(title="Tables")
+    for column in ("table", "read", "inserted", "updated", "remapped", "quarantined", "rows/s"):
+        table.add_column(column, justify="left" if column == "table" else "right", no_wrap=True)
+    for t in report.tables:
+        rate = f"{t.read / t.seconds:,.0f}" if t.seconds > 0 else "—"
+        table.add_row(
+            t.table,
+            f"{t.read:,}",
+            f"{t.inserted:,}",
+            f"{t.updated:,}",
+            f"{t.remapped:,}",
+            f"{t.quarantined:,}",
+            rate,
+        )
+    console.print(table)
+    _say(f"Sequences moved forward: {report.sequences_moved}. Done in {report.seconds:.1f} s.")
+    if report.quarantined:
+        _say(
+            f"{report.quarantined} row(s) quarantined: `sync status --show` lists them; "
+            "after fixing the cause, `sync quarantine retry`.",
+            "red",
+        )
+
+
+@main.command("status")
+@click.option(
+    "--target",
+    envvar="SYNC_TARGET_URL",
+    metavar="DSN",
+    help="The database the runs wrote to [env SYNC_TARGET_URL].",
+)
+@click.option("--show", is_flag=True, help="List the quarantined rows with the database's message.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON (the StatusReport model).")
+def status_command(target: str | None, show: bool, as_json: bool) -> None:
+    """The runs recorded in the target, the progress of the last one, and quarantined rows."""
+    try:
+        endpoint = Endpoint.parse(Side.TARGET, target)
+        report = asyncio.run(read_status(endpoint, show_quarantine=show))
+    except SyncError as exc:
+        fail(str(exc), exc.exit_code)
     if as_json:
         click.echo(report.model_dump_json(indent=2))
-    elif not quiet:
-        for line in report.summary():
-            _say(line, "red" if line.startswith("Quarantined") else None)
+        return
+    if not report.initialised:
+        _say("No sync has run on this target yet.")
+        return
+    runs = Table(title="Runs")
+    for column in ("run", "status", "since", "started", "finished"):
+        runs.add_column(column)
+    for r in report.runs:
+        runs.add_row(
+            str(r.id),
+            r.status,
+            f"{r.since:%Y-%m-%d %H:%M:%S%z}" if r.since else "—",
+            f"{r.started_at:%Y-%m-%d %H:%M:%S}",
+            f"{r.finished_at:%Y-%m-%d %H:%M:%S}" if r.finished_at else "—",
+        )
+    console.print(runs)
+    if report.progress:
+        progress = Table(title=f"Run {report.runs[0].id}: tables")
+        for column in ("table", "rows done", "done"):
+            progress.add_column(column)
+        for p in report.progress:
+            progress.add_row(p.table, f"{p.rows_done:,}", "yes" if p.done else "no")
+        console.print(progress)
+    _say(f"Quarantined rows: {report.quarantined}", "red" if report.quarantined else None)
+    for q in report.quarantine:
+        _say(f"  {q.table} {q.source_key}: {q.error}")
+
+
+@main.group("quarantine")
+def quarantine_group() -> None:
+    """Rows the target refused, kept in _sync.quarantine with the database's message."""
+
+
+@quarantine_group.command("retry")
+@click.option(
+    "--source", envvar="SYNC_SOURCE_URL", metavar="DSN", help="The production database [env SYNC_SOURCE_URL]."
+)
+@click.option(
+    "--target", envvar="SYNC_TARGET_URL", metavar="DSN", help="The target database [env SYNC_TARGET_URL]."
+)
+@click.option(
+    "--mapping",
+    "mapping_path",
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="Mapping file (default: mappings/sync.toml when present).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+def quarantine_retry(
+    source: str | None, target: str | None, mapping_path: Path | None, as_json: bool
+) -> None:
+    """Re-read the quarantined rows from the source and try them again (after fixing the cause).
+
+    Rows that land leave quarantine; the others stay with the new message. Exit 0 when none remain.
+    """
+    endpoints = _endpoints(source, target)
+    try:
+        mapping = load_mapping(mapping_path)
+    except SyncError as exc:
+        fail(str(exc), exc.exit_code)
+    auth_options = AuthOptions(mode="direct", triggers=mapping.sync.triggers)
+    report = _run_pipeline(
+        *endpoints,
+        lambda: run_sync(
+            *endpoints, mapping, RunOptions(retry_quarantine=True), auth_stage=auth_import(auth_options)
+        ),
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        landed = sum(t.written for t in report.tables)
+        _say(
+            f"{landed} quarantined row(s) landed; {report.quarantined} still refused.",
+            "red" if report.quarantined else None,
+        )
     sys.exit(report.exit_code)

@@ -200,6 +200,7 @@ class TableCopy:
             last_key, done = await self._load_checkpoint()
             if done:
                 return self.result
+            self._report(0)
             await self._prepare()
             while True:
                 boundary = await self._with_retries(lambda lk=last_key: self._next_boundary(lk))
@@ -471,7 +472,7 @@ class TableCopy:
             return written
         if self.tp.trigger_mode == "skip":
             await self.tconn.execute("SET LOCAL session_replication_role = replica")
-        for statement in rewrite_parents_sql(self.tp):
+        for statement in rewrite_parents_sql(self.tp, self.ctx.plan):
             await self.tconn.execute(statement)
         if self.tp.key == "remap" and len(self.tp.primary_key) == 1:
             written.remapped = await remap_keys(self.tconn, self.tp, self.ctx.run_id)
@@ -526,7 +527,7 @@ class DeferredPatch(TableCopy):
     async def _apply(self, staged: int) -> Written:
         if staged == 0:
             return Written()
-        for statement in rewrite_parents_sql(self.tp):
+        for statement in rewrite_parents_sql(self.tp, self.ctx.plan):
             await self.tconn.execute(statement)
         pk = self.tp.primary_key
         types = {c.target: c.source_type for c in self.tp.columns}
@@ -551,7 +552,32 @@ class DeferredPatch(TableCopy):
 # ------------------------------------------------------------------------------------------ SQL
 
 
-def rewrite_parents_sql(tp: TablePlan) -> list[str]:
+def key_owners(plan: Plan, table: str) -> list[str]:
+    """The tables whose id map entries apply to ``table``'s keys.
+
+    A table whose primary key is also a foreign key (``profiles.id`` → ``auth.users.id``) has no keys
+    of its own: a user mapped to another id takes its profile along, and so every row pointing at the
+    profile must follow the user's mapping too.
+    """
+    owners, seen = [table], {table}
+    by_name = {t.name: t for t in plan.tables}
+    while (tp := by_name.get(owners[-1])) is not None:
+        parent = next(
+            (
+                link.parent
+                for link in tp.parents
+                if link.columns == tp.primary_key and link.parent not in seen
+            ),
+            None,
+        )
+        if parent is None:
+            break
+        owners.append(parent)
+        seen.add(parent)
+    return owners
+
+
+def rewrite_parents_sql(tp: TablePlan, plan: Plan) -> list[str]:
     """UPDATEs that rewrite each single-column foreign key of the stage through the id map."""
     types = {c.target: c.source_type for c in tp.columns}
     statements = []
@@ -561,9 +587,10 @@ def rewrite_parents_sql(tp: TablePlan) -> list[str]:
         col = link.columns[0]
         if col not in types:
             continue
+        owners = ", ".join(literal(t) for t in key_owners(plan, link.parent))
         statements.append(
             f"UPDATE {STAGE} AS s SET {ident(col)} = m.target_key::{types[col]} FROM _sync.id_map AS m "
-            f"WHERE m.table_name = {literal(link.parent)} AND m.source_key = s.{ident(col)}::text"
+            f"WHERE m.table_name IN ({owners}) AND m.source_key = s.{ident(col)}::text"
         )
     return statements
 

@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 
 from sync import copy as table_copy
+from sync.auth import AdminApi, AuthOptions, AuthReport, import_users
 from sync.catalog import read_catalog
 from sync.connect import Endpoint, connect
 from sync.errors import EXIT_OK, EXIT_QUARANTINED, PlanError
@@ -28,7 +29,7 @@ from sync.state import RunLock, begin_run, catch_up_since, ensure_state, finish_
 
 log = logging.getLogger("sync")
 
-AuthStage = Callable[["RunContext"], Awaitable[dict[str, Any]]]
+AuthStage = Callable[["RunContext"], Awaitable[AuthReport]]
 
 
 @dataclass
@@ -68,13 +69,13 @@ class RunReport:
     high_water: datetime | None
     resumed: bool
     tables: list[table_copy.TableResult] = field(default_factory=list)
-    auth: dict[str, Any] | None = None
+    auth: AuthReport | None = None
     sequences_moved: int = 0
     seconds: float = 0.0
 
     @property
     def quarantined(self) -> int:
-        return sum(t.quarantined for t in self.tables) + int((self.auth or {}).get("quarantined", 0))
+        return sum(t.quarantined for t in self.tables) + (self.auth.quarantined if self.auth else 0)
 
     @property
     def exit_code(self) -> int:
@@ -93,8 +94,46 @@ class RunReport:
                 }
                 for t in self.tables
             },
-            "auth": self.auth or {},
+            "auth": self.auth.model_dump(mode="json", exclude={"notes", "quarantined_users"})
+            if self.auth
+            else {},
         }
+
+    def to_json(self) -> dict[str, Any]:
+        """The machine-readable summary ``sync run --json`` prints."""
+        return {
+            "run_id": self.run_id,
+            "since": self.since.isoformat() if self.since else None,
+            "high_water": self.high_water.isoformat() if self.high_water else None,
+            "resumed": self.resumed,
+            "exit_code": self.exit_code,
+            "seconds": round(self.seconds, 3),
+            "auth": self.auth.model_dump(mode="json") if self.auth else None,
+            "tables": [
+                {
+                    "table": t.table,
+                    "read": t.read,
+                    "inserted": t.inserted,
+                    "updated": t.updated,
+                    "quarantined": t.quarantined,
+                    "remapped": t.remapped,
+                    "batches": t.batches,
+                    "retries": t.retries,
+                    "seconds": round(t.seconds, 3),
+                }
+                for t in self.tables
+            ],
+            "sequences_moved": self.sequences_moved,
+        }
+
+
+def auth_import(options: AuthOptions, admin_api: AdminApi | None = None) -> AuthStage:
+    """The auth stage of a run: every source user on the target, ids mapped, before any table row."""
+
+    async def stage(ctx: RunContext) -> AuthReport:
+        return await import_users(ctx.source, ctx.target, options, admin_api=admin_api, run_id=ctx.run_id)
+
+    return stage
 
 
 async def load_plan(source: Endpoint, target: Endpoint, mapping: Mapping) -> Plan:
