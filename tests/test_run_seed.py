@@ -1,0 +1,270 @@
+"""`sync run --since 2024-11-18` on the seed scenario closes the gap completely, and only once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import asyncpg
+import bcrypt
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+from sync import scenario
+from sync.auth import AuthOptions
+from sync.cli import main
+from sync.connect import Endpoint, Side
+from sync.mapping import load_mapping
+from sync.run import RunOptions, auth_import, run_sync
+
+MAPPING = Path(__file__).resolve().parent.parent / "mappings" / "sync.toml"
+APP = ("public.profiles", "public.financing_requests", "public.bank_profiles", "public.documents")
+
+
+def fetch(url: str, sql: str, *params: object) -> list[tuple]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+
+def sync_run(source, target, **options):
+    return asyncio.run(
+        run_sync(
+            Endpoint.parse(Side.SOURCE, source.url),
+            Endpoint.parse(Side.TARGET, target.url),
+            load_mapping(MAPPING),
+            RunOptions(**{"since": scenario.COPY_DATE, **options}),
+            auth_stage=auth_import(AuthOptions()),
+        )
+    )
+
+
+def checksums(url: str) -> dict[str, str]:
+    tables = ("auth.users", *APP, "public.notifications")
+    with psycopg.connect(url) as conn:
+        return {
+            t: conn.execute(
+                f"SELECT md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM {t} AS x"
+            ).fetchone()[0]
+            for t in tables
+        }
+
+
+@pytest.fixture
+def synced(seed_dbs):
+    source, target = seed_dbs
+    before = {t: fetch(target.url, f"SELECT count(*) FROM {t}")[0][0] for t in (*APP, "public.notifications")}
+    report = sync_run(source, target)
+    return source, target, report, before
+
+
+def test_every_production_row_arrives_and_development_rows_stay(synced):
+    source, target, report, before = synced
+    assert report.exit_code == 0, report.to_json()
+    # Every production user and profile, matched by id or by e-mail.
+    assert fetch(target.url, "SELECT count(*) FROM auth.users")[0][0] == 4082 + scenario.DEV_TESTERS
+    for table in ("public.financing_requests", "public.bank_profiles", "public.documents"):
+        prod = fetch(source.url, f"SELECT count(*) FROM {table}")[0][0]
+        dev_only = scenario.DEV_TEST_ROWS[table.split(".")[1]]
+        assert fetch(target.url, f"SELECT count(*) FROM {table}")[0][0] == prod + dev_only, table
+    assert (
+        fetch(target.url, "SELECT count(*) FROM public.notifications")[0][0] == before["public.notifications"]
+    )
+
+
+def test_no_row_points_at_a_missing_parent(synced):
+    _, target, _, _ = synced
+    orphans = fetch(
+        target.url,
+        """
+        SELECT (SELECT count(*) FROM public.profiles p WHERE NOT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = p.id))
+             + (SELECT count(*) FROM public.financing_requests r
+                WHERE NOT EXISTS (SELECT 1 FROM public.profiles p WHERE p.id = r.profile_id))
+             + (SELECT count(*) FROM public.documents d WHERE d.request_id IS NOT NULL
+                AND NOT EXISTS (SELECT 1 FROM public.financing_requests r WHERE r.id = d.request_id))
+    """,
+    )
+    assert orphans == [(0,)]
+
+
+def test_production_edits_land_in_common_columns_and_development_columns_keep_their_values(seed_dbs):
+    source, target = seed_dbs
+    dev_risk = dict(
+        fetch(target.url, "SELECT id, risk_score FROM public.financing_requests WHERE risk_score IS NOT NULL")
+    )
+    assert sync_run(source, target).exit_code == 0
+    prod_status = dict(
+        fetch(
+            source.url,
+            "SELECT id, status::text FROM public.financing_requests "
+            "WHERE created_at < %s AND updated_at >= %s",
+            scenario.COPY_DATE,
+            scenario.COPY_DATE,
+        )
+    )
+    assert len(prod_status) == 44
+    now = dict(fetch(target.url, "SELECT id, status::text FROM public.financing_requests"))
+    assert all(now[k] == v for k, v in prod_status.items())
+    after = dict(
+        fetch(target.url, "SELECT id, risk_score FROM public.financing_requests WHERE risk_score IS NOT NULL")
+    )
+    assert after == dev_risk
+    renamed = fetch(source.url, "SELECT id, full_name FROM public.profiles ORDER BY id LIMIT 50")
+    target_names = dict(fetch(target.url, "SELECT id, display_name FROM public.profiles"))
+    assert all(target_names[i] == name for i, name in renamed if i in target_names)
+
+
+def test_colliding_development_rows_are_intact_and_production_rows_remapped_with_their_documents(seed_dbs):
+    source, target = seed_dbs
+    dev_rows = fetch(
+        target.url,
+        "SELECT id, profile_id, amount, created_at FROM public.financing_requests WHERE id > 871 ORDER BY id",
+    )
+    assert sync_run(source, target).exit_code == 0
+    assert (
+        fetch(
+            target.url,
+            "SELECT id, profile_id, amount, created_at FROM public.financing_requests "
+            "WHERE id = ANY(%s) ORDER BY id",
+            [r[0] for r in dev_rows],
+        )
+        == dev_rows
+    )
+    mapped = fetch(
+        target.url,
+        "SELECT source_key, target_key FROM _sync.id_map WHERE table_name = 'public.financing_requests'",
+    )
+    assert len(mapped) == scenario.DEV_TEST_ROWS["financing_requests"]
+    # A production document of a remapped request points at the request's new key, with the same content.
+    for source_key, target_key in mapped:
+        prod_docs = fetch(
+            source.url,
+            "SELECT storage_path FROM public.documents WHERE request_id = %s ORDER BY 1",
+            int(source_key),
+        )
+        dev_docs = fetch(
+            target.url,
+            "SELECT storage_path FROM public.documents WHERE request_id = %s ORDER BY 1",
+            int(target_key),
+        )
+        assert prod_docs == [d for d in dev_docs if d in prod_docs]
+        prod_row = fetch(
+            source.url,
+            "SELECT amount, created_at FROM public.financing_requests WHERE id = %s",
+            int(source_key),
+        )
+        assert (
+            fetch(
+                target.url,
+                "SELECT amount, created_at FROM public.financing_requests WHERE id = %s",
+                int(target_key),
+            )
+            == prod_row
+        )
+
+
+def test_sequences_are_ahead_of_every_key(synced):
+    _, target, _, _ = synced
+    for table in ("financing_requests", "bank_profiles", "documents"):
+        ahead = fetch(
+            target.url,
+            f"SELECT nextval(pg_get_serial_sequence('public.{table}', 'id')) "
+            f"> (SELECT max(id) FROM public.{table})",
+        )
+        assert ahead == [(True,)], table
+
+
+def test_reregistered_people_log_in_with_their_production_password(synced):
+    source, target, _, _ = synced
+    for email in scenario.generate().reregistered_emails:
+        rows = fetch(target.url, "SELECT encrypted_password FROM auth.users WHERE lower(email) = %s", email)
+        assert len(rows) == 1, email
+        assert bcrypt.checkpw(scenario.password_for(email).encode(), rows[0][0].encode())
+
+
+def test_a_second_run_changes_nothing(synced):
+    source, target, _, _ = synced
+    before = checksums(target.url)
+    again = sync_run(source, target)
+    assert again.exit_code == 0
+    assert sum(t.written for t in again.tables) == 0
+    assert again.auth is not None and again.auth.created == 0
+    assert checksums(target.url) == before
+
+
+def test_a_row_the_development_check_rejects_is_quarantined_and_everything_else_lands(seed_dbs):
+    source, target = seed_dbs
+    profile = fetch(
+        source.url, "SELECT id FROM public.profiles WHERE created_at > %s LIMIT 1", scenario.COPY_DATE
+    )
+    with psycopg.connect(source.url) as conn:
+        conn.execute(
+            "INSERT INTO public.financing_requests (profile_id, amount, term_months, created_at, "
+            "updated_at) VALUES (%s, 1000, 120, '2024-12-10', '2024-12-10')",
+            (profile[0][0],),
+        )
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--since",
+            "2024-11-18",
+            "--source",
+            source.url,
+            "--target",
+            target.url,
+            "--mapping",
+            str(MAPPING),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 3, result.output
+    report = json.loads(result.stdout)
+    assert {t["table"]: t["quarantined"] for t in report["tables"]}["public.financing_requests"] == 1
+    assert fetch(target.url, "SELECT error FROM _sync.quarantine")[0][0].startswith(
+        'new row for relation "financing_requests" violates check constraint "financing_requests_term_months_check"'
+    )
+    prod = fetch(source.url, "SELECT count(*) FROM public.financing_requests")[0][0]
+    assert fetch(target.url, "SELECT count(*) FROM public.financing_requests")[0][0] == prod - 1 + 12
+
+
+def test_a_source_connection_lost_mid_table_is_retried(seed_dbs):
+    source, target = seed_dbs
+    killed: list[int] = []
+
+    async def killer() -> None:
+        conn = await asyncpg.connect(source.admin_url)
+        try:
+            for _ in range(2000):
+                pids = await conn.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'sync reader' "
+                    "AND datname = $1 AND state = 'active'",
+                    source.name,
+                )
+                if pids:
+                    await conn.execute("SELECT pg_terminate_backend($1)", pids[0]["pid"])
+                    killed.append(pids[0]["pid"])
+                    return
+                await asyncio.sleep(0.002)
+        finally:
+            await conn.close()
+
+    async def both():
+        task = asyncio.create_task(killer())
+        report = await run_sync(
+            Endpoint.parse(Side.SOURCE, source.url),
+            Endpoint.parse(Side.TARGET, target.url),
+            load_mapping(MAPPING),
+            RunOptions(since=scenario.COPY_DATE, batch_size=100, jobs=1),
+            auth_stage=auth_import(AuthOptions()),
+        )
+        await task
+        return report
+
+    report = asyncio.run(both())
+    assert killed, "no source reader was seen mid-table"
+    assert report.exit_code == 0
+    assert sum(t.retries for t in report.tables) >= 1
+    prod = fetch(source.url, "SELECT count(*) FROM public.documents")[0][0]
+    assert fetch(target.url, "SELECT count(*) FROM public.documents")[0][0] == prod + 8
