@@ -168,7 +168,7 @@ def test_a_second_concurrent_run_is_refused_and_writes_nothing(seed_dbs):
         before = fetch(
             target.url, "SELECT (SELECT count(*) FROM _sync.runs), (SELECT count(*) FROM auth.users)"
         )
-        code, out, err = finish(start(source, target, "--since", "2024-11-18"), timeout=60)
+        code, _, err = finish(start(source, target, "--since", "2024-11-18"), timeout=60)
         assert code != 0
         assert "Another sync is running on this target: run 1" in err
         assert "Traceback" not in err
@@ -203,7 +203,8 @@ def test_a_catch_up_copies_exactly_what_changed_and_a_second_one_nothing(synced_
     execute(
         source.url,
         """
-        INSERT INTO public.financing_requests (profile_id, amount, term_months, status, created_at, updated_at)
+        INSERT INTO public.financing_requests
+                (profile_id, amount, term_months, status, created_at, updated_at)
             SELECT id, 12345, 12, 'submitted', now(), now() FROM public.profiles ORDER BY id LIMIT 50;
         UPDATE public.bank_profiles SET monthly_income = monthly_income + 1, updated_at = now()
             WHERE id IN (SELECT id FROM public.bank_profiles ORDER BY id LIMIT 20);
