@@ -98,6 +98,29 @@ def demo(source: str | None, target: str | None, scale: int, seed: int, no_sync:
     console.print(f"Scenario built in {built.seconds:.1f} s (scale {scale}, seed {seed}).")
     _print_counts(scenario.table_counts(built.source_url), scenario.table_counts(built.target_url))
     console.print(f"production:  {_safe(built.source_url)}\ndevelopment: {_safe(built.target_url)}")
+    if no_sync:
+        return
+    endpoints = Endpoint.parse(Side.SOURCE, built.source_url), Endpoint.parse(Side.TARGET, built.target_url)
+    console.print(f"\n$ sync run --since {scenario.COPY_DATE:%Y-%m-%d}")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    report = _run_pipeline(
+        *endpoints,
+        lambda: run_sync(
+            *endpoints,
+            load_mapping(demo_mod.SCENARIO_MAPPING),
+            RunOptions(since=scenario.COPY_DATE),
+            auth_stage=auth_import(AuthOptions()),
+        ),
+    )
+    _print_run(report)
+    _print_counts(scenario.table_counts(built.source_url), scenario.table_counts(built.target_url))
+    checked, verified = demo_mod.verify_logins(built.target_url, sample=25)
+    _say(
+        f"Password check: {verified} of {checked} sampled production users (5 at bcrypt cost 10) verify "
+        "their production password against the target's hash.",
+        None if verified == checked else "red",
+    )
+    sys.exit(report.exit_code)
 
 
 class Instant(click.ParamType):

@@ -711,7 +711,8 @@ def upsert_sql(tp: TablePlan) -> str:
     present = f"SELECT 1 FROM {table} AS x WHERE {row_of(tp.primary_key, 'x.')} = {pk_cast}"
     wanted = f"s._in_window OR NOT EXISTS ({present})"
     return (
-        f"WITH written AS (INSERT INTO {table} AS t ({column_list(target_cols)}) "
+        # OVERRIDING SYSTEM VALUE keeps production's key in a GENERATED ALWAYS identity (a no-op elsewhere).
+        f"WITH written AS (INSERT INTO {table} AS t ({column_list(target_cols)}) OVERRIDING SYSTEM VALUE "
         f"SELECT {', '.join(select_exprs)} FROM {STAGE} AS s WHERE {wanted} "
         f"ON CONFLICT ({column_list(tp.primary_key)}) {conflict} RETURNING (xmax = 0) AS inserted) "
         f"SELECT count(*) FILTER (WHERE inserted)::int, count(*) FILTER (WHERE NOT inserted)::int "

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import bcrypt
 import psycopg
 
 from sync import scenario, testbed
 from sync.embedded import ensure_server
 
+SCENARIO_MAPPING = Path(__file__).resolve().parent.parent / "mappings" / "sync.toml"
 DEMO_SOURCE = "sync_demo_production"
 DEMO_TARGET = "sync_demo_development"
 
@@ -68,3 +71,22 @@ def _check_buildable(side: str, url: str) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def verify_logins(target_url: str, sample: int = 25) -> tuple[int, int]:
+    """How many of ``sample`` production users (the cost-10 ones included) verify on the target.
+
+    Production's users are those whose e-mail is not a development tester's; the password comes from
+    the scenario's rule. Returns (checked, verified).
+    """
+    with psycopg.connect(target_url) as conn:
+        rows = conn.execute(
+            "SELECT email, encrypted_password FROM auth.users WHERE email IS NOT NULL "
+            "AND email NOT LIKE %s AND encrypted_password LIKE '$2%%' "
+            "ORDER BY encrypted_password LIKE '$2b$10$%%' DESC, id LIMIT %s",
+            ("%@ultima.dev", sample),
+        ).fetchall()
+    verified = sum(
+        bcrypt.checkpw(scenario.password_for(email).encode(), hashed.encode()) for email, hashed in rows
+    )
+    return len(rows), verified

@@ -339,3 +339,20 @@ def test_quarantined_rows_fixed_at_the_source_land_on_retry(make_db):
     # The retry is not a catch-up mark: the next plain run still starts from the first run's mark.
     marks = fetch(target.url, "SELECT high_water IS NULL FROM _sync.runs ORDER BY id")
     assert marks == [(False,), (True,)]
+
+
+def test_a_generated_always_identity_key_keeps_the_production_value(make_db):
+    source, target = make_db(), make_db()
+    for db in (source, target):
+        execute(
+            db.url,
+            "CREATE TABLE events (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+            "what text NOT NULL, created_at timestamptz NOT NULL)",
+        )
+    execute(
+        source.url,
+        "INSERT INTO events (what, created_at) SELECT 'e' || g, '2024-12-01' FROM generate_series(1, 5) g",
+    )
+    report = run(source, target, {"tables": {"public.events": {"key": "preserve"}}})
+    assert report.exit_code == 0
+    assert fetch(target.url, "SELECT id, what FROM events ORDER BY id") == [(g, f"e{g}") for g in range(1, 6)]
