@@ -7,8 +7,10 @@ Matching, in this order (emails compared as ``lower(trim(email))``, phones as di
 
 1. **Same id** — the user is present. Under ``source-wins`` (the default) its password hash, metadata,
    confirmation and sign-in times, ban, deletion and anonymity follow production; its e-mail and phone
-   too, unless another target user holds them (then they are kept and a note says so).
-   ``target-wins`` leaves matched users as they are.
+   too, unless another user holds them (then the target's own are kept and a note says so).
+   ``target-wins`` leaves matched users' values as they are. Under either policy a NULL the Auth server
+   cannot read (an old import's NULL token, say) is repaired on every matched user: such a user cannot
+   sign in at all.
 2. **The id map** — a source user mapped by an earlier run keeps its target user.
 3. **Same e-mail, then same phone, other id** — the person signed up again on the target. The source
    id maps to the target id in ``_sync.id_map`` (reason ``email``/``phone``) so that every row that
@@ -57,15 +59,20 @@ Two modes:
 - ``admin-api``: each missing user is created through the Auth admin API (the ``supabase`` client) with
   its id, e-mail/phone, password hash, confirmation flags and metadata; bounded concurrency, retries
   with backoff for 429/5xx/timeouts, a lookup by id before every retry (a timeout may hide a create that
-  landed). What the API cannot carry (original timestamps, OAuth identities, anonymity, exact ban, SSO
-  users, anonymous users) is written directly when a target DSN is also given, else reported per user.
+  landed); an "e-mail exists" answer is resolved by finding the holder and mapping to it (or
+  quarantining the user when only another user's identity carries the address). What the API cannot
+  carry (original timestamps, confirmation times, OAuth identities, the exact ban, ``deleted_at``) and
+  the users it cannot create (anonymous, SSO, an unsupported hash) are written directly when a target
+  DSN is also given, else reported per user; so is a user whose create keeps failing with a 500, whose
+  cause (often a trigger) the API hides: the direct write lands it or quarantines it with the
+  database's message. Without a target DSN nothing is written but through the API (no id map, no
+  quarantine table: the report carries both).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -85,7 +92,7 @@ from supabase import AsyncClientOptions, acreate_client
 from supabase_auth.errors import AuthApiError, AuthError, AuthRetryableError, AuthUnknownError
 
 from sync.connect import Endpoint, connect
-from sync.errors import EXIT_OK, EXIT_QUARANTINED, UsageError
+from sync.errors import EXIT_OK, EXIT_QUARANTINED, SyncError, UsageError
 from sync.retry import (
     DEFAULT_ATTEMPTS,
     DEFAULT_INITIAL_WAIT,
@@ -94,8 +101,6 @@ from sync.retry import (
     retrying,
 )
 from sync.state import ensure_state
-
-logger = logging.getLogger("sync.auth")
 
 USERS_TABLE = "auth.users"
 """``table_name`` of users in ``_sync.id_map`` and ``_sync.quarantine``."""
@@ -174,7 +179,7 @@ _IDENTITY_FIELDS: tuple[tuple[str, str], ...] = (
 _STAGE_USERS = "_sync_stage_users"
 _STAGE_IDENTITIES = "_sync_stage_identities"
 
-_BCRYPT = re.compile(r"\$2[abxy]?\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+_BCRYPT = re.compile(r"\$2[aby]?\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 _ARGON2 = re.compile(r"\$argon2(i|id)\$v=19\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+")
 _FBSCRYPT = re.compile(r"\$fbscrypt\$v=1,n=\d+,r=\d+,p=\d+(,ss=[^,$]*)?(,sk=[^,$]*)?\$[^$]+\$[^$]+")
 
@@ -205,7 +210,7 @@ class AuthOptions(BaseModel):
     mode: AuthMode = AuthMode.DIRECT
     policy: ConflictPolicy = ConflictPolicy.SOURCE_WINS
     triggers: TriggerMode = TriggerMode.FIRE
-    batch_size: int = Field(default=500, ge=1)
+    batch_size: int = Field(default=2000, ge=1, description="users per target transaction")
     concurrency: int = Field(default=8, ge=1, description="admin-api: requests in flight at once")
     include_mfa: bool = Field(default=False, description="copy mfa_factors too (not available yet)")
     retry_attempts: int = Field(default=DEFAULT_ATTEMPTS, ge=1)
@@ -241,10 +246,12 @@ class UserMatch:
     target_id: UUID | None
     kind: MatchKind
     reason: str | None = None
-    """Why the user was quarantined, or what was left out when it was created."""
+    """Why the user was quarantined, or which of its production addresses another user holds."""
     keep_email: bool = True
-    """False when a deleted user is created without its e-mail (a live target user holds it)."""
+    """False when production's e-mail is not written because another user holds it: a deleted user is
+    created without it, a matched user keeps the target's own."""
     keep_phone: bool = True
+    """The same for the phone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +304,33 @@ class AuthReport(BaseModel):
     def exit_code(self) -> int:
         """0 when every user landed, 3 when some were quarantined."""
         return EXIT_QUARANTINED if self.quarantined else EXIT_OK
+
+    def summary(self, shown: int = 20) -> list[str]:
+        """The report in a few lines of text, listing at most ``shown`` notes and quarantined users."""
+        lines = [
+            f"auth import ({self.mode}, {self.policy}, triggers {self.triggers}): {self.source_users:,} "
+            f"production users in {self.seconds:.1f} s ({self.users_per_second:,.0f} users/s)",
+            f"  created {self.created:,} · matched by id {self.matched_by_id:,}, by e-mail "
+            f"{self.matched_by_email:,}, by phone {self.matched_by_phone:,} · updated {self.updated:,} "
+            f"· unchanged {self.unchanged:,} · quarantined {self.quarantined:,}",
+            f"  identities created {self.identities_created:,} "
+            f"({self.email_identities_added:,} e-mail identities added)",
+        ]
+        lines += [f"  not copied: {line}" for line in self.not_copied]
+        sections = (
+            ("Notes", [f"{n.source_id}: {n.note}" for n in self.notes]),
+            (
+                "Quarantined (see _sync.quarantine on the target)",
+                [f"{q.source_id} ({q.email or 'no e-mail'}): {q.error}" for q in self.quarantine],
+            ),
+        )
+        for title, items in sections:
+            if items:
+                lines.append(f"{title} ({len(items):,}):")
+                lines += [f"  - {item}" for item in items[:shown]]
+                if len(items) > shown:
+                    lines.append(f"  … and {len(items) - shown:,} more (--json lists them all)")
+        return lines
 
 
 # ------------------------------------------------------------------------------------------- matching
@@ -363,16 +397,16 @@ class _Matcher:
         self.by_phone = {t.phone: t for t in target if t.phone}
         self.id_map = id_map
         self.claimed: dict[UUID, UUID] = {}  # target id -> the source id that matched it
-        # Addresses in use, and by whom, for users this run creates.
-        self.email_holder: dict[str, str] = {e: f"target user {t.id}" for e, t in self.by_email.items()}
-        self.phone_holder: dict[str, str] = {p: f"target user {t.id}" for p, t in self.by_phone.items()}
+        # Who holds each address once this run is done: target users, then the users it creates
+        # or moves to a new address. An address is never given to a second user.
+        self.email_holder = {e: f"target user {t.id}" for e, t in self.by_email.items()}
+        self.phone_holder = {p: f"target user {t.id}" for p, t in self.by_phone.items()}
 
     def run(self, source: Sequence[SourceKey]) -> list[UserMatch]:
         matches: dict[UUID, UserMatch] = {}
         for s in source:  # a same-id match claims its target user before anyone else may
             if s.id in self.by_id:
-                self.claimed[s.id] = s.id
-                matches[s.id] = UserMatch(s.id, s.id, MatchKind.ID)
+                matches[s.id] = self._claim(s, self.by_id[s.id], MatchKind.ID, "id")
         for s in source:
             if s.id not in matches:
                 matches[s.id] = self._match(s)
@@ -382,7 +416,7 @@ class _Matcher:
         prior = self.id_map.get(s.id)
         if prior is not None and prior[0] in self.by_id:
             kind = MatchKind.PHONE if prior[1] == MatchKind.PHONE else MatchKind.EMAIL
-            return self._claim(s, self.by_id[prior[0]], kind, "the id map")
+            return self._claim(s, self.by_id[prior[0]], kind, "mapping from an earlier run")
         if not s.is_sso_user and not s.deleted:
             if s.email and s.email in self.by_email:
                 return self._claim(s, self.by_email[s.email], MatchKind.EMAIL, f"e-mail {s.email}")
@@ -401,35 +435,57 @@ class _Matcher:
                 "two production users would share one account; merge or change one of them, then rerun",
             )
         self.claimed[t.id] = s.id
-        return UserMatch(s.id, t.id, kind)
+        # Production may have moved the person to another address: it follows unless someone holds it.
+        email_holder = None if s.is_sso_user else self._take(self.email_holder, s.email, t.email, s.id)
+        phone_holder = self._take(self.phone_holder, s.phone, t.phone, s.id)
+        kept = _held_contacts(s, email_holder, phone_holder)
+        return UserMatch(
+            s.id,
+            t.id,
+            kind,
+            f"production's {kept} not applied, the target's own kept" if kept else None,
+            keep_email=email_holder is None,
+            keep_phone=phone_holder is None,
+        )
 
     def _create(self, s: SourceKey) -> UserMatch:
-        email_holder = self.email_holder.get(s.email) if s.email and not s.is_sso_user else None
-        phone_holder = self.phone_holder.get(s.phone) if s.phone else None
-        if (email_holder or phone_holder) and not s.deleted:
-            what = f"e-mail {s.email}" if email_holder else f"phone {s.phone}"
+        email_holder = None if s.is_sso_user else self._take(self.email_holder, s.email, None, s.id)
+        phone_holder = self._take(self.phone_holder, s.phone, None, s.id)
+        taken = _held_contacts(s, email_holder, phone_holder)
+        if taken and not s.deleted:
             return UserMatch(
                 s.id,
                 None,
                 MatchKind.QUARANTINED,
-                f"its {what} is already used by {email_holder or phone_holder}: two production users share "
-                "it; merge or change one of them, then rerun",
+                f"its {taken}: two production users share it; merge or change one of them, then rerun",
             )
-        reason = None
-        if email_holder or phone_holder:
-            taken = " and ".join(
-                f"{what} ({holder})"
-                for what, holder in (("e-mail", email_holder), ("phone", phone_holder))
-                if holder
-            )
-            reason = f"deleted in production; created without its {taken}, which a live user now holds"
-        if s.email and not s.is_sso_user and not email_holder:
-            self.email_holder[s.email] = f"production user {s.id}, imported first"
-        if s.phone and not phone_holder:
-            self.phone_holder[s.phone] = f"production user {s.id}, imported first"
         return UserMatch(
-            s.id, s.id, MatchKind.NEW, reason, keep_email=not email_holder, keep_phone=not phone_holder
+            s.id,
+            s.id,
+            MatchKind.NEW,
+            f"deleted in production; created without its {taken}" if taken else None,
+            keep_email=email_holder is None,
+            keep_phone=phone_holder is None,
         )
+
+    @staticmethod
+    def _take(holders: dict[str, str], value: str | None, current: str | None, source_id: UUID) -> str | None:
+        """Give ``value`` to ``source_id`` unless someone else holds it; returns that holder, if any."""
+        if not value or value == current:
+            return None
+        holder = holders.get(value)
+        if holder is None:
+            holders[value] = f"production user {source_id}"
+        return holder
+
+
+def _held_contacts(s: SourceKey, email_holder: str | None, phone_holder: str | None) -> str:
+    """``e-mail x (held by …) and phone y (held by …)`` for the addresses someone else holds."""
+    return " and ".join(
+        f"{what} (held by {holder})"
+        for what, holder in ((f"e-mail {s.email}", email_holder), (f"phone {s.phone}", phone_holder))
+        if holder
+    )
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -580,11 +636,14 @@ _TARGET_PRIVILEGES = (
 _SOURCE_PRIVILEGES = ((USERS_TABLE, "SELECT"), ("auth.identities", "SELECT"))
 
 
-async def check_privileges(conn: asyncpg.Connection, side: str, needed: Sequence[tuple[str, str]]) -> None:
+async def check_privileges(
+    conn: asyncpg.Connection, side: str, needed: Sequence[tuple[str, str]], hint: str = ""
+) -> None:
     """Raise one UsageError line naming every privilege ``side``'s role lacks on the auth tables.
 
     Row level security counts too: it is on for the auth tables, with no policies, so a role that
-    neither owns them nor bypasses RLS reads no rows and writes none.
+    neither owns them nor bypasses RLS reads no rows and writes none. ``hint`` ends the line with
+    another way out (e.g. the admin-API mode).
     """
     rows = await conn.fetch(
         "SELECT x.name, x.privilege, to_regclass(x.name) IS NOT NULL AS present, "
@@ -609,7 +668,7 @@ async def check_privileges(conn: asyncpg.Connection, side: str, needed: Sequence
     if lacking:
         raise UsageError(
             f"The {side} role {role['name']!r} lacks {', '.join(lacking)}: connect as the project's "
-            "postgres role or grant them" + (", or use --auth-mode admin-api." if side == "target" else ".")
+            f"postgres role or grant them{hint}."
         )
     if not role["bypass"] and any(r["rls"] for r in rows):
         raise UsageError(
@@ -676,7 +735,6 @@ class BatchResult:
     updated: set[UUID] = field(default_factory=set)
     identities: int = 0
     email_identities: int = 0
-    notes: list[UserNote] = field(default_factory=list)
 
 
 # SQL expressions (over the stage row ``s``) for each auth.users column of a created user.
@@ -712,14 +770,6 @@ _INSERT_EXPRESSIONS: dict[str, str] = {
     **{name: "''" for name in _TOKEN_COLUMNS},
     **{name: "NULL" for name in _SENT_AT_COLUMNS},
 }
-# Another target user already holds the address: keep the target's own then (the unique indexes
-# would refuse it, and two rows with one lower-cased e-mail make logins pick one at random).
-_EMAIL_FREE = (
-    "NOT EXISTS (SELECT FROM auth.users AS o WHERE o.id <> t.id AND NOT o.is_sso_user AND "
-    "(o.email = s.email_out OR (o.instance_id = '00000000-0000-0000-0000-000000000000'::uuid "
-    "AND lower(o.email) = s.email_out)))"
-)
-_PHONE_FREE = "NOT EXISTS (SELECT FROM auth.users AS o WHERE o.id <> t.id AND o.phone = s.phone_out)"
 # Any matched user, whatever the policy: a NULL the Auth server cannot read becomes what it can (a
 # target row with such a NULL, e.g. from an old import, cannot sign in at all). Values are never changed.
 _REPAIR_EXPRESSIONS: dict[str, str] = {
@@ -734,8 +784,9 @@ _REPAIR_EXPRESSIONS: dict[str, str] = {
 # source-wins on a matched user: what production says, but never clearing what the target knows.
 _UPDATE_EXPRESSIONS: dict[str, str] = {
     **_REPAIR_EXPRESSIONS,
-    "email": f"CASE WHEN s.email_out IS NOT NULL AND {_EMAIL_FREE} THEN s.email_out ELSE t.email END",
-    "phone": f"CASE WHEN s.phone_out IS NOT NULL AND {_PHONE_FREE} THEN s.phone_out ELSE t.phone END",
+    # The matching left these NULL when another user holds the address.
+    "email": "coalesce(s.email_out, t.email)",
+    "phone": "coalesce(s.phone_out, t.phone)",
     "encrypted_password": "coalesce(nullif(s.encrypted_password, ''), t.encrypted_password)",
     "email_confirmed_at": "coalesce(s.email_confirmed_at, t.email_confirmed_at)",
     "phone_confirmed_at": "coalesce(s.phone_confirmed_at, t.phone_confirmed_at)",
@@ -839,6 +890,17 @@ SELECT s.source_id FROM _sync_stage_users AS s
 WHERE NOT EXISTS (SELECT FROM auth.users AS t WHERE t.id = s.target_id)
 """
 
+_QUARANTINE = """
+UPDATE _sync.quarantine AS q SET resolved_at = now()
+FROM _sync_stage_users AS s
+WHERE q.table_name = 'auth.users' AND q.resolved_at IS NULL AND q.source_key = s.source_id::text
+"""
+
+_MISSING_USERS = """
+SELECT s.source_id FROM _sync_stage_users AS s
+WHERE NOT EXISTS (SELECT FROM auth.users AS t WHERE t.id = s.target_id)
+"""
+
 _KEPT_CONTACTS = """
 SELECT s.source_id, s.target_id,
        s.email_out IS NOT NULL AND lower(t.email) IS DISTINCT FROM s.email_out AS email_kept,
@@ -916,6 +978,8 @@ class TargetWriter:
         self._insert_users = self._update_users = self._repair_users = self._restore_users = ""
         self._stage_users = _create_stage_sql(_STAGE_USERS, (*_ROUTING_FIELDS, *_STAGED_FIELDS))
         self._stage_identities = _create_stage_sql(_STAGE_IDENTITIES, _IDENTITY_FIELDS)
+        # A fresh temporary table has no statistics; the joins below plan better with them.
+        self._analyze_stage = sql.SQL("ANALYZE {}").format(sql.Identifier(_STAGE_USERS)).as_string()
 
     async def prepare(self) -> None:
         """Build the statements for the target's own ``auth.users`` columns."""
@@ -950,6 +1014,9 @@ class TargetWriter:
         except (asyncpg.PostgresError, _MissingReference) as exc:
             if is_transient_db_error(exc):
                 raise
+            if str(getattr(exc, "sqlstate", "")).startswith("42"):
+                # A missing object, privilege or syntax: no user causes it, every user would be refused.
+                raise SyncError(f"The target refused the auth import: {_message(exc)}") from exc
             if len(batch) == 1:
                 await self.quarantine(batch[0].row, _message(exc), getattr(exc, "sqlstate", None))
                 return
@@ -964,7 +1031,6 @@ class TargetWriter:
         report.created += result.created
         report.identities_created += result.identities + result.email_identities
         report.email_identities_added += result.email_identities
-        report.notes.extend(result.notes)
         for user in batch:
             kind = user.match.kind
             if kind is MatchKind.NEW:
@@ -1015,7 +1081,7 @@ class TargetWriter:
                 records=[tuple(i[n] for n, _ in _IDENTITY_FIELDS) for u in batch for i in u.identities],
                 columns=[n for n, _ in _IDENTITY_FIELDS],
             )
-            await conn.execute(f"ANALYZE {_STAGE_USERS}")
+            await conn.execute(self._analyze_stage)
             result.created = _rowcount(await conn.execute(self._insert_users))
             for statement in (self._update_users, self._repair_users):
                 result.updated.update(r["source_id"] for r in await conn.fetch(statement))
@@ -1033,7 +1099,6 @@ class TargetWriter:
                         f"target user of production user {missing[0]['source_id']} is missing "
                         "(foreign keys are not checked while triggers are skipped)"
                     )
-            result.notes = [_kept_note(r) for r in await conn.fetch(_KEPT_CONTACTS)]
         return result
 
     async def quarantine(self, row: Mapping[str, Any], error: str, sqlstate: str | None = None) -> None:
@@ -1043,22 +1108,6 @@ class TargetWriter:
         self.report.quarantine.append(QuarantinedUser(user_id, row.get("email"), error, sqlstate))
         async with self.conn.transaction():
             await self.conn.execute(_QUARANTINE, self.run_id, str(user_id), _row_json(row), error, sqlstate)
-
-
-def _kept_note(r: asyncpg.Record) -> UserNote:
-    kept = [
-        what
-        for what, flag in (
-            (f"e-mail {r['email_out']}", r["email_kept"]),
-            (f"phone {r['phone_out']}", r["phone_kept"]),
-        )
-        if flag
-    ]
-    return UserNote(
-        r["source_id"],
-        r["target_id"],
-        f"production's {' and '.join(kept)} not applied: another target user holds it; the target's own kept",
-    )
 
 
 def _rowcount(status: str) -> int:
@@ -1104,7 +1153,7 @@ def hash_problem(value: str | None) -> str | None:
 
 def _direct_notes(row: Mapping[str, Any], match: UserMatch) -> list[UserNote]:
     notes = []
-    if match.reason and match.kind is MatchKind.NEW:
+    if match.reason:
         notes.append(UserNote(row["id"], match.target_id, match.reason))
     if match.kind is MatchKind.NEW and row["is_sso_user"]:
         notes.append(
@@ -1195,9 +1244,7 @@ def api_refusal(row: Mapping[str, Any], match: UserMatch) -> str | None:
     return None
 
 
-def create_attributes(
-    row: Mapping[str, Any], match: UserMatch, now: datetime | None = None
-) -> dict[str, Any]:
+def create_attributes(row: Mapping[str, Any], match: UserMatch) -> dict[str, Any]:
     """The ``create_user`` body for a source user: id, contacts, hash, confirmations, metadata, ban."""
     attributes: dict[str, Any] = {
         "id": str(row["id"]),
@@ -1217,11 +1264,15 @@ def create_attributes(
         attributes["role"] = row["role"]
     if row["aud"] and row["aud"] != DEFAULT_AUD:
         attributes["aud"] = row["aud"]
-    banned = row["banned_until"]
-    remaining = (banned - (now or datetime.now(UTC))).total_seconds() if banned else 0
-    if remaining >= 1:
+    if (remaining := _ban_remaining(row)) >= 1:
         attributes["ban_duration"] = f"{int(remaining)}s"
     return attributes
+
+
+def _ban_remaining(row: Mapping[str, Any]) -> float:
+    """Seconds of ban left (0 for none or an expired one)."""
+    banned = row["banned_until"]
+    return max((banned - datetime.now(UTC)).total_seconds(), 0.0) if banned else 0.0
 
 
 def _json_object(value: str | dict[str, Any] | None) -> dict[str, Any]:
@@ -1237,7 +1288,7 @@ def uncarried(row: Mapping[str, Any], identities: Sequence[Mapping[str, Any]]) -
     oauth = sorted({i["provider"] for i in identities if i["provider"] not in ("email", "phone")})
     if oauth:
         parts.append(f"{', '.join(oauth)} identit{'y' if len(oauth) == 1 else 'ies'}")
-    if row["banned_until"]:
+    if _ban_remaining(row):
         parts.append("the exact banned_until (a ban duration from now instead)")
     if row["deleted_at"]:
         parts.append("deleted_at")
@@ -1331,7 +1382,7 @@ class AdminApiCreator:
             nonlocal tries
             tries += 1
             if tries > 1 and (found := await self._get(row["id"])) is not None:
-                return self._landed(row, found)
+                return self._landed(attributes, found)
             try:
                 await self.admin.create_user(attributes)
             except ValidationError:
@@ -1339,7 +1390,7 @@ class AdminApiCreator:
                 found = await self._get(row["id"])
                 if found is None:
                     raise
-                return self._landed(row, found)
+                return self._landed(attributes, found)
             except AuthApiError as exc:
                 if exc.status in (401, 403):
                     raise UsageError(
@@ -1357,18 +1408,21 @@ class AdminApiCreator:
             if not is_transient_api_error(exc):
                 return ApiResult(ApiOutcome.QUARANTINED, reason=f"admin API: {_api_message(exc)}")
             if (found := await self._get_quietly(row["id"])) is not None:
-                return self._landed(row, found)
+                return self._landed(attributes, found)
             # A 500 that outlived the retries hides its cause (often a trigger that raises); a direct
             # write, when possible, lands the user or quarantines it with the database's own message.
             return ApiResult(
                 ApiOutcome.DIRECT, row["id"], reason=f"admin API kept failing: {_api_message(exc)}"
             )
 
-    def _landed(self, row: Mapping[str, Any], found: Any) -> ApiResult:
-        if normal_email(found.email) == normal_email(row["email"]) or (
-            normal_phone(found.phone) and normal_phone(found.phone) == normal_phone(row["phone"])
+    @staticmethod
+    def _landed(attributes: Mapping[str, Any], found: Any) -> ApiResult:
+        """A user with this id exists: it is the one an earlier attempt created if it has what was sent."""
+        if (normal_email(found.email), normal_phone(found.phone)) == (
+            attributes.get("email"),
+            attributes.get("phone"),
         ):
-            return ApiResult(ApiOutcome.CREATED, row["id"])
+            return ApiResult(ApiOutcome.CREATED, UUID(attributes["id"]))
         return ApiResult(
             ApiOutcome.QUARANTINED,
             reason=f"its id is already used on the target by another user ({found.email or found.phone})",
@@ -1506,7 +1560,8 @@ async def import_users(
         if target is not None:
             target_conn = await connect(target)
             writer = TargetWriter(target, target_conn, options, run_id, report)
-            await check_privileges(target_conn, "target", _TARGET_PRIVILEGES)
+            hint = ", or use --auth-mode admin-api" if options.mode is AuthMode.DIRECT else ""
+            await check_privileges(target_conn, "target", _TARGET_PRIVILEGES, hint)
             if options.triggers is TriggerMode.SKIP:
                 await check_trigger_skip(target_conn)
             await ensure_state(target_conn)

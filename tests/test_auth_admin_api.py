@@ -1,0 +1,383 @@
+"""Auth import, admin-API mode: users created through the Auth admin endpoints, retried safely.
+
+The endpoints are served by the local stand-in (``admin_api_server``) over real HTTP, writing into the
+target database as the Auth server would; it can answer 429/5xx, time out, or commit then hide the
+answer. The story checks are shared with the direct-mode tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import bcrypt
+import httpx
+import psycopg
+import psycopg.sql
+import pytest
+from admin_api_server import AdminApiServer, Faults
+from click.testing import CliRunner
+from psycopg.types.json import Jsonb
+from supabase_auth.errors import AuthApiError, AuthUnknownError
+from test_auth_direct import (
+    add_rejecting_trigger,
+    assert_every_email_user_has_an_email_identity,
+    assert_every_production_user_has_one_target_user,
+    assert_nothing_the_auth_server_scans_is_null,
+    assert_reregistered_users_keep_their_production_password,
+    assert_sample_logs_in_with_production_password,
+    created_by_a_first_run,
+    resolve,
+    sql,
+    table_digest,
+)
+
+from sync import scenario
+from sync.auth import (
+    AdminApi,
+    AdminApiCreator,
+    AuthOptions,
+    AuthReport,
+    MatchKind,
+    UserMatch,
+    create_attributes,
+    import_users,
+    is_transient_api_error,
+    retry_after,
+)
+from sync.cli import main
+from sync.connect import Endpoint, Side
+from sync.errors import UsageError
+from sync.testbed import Database
+
+# Short waits: the server's faults are immediate, only the number of retries matters here.
+FAST = {"retry_initial_wait": 0.01, "retry_max_wait": 0.2, "retry_attempts": 12}
+
+
+@pytest.fixture(scope="module")
+def seed() -> scenario.Scenario:
+    """The seed scenario's rows, the same ones the seed databases were built from."""
+    return scenario.generate()
+
+
+@pytest.fixture
+async def api(seed_dbs: tuple[Database, Database]) -> AsyncIterator[AdminApiServer]:
+    """The admin endpoints of the target (development) database, behaving."""
+    async with AdminApiServer(seed_dbs[1].url) as server:
+        yield server
+
+
+async def run_api(
+    source: Database,
+    target: Database | None,
+    server: AdminApiServer,
+    key: str = "service-role-key",
+    **options: Any,
+) -> AuthReport:
+    """The admin-API import; with ``target``, what the API cannot carry is written there directly."""
+    source_endpoint = Endpoint.parse(Side.SOURCE, source.url)
+    target_endpoint = Endpoint.parse(Side.TARGET, target.url) if target is not None else None
+    return await import_users(
+        source_endpoint,
+        target_endpoint,
+        AuthOptions(mode="admin-api", **(FAST | options)),
+        admin_api=AdminApi(url=server.url, service_role_key=key),
+    )
+
+
+def load_users(db: Database, users: list[dict[str, Any]], identities: list[dict[str, Any]]) -> None:
+    """Insert these scenario users and identities into ``db`` as they are."""
+    with psycopg.connect(db.admin_url) as conn, conn.cursor() as cur:
+        for table, rows in (("users", users), ("identities", identities)):
+            if not rows:
+                continue
+            query = psycopg.sql.SQL("INSERT INTO auth.{} ({}) VALUES ({})").format(
+                psycopg.sql.Identifier(table),
+                psycopg.sql.SQL(", ").join(map(psycopg.sql.Identifier, rows[0])),
+                psycopg.sql.SQL(", ").join(psycopg.sql.Placeholder() * len(rows[0])),
+            )
+            cur.executemany(
+                query, [[Jsonb(v) if isinstance(v, dict) else v for v in row.values()] for row in rows]
+            )
+
+
+@pytest.fixture
+def few(make_db: Any, seed: scenario.Scenario) -> tuple[Database, Database, list[dict[str, Any]]]:
+    """A source holding the 40 newest production users with an e-mail, and an empty target."""
+    source, target = make_db(), make_db()
+    users = [u for u in seed.production.users if u["email"]][-40:]
+    ids = {u["id"] for u in users}
+    load_users(source, users, [i for i in seed.production.identities if i["user_id"] in ids])
+    return source, target, users
+
+
+async def test_every_production_user_lands_through_the_api_and_signs_in_with_the_production_password(
+    seed_dbs: tuple[Database, Database], seed: scenario.Scenario, api: AdminApiServer
+) -> None:
+    source, target = seed_dbs
+    report = await run_api(source, target, api)
+
+    assert report.quarantined == 0 and report.exit_code == 0
+    anonymous = [u for u in seed.production.users if u["is_anonymous"]]
+    assert report.created == created_by_a_first_run(seed)
+    assert api.creates == report.created - len(anonymous), "anonymous users cannot go through the API"
+    assert report.matched_by_email == len(seed.reregistered_emails)
+    assert_every_production_user_has_one_target_user(seed, target)
+    assert_reregistered_users_keep_their_production_password(seed, target)
+    assert_sample_logs_in_with_production_password(seed, target)
+    assert_nothing_the_auth_server_scans_is_null(target)
+    assert_every_email_user_has_an_email_identity(seed, target)
+
+    # With the target DSN, what the API could not carry was written directly: times, OAuth identities.
+    created = [u for u in seed.production.users if str(u["id"]) in set(api.created_ids)]
+    columns = ("created_at", "email_confirmed_at", "last_sign_in_at", "raw_user_meta_data")
+    landed = {
+        row[0]: row[1:]
+        for row in sql(
+            target,
+            f"SELECT id, {', '.join(columns)} FROM auth.users WHERE id = ANY(%s::uuid[])",
+            [str(u["id"]) for u in created],
+        )
+    }
+    assert landed == {u["id"]: tuple(u[c] for c in columns) for u in created}
+    resolved = resolve(target)
+    google = dict(sql(target, "SELECT provider_id, user_id FROM auth.identities WHERE provider = 'google'"))
+    for identity in (i for i in seed.production.identities if i["provider"] == "google"):
+        assert google[identity["provider_id"]] == resolved[identity["user_id"]]
+    notes = [n.note for n in report.notes]
+    assert sum("anonymous user" in n and "written directly" in n for n in notes) == len(anonymous)
+
+
+async def test_with_30_percent_failures_every_user_lands_once(
+    seed_dbs: tuple[Database, Database], seed: scenario.Scenario
+) -> None:
+    source, target = seed_dbs
+    faults = Faults(
+        seed=5,
+        rate_limit_json=0.08,
+        rate_limit_text=0.04,
+        rate_limit_text_bare=0.03,
+        server_error=0.08,
+        bad_gateway=0.01,
+        service_unavailable=0.01,
+        gateway_timeout=0.01,
+        commit_then_504=0.03,
+        commit_then_drop=0.01,
+    )
+    async with AdminApiServer(target.url, faults=faults) as server:
+        report = await run_api(source, target, server)
+
+    assert faults.injected["commit_then_504"] > 0 and faults.injected["commit_then_drop"] > 0
+    creates = [e for e in server.exchanges if e.route == "create"]
+    assert sum(faults.injected.values()) > 0.25 * len(creates)
+    assert report.quarantined == 0
+    assert report.created == created_by_a_first_run(seed)
+    assert Counter(server.created_ids).most_common(1)[0][1] == 1, "no user was created twice"
+    assert_every_production_user_has_one_target_user(seed, target)
+    assert_reregistered_users_keep_their_production_password(seed, target)
+    assert_sample_logs_in_with_production_password(seed, target)
+
+
+async def test_a_second_run_through_the_api_creates_nothing_and_changes_nothing(
+    seed_dbs: tuple[Database, Database], seed: scenario.Scenario, api: AdminApiServer
+) -> None:
+    source, target = seed_dbs
+    await run_api(source, target, api)
+    before, creates = table_digest(target), api.creates
+
+    second = await run_api(source, target, api)
+
+    assert (second.created, second.updated, second.identities_created, second.quarantined) == (0, 0, 0, 0)
+    assert second.unchanged == len(seed.production.users)
+    assert api.creates == creates
+    assert table_digest(target) == before
+
+
+async def test_a_user_the_target_trigger_rejects_is_quarantined_with_the_database_message(
+    few: tuple[Database, Database, list[dict[str, Any]]],
+) -> None:
+    source, target, users = few
+    refused = users[7]
+    add_rejecting_trigger(target, refused["email"])
+
+    async with AdminApiServer(target.url) as server:
+        report = await run_api(source, target, server, retry_attempts=3)
+
+    assert report.quarantined == 1 and report.exit_code == 3
+    (entry,) = report.quarantine
+    assert entry.source_id == refused["id"]
+    # The API only says "Database error creating new user"; the direct write names the trigger's reason.
+    assert entry.error == f"signups from {refused['email']} are closed"
+    assert sql(target, "SELECT count(*) FROM _sync.quarantine WHERE resolved_at IS NULL") == [(1,)]
+    assert report.created == len(users) - 1 == server.creates
+
+
+async def test_without_the_target_dsn_the_report_says_what_the_api_could_not_carry(
+    seed_dbs: tuple[Database, Database], seed: scenario.Scenario, api: AdminApiServer
+) -> None:
+    source, target = seed_dbs
+    report = await run_api(source, None, api)
+
+    anonymous = {u["id"] for u in seed.production.users if u["is_anonymous"]}
+    assert {q.source_id for q in report.quarantine} == anonymous
+    assert all("give the target DSN" in q.error for q in report.quarantine)
+    assert report.created == created_by_a_first_run(seed) - len(anonymous) == api.creates
+    notes = {n.source_id: n.note for n in report.notes}
+    with_google = {i["user_id"] for i in seed.production.identities if i["provider"] == "google"}
+    created_google = [u for u in with_google if str(u) in set(api.created_ids)]
+    assert created_google and all("google identity" in notes[u] for u in created_google)
+    assert all("original creation and sign-in times" in notes[uuid.UUID(u)] for u in api.created_ids)
+    # Re-registered people are still found (by e-mail through the API), but cannot take a new hash.
+    assert report.matched_by_email == len(seed.reregistered_emails)
+    assert sql(target, "SELECT to_regnamespace('_sync')") == [(None,)], "nothing but the API was used"
+    by_id = {str(u["id"]): u for u in seed.production.users}
+    for user_id in api.created_ids[:: len(api.created_ids) // 40]:
+        ((hashed,),) = sql(target, "SELECT encrypted_password FROM auth.users WHERE id = %s", user_id)
+        assert bcrypt.checkpw(scenario.password_for(by_id[user_id]["email"]).encode(), hashed.encode())
+
+
+@pytest.mark.parametrize("with_dsn", [True, False], ids=["holder-from-database", "holder-from-api"])
+async def test_an_address_held_by_another_users_identity_is_quarantined_with_the_reason(
+    few: tuple[Database, Database, list[dict[str, Any]]], with_dsn: bool
+) -> None:
+    source, target, users = few
+    person = users[5]
+    # A development tester linked a Google account that carries this production user's address.
+    sql(
+        target,
+        """
+        WITH tester AS (
+            INSERT INTO auth.users (instance_id, id, aud, role, email, encrypted_password, confirmation_token,
+                recovery_token, email_change_token_new, email_change, created_at, updated_at)
+            VALUES ('00000000-0000-0000-0000-000000000000', gen_random_uuid(), 'authenticated',
+                'authenticated', 'qa@ultima.dev', '', '', '', '', '', now(), now())
+            RETURNING id
+        )
+        INSERT INTO auth.identities (provider_id, user_id, identity_data, provider, created_at, updated_at)
+        SELECT '9999', id, jsonb_build_object('sub', '9999', 'email', %s::text), 'google', now(), now()
+        FROM tester
+        """,
+        person["email"],
+    )
+
+    async with AdminApiServer(target.url) as server:
+        report = await run_api(source, target if with_dsn else None, server)
+
+    (entry,) = report.quarantine
+    assert entry.source_id == person["id"]
+    assert "another user's identity" in entry.error and person["email"] in entry.error
+    assert report.created == len(users) - 1
+
+
+async def test_a_refused_service_role_key_is_one_clear_line(
+    seed_dbs: tuple[Database, Database], api: AdminApiServer
+) -> None:
+    source, target = seed_dbs
+    with pytest.raises(UsageError, match=r"refused the service-role key \(403 not_admin\)") as raised:
+        await run_api(source, target, api, key="anon-key")
+    assert "\n" not in str(raised.value) and "anon-key" not in str(raised.value)
+
+
+async def test_retry_after_is_honoured(supabase_db: Database) -> None:
+    faults = Faults(script=["rate_limit_text"], retry_after="1")
+    options = AuthOptions(mode="admin-api", retry_initial_wait=0.001, retry_max_wait=5)
+    row = source_row()
+    async with (
+        AdminApiServer(supabase_db.url, faults=faults) as server,
+        AdminApiCreator(
+            AdminApi(url=server.url, service_role_key=server.service_key), options, {}
+        ) as creator,
+    ):
+        started = time.monotonic()
+        result = await creator.create(row, UserMatch(row["id"], row["id"], MatchKind.NEW))
+        waited = time.monotonic() - started
+
+    assert result.outcome == "created" and server.creates == 1
+    assert faults.injected["rate_limit_text"] == 1
+    assert 1.0 <= waited < 4.0
+
+
+def test_sync_run_in_admin_api_mode_never_prints_the_key(make_db: Any, seed: scenario.Scenario) -> None:
+    source, target = make_db(), make_db()
+    users = [u for u in seed.production.users[-60:] if not u["is_anonymous"]]
+    ids = {u["id"] for u in users}
+    load_users(source, users, [i for i in seed.production.identities if i["user_id"] in ids])
+
+    async def serve_and_run() -> Any:
+        async with AdminApiServer(target.url, service_key="very-secret-service-key") as server:
+            runner = CliRunner(env={"SUPABASE_SERVICE_ROLE_KEY": "very-secret-service-key"})
+            args = ["run", "--auth-only", "--auth-mode", "admin-api", "--supabase-url", server.url]
+            args += ["--source", source.url, "--target", target.url, "--auth-concurrency", "4"]
+            return await asyncio.to_thread(runner.invoke, main, args)
+
+    result = asyncio.run(serve_and_run())
+
+    assert result.exit_code == 0, result.output
+    assert "very-secret-service-key" not in result.output
+    assert f"created {len(users)}" in result.output
+    assert sql(target, "SELECT count(*) FROM auth.users") == [(len(users),)]
+
+
+# -------------------------------------------------------------------------------- the client's traps
+
+
+def _client_error(status: int, headers: dict[str, str] | None = None) -> Exception:
+    """What the supabase client raises for a non-JSON answer: the status lives on the httpx cause."""
+    request = httpx.Request("POST", "http://auth/admin/users")
+    cause = httpx.HTTPStatusError("busy", request=request, response=httpx.Response(status, headers=headers))
+    error = AuthUnknownError("busy", cause)
+    error.__cause__ = cause
+    return error
+
+
+def test_transient_answers_are_told_apart_from_refusals() -> None:
+    assert is_transient_api_error(_client_error(429))
+    assert is_transient_api_error(_client_error(502))
+    assert not is_transient_api_error(_client_error(404))
+    assert is_transient_api_error(AuthApiError("Database error creating new user", 500, "unexpected_failure"))
+    assert not is_transient_api_error(AuthApiError("taken", 422, "email_exists"))
+
+
+def test_retry_after_reads_seconds_and_dates() -> None:
+    assert retry_after(_client_error(429, {"Retry-After": "7"})) == 7.0
+    assert retry_after(_client_error(429, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0
+    assert retry_after(_client_error(429)) is None
+
+
+def source_row(**values: Any) -> dict[str, Any]:
+    """A source auth.users row as the import reads it (jsonb as text)."""
+    return {
+        "id": uuid.uuid4(),
+        "email": " Ana@Example.com ",
+        "phone": "+52 155 0000 0001",
+        "encrypted_password": bcrypt.hashpw(b"Ultima-001!", bcrypt.gensalt(4)).decode(),
+        "email_confirmed_at": None,
+        "phone_confirmed_at": None,
+        "raw_user_meta_data": None,
+        "raw_app_meta_data": '{"provider": "email", "providers": ["email"]}',
+        "role": "authenticated",
+        "aud": "authenticated",
+        "banned_until": None,
+        "deleted_at": None,
+        **values,
+    }
+
+
+def test_the_create_body_always_carries_user_metadata_and_the_hash() -> None:
+    row = source_row()
+    user_id = row["id"]
+    body = create_attributes(row, UserMatch(user_id, user_id, MatchKind.NEW))
+    assert body == {
+        "id": str(user_id),
+        "user_metadata": {},
+        "app_metadata": {"provider": "email", "providers": ["email"]},
+        "email_confirm": False,
+        "phone_confirm": False,
+        "email": "ana@example.com",
+        "phone": "5215500000001",
+        "password_hash": row["encrypted_password"],
+    }
