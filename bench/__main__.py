@@ -40,20 +40,29 @@ def sync_cli(*args: str) -> tuple[dict, float, int]:
 
 
 def pg_dump_seconds(server, source: testbed.Database) -> float:
-    """``pg_dump --data-only`` of the app tables piped into ``psql`` of an empty production schema."""
+    """``pg_dump --data-only`` of the users and app tables piped into ``psql`` of an empty production schema.
+
+    The auth tables go too, so the copy is the same work the sync does (and the foreign keys hold).
+    """
     empty = testbed.create_database(server, f"bench_dump_{os.getpid()}", template=None)
     try:
         with psycopg.connect(empty.url) as conn:
             conn.execute((sql_dir() / "scenario" / "production.sql").read_text())  # type: ignore[arg-type]
         bindir = binaries_dir()
-        dump = [str(bindir / "pg_dump"), "--data-only", *[f"--table={t}" for t in TABLES], source.admin_url]
+        tables = ("auth.users", "auth.identities", *TABLES)
+        dump = [str(bindir / "pg_dump"), "--data-only", *[f"--table={t}" for t in tables], source.admin_url]
         load = [str(bindir / "psql"), "--quiet", "-v", "ON_ERROR_STOP=1", empty.admin_url]
         started = time.perf_counter()
         producer = subprocess.Popen(dump, stdout=subprocess.PIPE)
-        consumer = subprocess.run(load, stdin=producer.stdout, capture_output=True, text=True)
+        assert producer.stdout is not None
+        consumer = subprocess.Popen(
+            load, stdin=producer.stdout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        producer.stdout.close()  # so pg_dump gets SIGPIPE if psql stops early
+        _, load_errors = consumer.communicate()
         producer.wait()
         if producer.returncode or consumer.returncode:
-            raise SystemExit(f"pg_dump | psql failed: {consumer.stderr.strip()}")
+            raise SystemExit(f"pg_dump | psql failed: {load_errors.strip()}")
         return time.perf_counter() - started
     finally:
         testbed.drop_database(server, empty.name)

@@ -515,19 +515,29 @@ async def _columns(conn: asyncpg.Connection, table: str, *, writable: bool = Fal
 class SourceSnapshot:
     """The source's auth users, read in one READ ONLY REPEATABLE READ transaction: keys, then batches."""
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: asyncpg.Connection, changed_since: datetime | None = None) -> None:
         self.conn = conn
+        self.changed_since = changed_since
         self._user_columns: set[str] = set()
         self._users_query = ""
         self._identities_query = ""
+        self._window = sql.SQL("")
+        self._params: tuple[datetime, ...] = ()
 
     async def prepare(self) -> None:
         """Read the live column lists (the Auth version decides them) and build the queries."""
         self._user_columns = await _columns(self.conn, USERS_TABLE)
         identities = await _columns(self.conn, "auth.identities")
+        if self.changed_since is not None:
+            # A catch-up reads only the users created, changed or signed in since the last run's mark.
+            stamps = [c for c in ("created_at", "updated_at", "last_sign_in_at") if c in self._user_columns]
+            self._window = sql.SQL(" WHERE ") + sql.SQL(" OR ").join(
+                sql.SQL("{} >= $1").format(sql.Identifier(c)) for c in stamps
+            )
+            self._params = (self.changed_since,)
         self._users_query = (
-            sql.SQL("SELECT {} FROM auth.users ORDER BY created_at, id")
-            .format(_select_list(_SOURCE_USER_FIELDS, self._user_columns))
+            sql.SQL("SELECT {} FROM auth.users{} ORDER BY created_at, id")
+            .format(_select_list(_SOURCE_USER_FIELDS, self._user_columns), self._window)
             .as_string()
         )
         identity_select = _select_list(_IDENTITY_FIELDS, identities)
@@ -547,14 +557,15 @@ class SourceSnapshot:
         """Every source user's matching keys, oldest first."""
         query = sql.SQL(
             "SELECT id, email, phone, coalesce({}, false) AS sso, {} IS NOT NULL AS deleted "
-            "FROM auth.users ORDER BY created_at, id"
+            "FROM auth.users{} ORDER BY created_at, id"
         ).format(
             *(
                 sql.Identifier(name) if name in self._user_columns else sql.SQL("NULL")
                 for name in ("is_sso_user", "deleted_at")
-            )
+            ),
+            self._window,
         )
-        rows = await self.conn.fetch(query.as_string())
+        rows = await self.conn.fetch(query.as_string(), *self._params)
         return [
             SourceKey(r["id"], normal_email(r["email"]), normal_phone(r["phone"]), r["sso"], r["deleted"])
             for r in rows
@@ -562,7 +573,7 @@ class SourceSnapshot:
 
     async def batches(self, size: int) -> AsyncIterator[list[asyncpg.Record]]:
         """Full user rows, ``size`` at a time, in the order of :meth:`keys`."""
-        cursor = await self.conn.cursor(self._users_query)
+        cursor = await self.conn.cursor(self._users_query, *self._params)
         while rows := await cursor.fetch(size):
             yield rows
 
@@ -589,10 +600,12 @@ class SourceSnapshot:
 
 
 @asynccontextmanager
-async def read_only_snapshot(conn: asyncpg.Connection) -> AsyncIterator[SourceSnapshot]:
+async def read_only_snapshot(
+    conn: asyncpg.Connection, changed_since: datetime | None = None
+) -> AsyncIterator[SourceSnapshot]:
     """A :class:`SourceSnapshot` inside a READ ONLY REPEATABLE READ transaction on ``conn``."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        snapshot = SourceSnapshot(conn)
+        snapshot = SourceSnapshot(conn, changed_since)
         await snapshot.prepare()
         yield snapshot
 
@@ -1542,8 +1555,12 @@ async def import_users(
     *,
     admin_api: AdminApi | None = None,
     run_id: int | None = None,
+    changed_since: datetime | None = None,
 ) -> AuthReport:
     """Bring every source auth user onto the target (rules in the module docstring); return the report.
+
+    ``changed_since`` limits a catch-up to the users created, changed or signed in since then (every
+    other user was brought over by an earlier run).
 
     ``direct`` needs ``target``. ``admin-api`` needs ``admin_api`` and, when ``target`` is given too,
     writes there what the API cannot carry, the id map and the quarantine. Raises UsageError before
@@ -1566,7 +1583,7 @@ async def import_users(
                 await check_trigger_skip(target_conn)
             await ensure_state(target_conn)
             await writer.prepare()
-        run = _Import(options, report, writer)
+        run = _Import(options, report, writer, changed_since)
         if admin_api is not None and options.mode is AuthMode.ADMIN_API:
             holder = _database_holder(writer) if writer is not None else None
             async with AdminApiCreator(admin_api, options, run.claimed, holder) as api:
@@ -1614,7 +1631,14 @@ def _database_holder(writer: TargetWriter) -> HolderLookup:
 class _Import:
     """One auth import: match everyone first, then stream the source in batches to the writer or the API."""
 
-    def __init__(self, options: AuthOptions, report: AuthReport, writer: TargetWriter | None) -> None:
+    def __init__(
+        self,
+        options: AuthOptions,
+        report: AuthReport,
+        writer: TargetWriter | None,
+        changed_since: datetime | None = None,
+    ) -> None:
+        self.changed_since = changed_since
         self.options = options
         self.report = report
         self.writer = writer
@@ -1623,7 +1647,7 @@ class _Import:
         self.claimed: dict[UUID, UUID] = {}
 
     async def run(self, source_conn: asyncpg.Connection) -> None:
-        async with read_only_snapshot(source_conn) as snapshot:
+        async with read_only_snapshot(source_conn, self.changed_since) as snapshot:
             keys = await snapshot.keys()
             self.report.source_users = len(keys)
             await self._match(keys)

@@ -58,6 +58,8 @@ class RunContext:
     run_id: int
     since: datetime | None
     only_keys: dict[str, list[str]] | None = None
+    auth_since: datetime | None = None
+    """Set on catch-up runs: only users changed since then need the auth stage."""
 
 
 @dataclass
@@ -131,7 +133,14 @@ def auth_import(options: AuthOptions, admin_api: AdminApi | None = None) -> Auth
     """The auth stage of a run: every source user on the target, ids mapped, before any table row."""
 
     async def stage(ctx: RunContext) -> AuthReport:
-        return await import_users(ctx.source, ctx.target, options, admin_api=admin_api, run_id=ctx.run_id)
+        return await import_users(
+            ctx.source,
+            ctx.target,
+            options,
+            admin_api=admin_api,
+            run_id=ctx.run_id,
+            changed_since=ctx.auth_since,
+        )
 
     return stage
 
@@ -173,8 +182,10 @@ async def run_sync(
     try:
         await ensure_state(tconn)
         since = options.since
-        if since is None and not options.restart and not options.retry_quarantine:
-            since = await catch_up_since(tconn, options.overlap)
+        mark = await catch_up_since(tconn, options.overlap)
+        catch_up = since is None and mark is not None and not options.restart and not options.retry_quarantine
+        if catch_up:
+            since = mark
         run = await begin_run(
             tconn,
             since,
@@ -190,7 +201,17 @@ async def run_sync(
         if snapshot.high_water is not None and not options.retry_quarantine:
             await record_high_water(tconn, run.id, snapshot.high_water)
         report = RunReport(run.id, since, run.high_water or snapshot.high_water, run.resumed)
-        ctx = RunContext(source, target, mapping, plan, snapshot, run.id, since, only_keys)
+        ctx = RunContext(
+            source,
+            target,
+            mapping,
+            plan,
+            snapshot,
+            run.id,
+            since,
+            only_keys,
+            auth_since=since if catch_up else None,
+        )
         try:
             if auth_stage is not None and not options.skip_auth:
                 report.auth = await auth_stage(ctx)

@@ -236,3 +236,28 @@ def test_a_catch_up_reads_from_the_sources_clock_minus_the_overlap(synced_once):
     first = fetch(target.url, "SELECT high_water FROM _sync.runs ORDER BY id LIMIT 1")[0][0]
     assert first is not None
     assert first > scenario.PROPOSAL_DATE
+
+
+def test_a_catch_up_brings_a_user_who_signed_up_since_and_reads_only_changed_users(synced_once):
+    source, target = synced_once
+    # Production's signup trigger makes the profile, as the Auth server's insert would.
+    execute(
+        source.url,
+        """
+        INSERT INTO auth.users (instance_id, id, aud, role, email, encrypted_password, email_confirmed_at,
+            confirmation_token, recovery_token, email_change_token_new, email_change, email_change_token_current,
+            raw_app_meta_data, raw_user_meta_data, created_at, updated_at)
+        VALUES ('00000000-0000-0000-0000-000000000000', 'a0000000-0000-4000-8000-000000000001', 'authenticated',
+            'authenticated', 'nueva@ultima.mx', '$2b$04$abcdefghijklmnopqrstuu5tWcKdpCD2eOyDrQwF5vOFqOzjvYVJ6',
+            now(), '', '', '', '', '', '{"provider": "email", "providers": ["email"]}',
+            '{"full_name": "Nueva Persona"}', now(), now());
+    """,
+    )
+    report = catch_up(source, target)
+    assert report["auth"]["created"] == 1
+    assert report["auth"]["source_users"] == 1, "only the users changed since the last run are read"
+    assert written(report) == (0, 1), "the trigger made the profile; the copy completes it"
+    assert fetch(
+        target.url,
+        "SELECT display_name FROM public.profiles WHERE id = 'a0000000-0000-4000-8000-000000000001'",
+    ) == [("Nueva Persona",)]
