@@ -245,10 +245,11 @@ def test_a_catch_up_brings_a_user_who_signed_up_since_and_reads_only_changed_use
         source.url,
         """
         INSERT INTO auth.users (instance_id, id, aud, role, email, encrypted_password, email_confirmed_at,
-            confirmation_token, recovery_token, email_change_token_new, email_change, email_change_token_current,
-            raw_app_meta_data, raw_user_meta_data, created_at, updated_at)
-        VALUES ('00000000-0000-0000-0000-000000000000', 'a0000000-0000-4000-8000-000000000001', 'authenticated',
-            'authenticated', 'nueva@ultima.mx', '$2b$04$abcdefghijklmnopqrstuu5tWcKdpCD2eOyDrQwF5vOFqOzjvYVJ6',
+            confirmation_token, recovery_token, email_change_token_new, email_change,
+            email_change_token_current, raw_app_meta_data, raw_user_meta_data, created_at, updated_at)
+        VALUES ('00000000-0000-0000-0000-000000000000', 'a0000000-0000-4000-8000-000000000001',
+            'authenticated', 'authenticated', 'nueva@ultima.mx',
+            '$2b$04$abcdefghijklmnopqrstuu5tWcKdpCD2eOyDrQwF5vOFqOzjvYVJ6',
             now(), '', '', '', '', '', '{"provider": "email", "providers": ["email"]}',
             '{"full_name": "Nueva Persona"}', now(), now());
     """,
