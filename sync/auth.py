@@ -903,17 +903,6 @@ SELECT s.source_id FROM _sync_stage_users AS s
 WHERE NOT EXISTS (SELECT FROM auth.users AS t WHERE t.id = s.target_id)
 """
 
-_QUARANTINE = """
-UPDATE _sync.quarantine AS q SET resolved_at = now()
-FROM _sync_stage_users AS s
-WHERE q.table_name = 'auth.users' AND q.resolved_at IS NULL AND q.source_key = s.source_id::text
-"""
-
-_MISSING_USERS = """
-SELECT s.source_id FROM _sync_stage_users AS s
-WHERE NOT EXISTS (SELECT FROM auth.users AS t WHERE t.id = s.target_id)
-"""
-
 _KEPT_CONTACTS = """
 SELECT s.source_id, s.target_id,
        s.email_out IS NOT NULL AND lower(t.email) IS DISTINCT FROM s.email_out AS email_kept,

@@ -47,6 +47,23 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     sys.exit(code)
 
 
+def source_option(help_text: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """``--source DSN`` (env ``SYNC_SOURCE_URL``), with the command's own help text."""
+    return click.option("--source", envvar="SYNC_SOURCE_URL", metavar="DSN", help=help_text)
+
+
+def target_option(help_text: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """``--target DSN`` (env ``SYNC_TARGET_URL``), with the command's own help text."""
+    return click.option("--target", envvar="SYNC_TARGET_URL", metavar="DSN", help=help_text)
+
+
+def mapping_option(help_text: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """``--mapping FILE``."""
+    return click.option(
+        "--mapping", "mapping_path", type=click.Path(path_type=Path), metavar="FILE", help=help_text
+    )
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="supabase-sync")
 def main() -> None:
@@ -54,18 +71,8 @@ def main() -> None:
 
 
 @main.command()
-@click.option(
-    "--source",
-    envvar="SYNC_SOURCE_URL",
-    metavar="DSN",
-    help="Build production here instead of on the embedded server [env SYNC_SOURCE_URL].",
-)
-@click.option(
-    "--target",
-    envvar="SYNC_TARGET_URL",
-    metavar="DSN",
-    help="Build development here instead of on the embedded server [env SYNC_TARGET_URL].",
-)
+@source_option("Build production here instead of on the embedded server [env SYNC_SOURCE_URL].")
+@target_option("Build development here instead of on the embedded server [env SYNC_TARGET_URL].")
 @click.option(
     "--scale",
     type=click.IntRange(min=1),
@@ -141,19 +148,11 @@ class Instant(click.ParamType):
 
 
 @main.command("plan")
-@click.option(
-    "--source",
-    envvar="SYNC_SOURCE_URL",
-    metavar="DSN",
-    help="The production database, only ever read: a postgresql:// URL or key=value string; "
-    "PG* variables fill what it leaves out [env SYNC_SOURCE_URL].",
+@source_option(
+    "The production database, only ever read: a postgresql:// URL or key=value string; "
+    "PG* variables fill what it leaves out [env SYNC_SOURCE_URL]."
 )
-@click.option(
-    "--target",
-    envvar="SYNC_TARGET_URL",
-    metavar="DSN",
-    help="The development database the rows go to; `sync plan` only reads it [env SYNC_TARGET_URL].",
-)
+@target_option("The development database the rows go to; `sync plan` only reads it [env SYNC_TARGET_URL].")
 @click.option(
     "--mapping",
     "mapping_path",
@@ -326,25 +325,9 @@ def _run_pipeline(source: Endpoint, target: Endpoint, work: Callable[[], Awaitab
 
 
 @main.command("run")
-@click.option(
-    "--source",
-    envvar="SYNC_SOURCE_URL",
-    metavar="DSN",
-    help="The production database, only ever read [env SYNC_SOURCE_URL].",
-)
-@click.option(
-    "--target",
-    envvar="SYNC_TARGET_URL",
-    metavar="DSN",
-    help="The development database the users and rows go to [env SYNC_TARGET_URL].",
-)
-@click.option(
-    "--mapping",
-    "mapping_path",
-    type=click.Path(path_type=Path),
-    metavar="FILE",
-    help="Mapping file (default: mappings/sync.toml when present, else built-in defaults).",
-)
+@source_option("The production database, only ever read [env SYNC_SOURCE_URL].")
+@target_option("The development database the users and rows go to [env SYNC_TARGET_URL].")
+@mapping_option("Mapping file (default: mappings/sync.toml when present, else built-in defaults).")
 @click.option(
     "--since",
     type=Instant(),
@@ -500,12 +483,7 @@ def _print_run(report: RunReport) -> None:
 
 
 @main.command("status")
-@click.option(
-    "--target",
-    envvar="SYNC_TARGET_URL",
-    metavar="DSN",
-    help="The database the runs wrote to [env SYNC_TARGET_URL].",
-)
+@target_option("The database the runs wrote to [env SYNC_TARGET_URL].")
 @click.option("--show", is_flag=True, help="List the quarantined rows with the database's message.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON (the StatusReport model).")
 def status_command(target: str | None, show: bool, as_json: bool) -> None:
@@ -551,19 +529,9 @@ def quarantine_group() -> None:
 
 
 @quarantine_group.command("retry")
-@click.option(
-    "--source", envvar="SYNC_SOURCE_URL", metavar="DSN", help="The production database [env SYNC_SOURCE_URL]."
-)
-@click.option(
-    "--target", envvar="SYNC_TARGET_URL", metavar="DSN", help="The target database [env SYNC_TARGET_URL]."
-)
-@click.option(
-    "--mapping",
-    "mapping_path",
-    type=click.Path(path_type=Path),
-    metavar="FILE",
-    help="Mapping file (default: mappings/sync.toml when present).",
-)
+@source_option("The production database [env SYNC_SOURCE_URL].")
+@target_option("The target database [env SYNC_TARGET_URL].")
+@mapping_option("Mapping file (default: mappings/sync.toml when present).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def quarantine_retry(
     source: str | None, target: str | None, mapping_path: Path | None, as_json: bool
