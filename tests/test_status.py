@@ -154,7 +154,7 @@ def test_ctrl_c_stops_the_run_says_how_to_resume_and_the_rerun_finishes(seed_dbs
     assert "interrupted: every committed batch is kept; run the same command again to resume." in err
     assert "Traceback" not in err
     assert fetch(target.url, "SELECT status FROM _sync.runs") == [("interrupted",)]
-    rerun = subprocess.run(args + ["--quiet"], capture_output=True, text=True, timeout=120)
+    rerun = subprocess.run([*args, "--quiet"], capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
     assert fetch(target.url, "SELECT count(*), max(status) FROM _sync.runs") == [(1, "succeeded")]
     prod = fetch(source.url, "SELECT count(*) FROM public.documents")[0][0]
