@@ -16,7 +16,7 @@ from datetime import datetime
 import asyncpg
 
 from sync.catalog import Catalog, Table, read_catalog
-from sync.connect import Endpoint, connect
+from sync.connect import Endpoint, PoolMode, connect
 from sync.errors import UsageError
 from sync.mapping import Mapping
 from sync.plan import (
@@ -70,9 +70,26 @@ async def preview(
             users=users,
             auth_triggers=[TriggerReport.of(t) for t in plan.auth_triggers],
             notes=plan.notes,
-            warnings=plan.warnings,
+            warnings=plan.warnings + connection_warnings(source, target),
             errors=problems,
         )
+
+
+def connection_warnings(source: Endpoint, target: Endpoint) -> list[str]:
+    """What the kind of connection each side uses means for a run."""
+    warnings = []
+    if source.mode is PoolMode.TRANSACTION:
+        warnings.append(
+            "the source URL goes through a transaction-mode pooler (port 6543): parallel readers cannot "
+            "share one snapshot, so each batch reads the source as of its own moment; use the session pooler "
+            "(port 5432) or the direct URL for one consistent view"
+        )
+    if target.mode is PoolMode.TRANSACTION:
+        warnings.append(
+            "the target URL goes through a transaction-mode pooler (port 6543), which cannot hold the run "
+            "lock: `sync run` needs the direct URL or the session pooler (port 5432) for --target"
+        )
+    return warnings
 
 
 @asynccontextmanager

@@ -271,3 +271,15 @@ def test_every_transaction_sync_plan_opens_is_read_only(seed_dbs, monkeypatch):
     begins = [s for s in statements if s.upper().startswith("BEGIN")]
     assert len(begins) >= 2  # one per database at least
     assert all("READ ONLY" in s.upper() for s in begins), begins
+
+
+def test_the_plan_says_what_a_transaction_pooler_costs():
+    from sync.connect import Endpoint, Side
+    from sync.preview import connection_warnings
+
+    pooled = "postgresql://postgres.abc:pw@aws-0-eu-west-1.pooler.supabase.com:6543/postgres"
+    session = "postgresql://postgres.abc:pw@aws-0-eu-west-1.pooler.supabase.com:5432/postgres"
+    warnings = connection_warnings(Endpoint.parse(Side.SOURCE, pooled), Endpoint.parse(Side.TARGET, pooled))
+    assert "cannot share one snapshot" in warnings[0] and "run lock" in warnings[1]
+    direct = Endpoint.parse(Side.SOURCE, session), Endpoint.parse(Side.TARGET, session)
+    assert connection_warnings(*direct) == []
