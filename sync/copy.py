@@ -65,6 +65,14 @@ class TableResult:
         return self.inserted + self.updated
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where a table's copy stands: the pass (window, then closure) and the last source key done."""
+
+    phase: int
+    key: list[str] | None
+
+
 @dataclass
 class Written:
     """Rows one committed transaction wrote."""
@@ -149,29 +157,54 @@ class SelectionSql:
         if self.only_keys is not None:
             keys = ", ".join(literal(k) for k in self.only_keys.get(tp.name, []))
             return f"({_text_pk(tp, alias)} = ANY(ARRAY[{keys}]::text[]))"
-        clauses = [self.in_window(tp, alias)]
-        if clauses[0] == "true":
+        window = self.in_window(tp, alias)
+        if window == "true":
             return "true"
+        referenced = self.referenced(tp, alias, seen)
+        return f"({window} OR {referenced})" if referenced else window
+
+    def referenced(self, tp: TablePlan, alias: str = "", seen: frozenset[str] = frozenset()) -> str | None:
+        """Rows of ``tp`` that some selected child row points at; None when no copied table points here.
+
+        Children are gathered per referenced column set into one ``IN (… UNION ALL …)``, which the
+        planner runs as one hashed lookup per query instead of one per child.
+        """
         seen = seen | {tp.name}
+        parent_by_target = {c.target: c.source for c in tp.columns}
+        branches: dict[tuple[str, ...], list[str]] = {}
         for child in self.plan.tables:
             if child.name in seen:
                 continue
+            child_by_target = {c.target: c.source for c in child.columns}
             for link in _links(child):
                 if link.parent != tp.name:
                     continue
-                child_by_target = {c.target: c.source for c in child.columns}
-                parent_by_target = {c.target: c.source for c in tp.columns}
                 fk = [child_by_target[c] for c in link.columns if c in child_by_target]
-                pk = [parent_by_target[c] for c in link.parent_columns if c in parent_by_target]
+                pk = tuple(parent_by_target[c] for c in link.parent_columns if c in parent_by_target)
                 if len(fk) != len(link.columns) or len(pk) != len(link.parent_columns):
                     continue
                 inner = self.selected(child, "c.", seen)
-                left = column_list(pk, alias) if len(pk) == 1 else f"({column_list(pk, alias)})"
-                clauses.append(
-                    f"{left} IN (SELECT {column_list(fk, 'c.')} FROM "
-                    f"{table_ident(child.source_name)} AS c WHERE {inner})"
+                branches.setdefault(pk, []).append(
+                    f"SELECT {column_list(fk, 'c.')} FROM {table_ident(child.source_name)} AS c WHERE {inner}"
                 )
-        return "(" + " OR ".join(clauses) + ")"
+        clauses = []
+        for pk, selects in branches.items():
+            left = column_list(pk, alias) if len(pk) == 1 else f"({column_list(pk, alias)})"
+            clauses.append(f"{left} IN ({' UNION ALL '.join(selects)})")
+        return "(" + " OR ".join(clauses) + ")" if clauses else None
+
+    def phases(self, tp: TablePlan) -> list[str]:
+        """The table's selection as passes over its key range: the window first, then the closure.
+
+        Keeping the closure out of the window pass keeps each window batch a plain range scan; the
+        closure pass then reads only out-of-window rows that a child needs (usually few).
+        """
+        selected = self.selected(tp)
+        if self.only_keys is not None or selected == "true":
+            return [selected]
+        window = self.in_window(tp)
+        referenced = self.referenced(tp)
+        return [window] if referenced is None else [window, f"NOT {window} AND {referenced}"]
 
 
 class TableCopy:
@@ -187,27 +220,37 @@ class TableCopy:
         self.src_types = _source_types(tp)
         self.stage_columns = [c.target for c in tp.columns]
         self.binary = True
+        self.predicate = "true"
         self._sconn: asyncpg.Connection | None = None
         self._tconn: asyncpg.Connection | None = None
 
     # -------------------------------------------------------------------------------- lifecycle
 
     async def run(self) -> TableResult:
-        """Copy every selected row after the checkpoint; return the counts."""
+        """Copy every selected row after the checkpoint, pass by pass; return the counts."""
         started = time.perf_counter()
         try:
             await self._connect()
-            last_key, done = await self._load_checkpoint()
+            start, done = await self._load_checkpoint()
             if done:
                 return self.result
             self._report(0)
             await self._prepare()
-            while True:
-                boundary = await self._with_retries(lambda lk=last_key: self._next_boundary(lk))
-                await self._with_retries(lambda lk=last_key, b=boundary: self._copy_range(lk, b))
-                if boundary is None:
-                    break
-                last_key = boundary
+            for phase, predicate in enumerate(self.selection.phases(self.tp)):
+                if phase < start.phase:
+                    continue
+                self.predicate = predicate
+                last_key = start.key if phase == start.phase else None
+                while True:
+                    boundary = await self._with_retries(lambda lk=last_key: self._next_boundary(lk))
+                    # The last batch of a pass records the start of the next one.
+                    after = Position(phase, boundary) if boundary is not None else Position(phase + 1, None)
+                    await self._with_retries(
+                        lambda lk=last_key, b=boundary, a=after: self._copy_range(lk, b, a)
+                    )
+                    if boundary is None:
+                        break
+                    last_key = boundary
             await self._with_retries(self._mark_done)
         finally:
             self.result.seconds = time.perf_counter() - started
@@ -256,15 +299,16 @@ class TableCopy:
 
     # ------------------------------------------------------------------------------ checkpoints
 
-    async def _load_checkpoint(self) -> tuple[list[str] | None, bool]:
+    async def _load_checkpoint(self) -> tuple[Position, bool]:
         row = await self.tconn.fetchrow(
             "SELECT last_key, done, rows_done FROM _sync.checkpoints WHERE run_id = $1 AND table_name = $2",
             self.ctx.run_id,
             self.checkpoint_name,
         )
-        if row is None:
-            return None, False
-        return (json.loads(row["last_key"]) if row["last_key"] else None), row["done"]
+        if row is None or not row["last_key"]:
+            return Position(0, None), bool(row and row["done"])
+        saved = json.loads(row["last_key"])
+        return Position(saved["pass"], saved["key"]), row["done"]
 
     async def _mark_done(self) -> None:
         await self.tconn.execute(
@@ -274,14 +318,14 @@ class TableCopy:
             self.checkpoint_name,
         )
 
-    async def _advance_checkpoint(self, last_key: list[str] | None, rows: int) -> None:
+    async def _advance_checkpoint(self, position: Position, rows: int) -> None:
         await self.tconn.execute(
             "INSERT INTO _sync.checkpoints (run_id, table_name, last_key, rows_done) VALUES ($1, $2, $3, $4) "
             "ON CONFLICT (run_id, table_name) DO UPDATE SET last_key = EXCLUDED.last_key, "
             "rows_done = _sync.checkpoints.rows_done + EXCLUDED.rows_done, updated_at = now()",
             self.ctx.run_id,
             self.checkpoint_name,
-            json.dumps(last_key) if last_key is not None else None,
+            json.dumps({"pass": position.phase, "key": position.key}),
             rows,
         )
 
@@ -319,7 +363,7 @@ class TableCopy:
     # ---------------------------------------------------------------------------------- reading
 
     def _range_predicate(self, after: list[str] | None, upto: list[str] | None) -> str:
-        parts = [self.selection.selected(self.tp)]
+        parts = [self.predicate]
         keys = row_of(self.source_pk)
         if after is not None:
             parts.append(f"{keys} > {self._key_literal(after)}")
@@ -356,13 +400,13 @@ class TableCopy:
 
     # ---------------------------------------------------------------------------------- writing
 
-    async def _copy_range(self, after: list[str] | None, upto: list[str] | None) -> None:
+    async def _copy_range(self, after: list[str] | None, upto: list[str] | None, position: Position) -> None:
         """Copy the rows in (after, upto]; split and quarantine if the target refuses some."""
         try:
             async with self.tconn.transaction():
                 count = await self._stage_stream(after, upto)
                 written = await self._apply(count)
-                await self._advance_checkpoint(upto, count)
+                await self._advance_checkpoint(position, count)
             self._count(written)
             self.result.batches += 1
             self._report(count)
@@ -373,7 +417,7 @@ class TableCopy:
             records = await self.sconn.fetch(self._select_sql(after, upto))
             await self._apply_split(list(records))
             async with self.tconn.transaction():
-                await self._advance_checkpoint(upto, len(records))
+                await self._advance_checkpoint(position, len(records))
             self.result.batches += 1
             self._report(len(records))
 
