@@ -6,23 +6,13 @@ import asyncio
 from datetime import UTC, datetime
 
 import asyncpg
-import psycopg
+from queries import execute, fetch
 
 from sync.connect import Endpoint, Side
 from sync.mapping import Mapping
 from sync.run import RunOptions, run_sync
 
 SINCE = datetime(2024, 11, 18, tzinfo=UTC)
-
-
-def execute(url: str, sql: str) -> None:
-    with psycopg.connect(url) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]
-
-
-def fetch(url: str, sql: str) -> list[tuple]:
-    with psycopg.connect(url) as conn:
-        return conn.execute(sql).fetchall()  # type: ignore[arg-type]
 
 
 def run(source, target, mapping: dict | None = None, **options) -> object:

@@ -11,20 +11,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from queries import SEED_MAPPING, execute, fetch
 
 from sync import scenario
-
-MAPPING = Path(__file__).resolve().parent.parent / "mappings" / "sync.toml"
-
-
-def fetch(url: str, sql: str, *params: object) -> list[tuple]:
-    with psycopg.connect(url) as conn:
-        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
-
-
-def execute(url: str, sql: str) -> None:
-    with psycopg.connect(url) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]
 
 
 def start(source, target, *args: str) -> subprocess.Popen[str]:
@@ -40,7 +29,7 @@ def start(source, target, *args: str) -> subprocess.Popen[str]:
             "--target",
             target.url,
             "--mapping",
-            str(MAPPING),
+            str(SEED_MAPPING),
             *args,
         ],
         stdout=subprocess.PIPE,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import asyncpg
 import bcrypt
 import psycopg
 import pytest
 from click.testing import CliRunner
+from queries import SEED_MAPPING, fetch
 
 from sync import scenario
 from sync.auth import AuthOptions
@@ -19,13 +19,7 @@ from sync.connect import Endpoint, Side
 from sync.mapping import load_mapping
 from sync.run import RunOptions, auth_import, run_sync
 
-MAPPING = Path(__file__).resolve().parent.parent / "mappings" / "sync.toml"
 APP = ("public.profiles", "public.financing_requests", "public.bank_profiles", "public.documents")
-
-
-def fetch(url: str, sql: str, *params: object) -> list[tuple]:
-    with psycopg.connect(url) as conn:
-        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
 
 
 def sync_run(source, target, **options):
@@ -33,7 +27,7 @@ def sync_run(source, target, **options):
         run_sync(
             Endpoint.parse(Side.SOURCE, source.url),
             Endpoint.parse(Side.TARGET, target.url),
-            load_mapping(MAPPING),
+            load_mapping(SEED_MAPPING),
             RunOptions(**{"since": scenario.COPY_DATE, **options}),
             auth_stage=auth_import(AuthOptions()),
         )
@@ -216,7 +210,7 @@ def test_a_row_the_development_check_rejects_is_quarantined_and_everything_else_
             "--target",
             target.url,
             "--mapping",
-            str(MAPPING),
+            str(SEED_MAPPING),
             "--json",
         ],
     )
@@ -256,7 +250,7 @@ def test_a_source_connection_lost_mid_table_is_retried(seed_dbs):
         report = await run_sync(
             Endpoint.parse(Side.SOURCE, source.url),
             Endpoint.parse(Side.TARGET, target.url),
-            load_mapping(MAPPING),
+            load_mapping(SEED_MAPPING),
             RunOptions(since=scenario.COPY_DATE, batch_size=100, jobs=1),
             auth_stage=auth_import(AuthOptions()),
         )

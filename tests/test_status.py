@@ -8,24 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psycopg
 from click.testing import CliRunner
+from queries import SEED_MAPPING, execute, fetch
 
 from sync.cli import main
-
-MAPPING = str(Path(__file__).resolve().parent.parent / "mappings" / "sync.toml")
-
-
-def fetch(url: str, sql: str, *params: object) -> list[tuple]:
-    with psycopg.connect(url) as conn:
-        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
-
-
-def execute(url: str, sql: str, *params: object) -> None:
-    with psycopg.connect(url) as conn:
-        conn.execute(sql, params)  # type: ignore[arg-type]
 
 
 def cli(*args: str):
@@ -56,7 +44,7 @@ def test_status_shows_runs_progress_and_quarantine_and_retry_lands_the_fixed_row
         "--target",
         target.url,
         "--mapping",
-        MAPPING,
+        str(SEED_MAPPING),
         "--quiet",
     )
     assert first.exit_code == 3
@@ -73,10 +61,14 @@ def test_status_shows_runs_progress_and_quarantine_and_retry_lands_the_fixed_row
     shown = cli("status", "--target", target.url, "--show")
     assert "Quarantined rows: 1" in shown.output and "term_months_check" in shown.output
 
-    still = cli("quarantine", "retry", "--source", source.url, "--target", target.url, "--mapping", MAPPING)
+    still = cli(
+        "quarantine", "retry", "--source", source.url, "--target", target.url, "--mapping", str(SEED_MAPPING)
+    )
     assert still.exit_code == 3, "nothing was fixed yet"
     execute(source.url, "UPDATE public.financing_requests SET term_months = 36 WHERE term_months = 99")
-    retried = cli("quarantine", "retry", "--source", source.url, "--target", target.url, "--mapping", MAPPING)
+    retried = cli(
+        "quarantine", "retry", "--source", source.url, "--target", target.url, "--mapping", str(SEED_MAPPING)
+    )
     assert retried.exit_code == 0, retried.output
     assert "1 quarantined row(s) landed; 0 still refused." in retried.output
     assert fetch(target.url, "SELECT count(*) FROM public.financing_requests WHERE amount = 5000") == [(1,)]
@@ -124,7 +116,7 @@ def test_ctrl_c_stops_the_run_says_how_to_resume_and_the_rerun_finishes(seed_dbs
         "--target",
         target.url,
         "--mapping",
-        MAPPING,
+        str(SEED_MAPPING),
         "--batch-size",
         "20",
         "--jobs",

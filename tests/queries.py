@@ -1,0 +1,22 @@
+"""Small synchronous SQL calls the tests use to set up and inspect databases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+
+SEED_MAPPING = Path(__file__).resolve().parent.parent / "mappings" / "sync.toml"
+"""The seed scenario's mapping, as shipped."""
+
+
+def fetch(url: str, sql: str, *params: object) -> list[tuple]:
+    """All rows of ``sql`` (``%s`` placeholders only when ``params`` are given)."""
+    with psycopg.connect(url) as conn:
+        return conn.execute(sql, params or None).fetchall()  # type: ignore[arg-type]
+
+
+def execute(url: str, sql: str, *params: object) -> None:
+    """Run ``sql`` (possibly several statements when there are no ``params``) and commit."""
+    with psycopg.connect(url) as conn:
+        conn.execute(sql, params or None)  # type: ignore[arg-type]
