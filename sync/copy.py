@@ -236,6 +236,9 @@ class TableCopy:
                 return self.result
             self._report(0)
             await self._prepare()
+            if getattr(self.ctx.progress, "wants_totals", False):
+                total = await self._with_retries(self._count_selected)
+                self.ctx.progress.total(self.tp.name, total)  # type: ignore[union-attr]
             for phase, predicate in enumerate(self.selection.phases(self.tp)):
                 if phase < start.phase:
                     continue
@@ -374,6 +377,15 @@ class TableCopy:
     def _key_literal(self, values: Sequence[str]) -> str:
         items = [f"{literal(v)}::{self.src_types[c]}" for c, v in zip(self.source_pk, values, strict=True)]
         return f"ROW({', '.join(items)})"
+
+    async def _count_selected(self) -> int:
+        """The rows this table's copy will read (for progress bars and their ETA)."""
+        return int(
+            await self.sconn.fetchval(
+                f"SELECT count(*) FROM {table_ident(self.tp.source_name)} "
+                f"WHERE {self.selection.selected(self.tp)}"
+            )
+        )
 
     async def _next_boundary(self, after: list[str] | None) -> list[str] | None:
         """The last key of the next batch, or None when the rest fits in one batch."""

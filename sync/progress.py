@@ -48,6 +48,17 @@ class RunProgress:
         self._last_log: dict[str, float] = {}
         self._started: dict[str, float] = {}
 
+    @property
+    def wants_totals(self) -> bool:
+        """Live bars show an ETA, which needs each table's row count first."""
+        return self._bars is not None
+
+    def total(self, table: str, rows: int) -> None:
+        """The number of rows ``table``'s copy will read."""
+        self.totals[table] = rows
+        if self._bars is not None and table in self._tasks:
+            self._bars.update(self._tasks[table], total=rows)
+
     def __call__(self, table: str, rows: int) -> None:
         self._done[table] = self._done.get(table, 0) + rows
         self._started.setdefault(table, time.monotonic())
