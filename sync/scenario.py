@@ -640,13 +640,25 @@ def _documents(
 def _copy(
     conn: psycopg.Connection, table: str, columns: Sequence[str], rows: Iterable[dict[str, Any]]
 ) -> None:
+    """Binary COPY of ``rows`` into ``table``: the column types are declared once, so values are
+    dumped by psycopg's C code rather than adapted one by one."""
     from psycopg import sql
 
     schema, name = table.split(".")
-    query = sql.SQL("COPY {}.{} ({}) FROM STDIN").format(
+    types = dict(
+        conn.execute(
+            "SELECT attname, CASE WHEN t.typtype = 'e' THEN 'text' "
+            "ELSE format_type(a.atttypid, NULL) END "
+            "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+            "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+            (table,),
+        ).fetchall()
+    )
+    query = sql.SQL("COPY {}.{} ({}) FROM STDIN (FORMAT BINARY)").format(
         sql.Identifier(schema), sql.Identifier(name), sql.SQL(", ").join(map(sql.Identifier, columns))
     )
     with conn.cursor().copy(query) as copy:
+        copy.set_types([types[c] for c in columns])
         for row in rows:
             copy.write_row([Jsonb(v) if isinstance(v, dict) else v for v in (row[c] for c in columns)])
 
