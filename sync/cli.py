@@ -30,6 +30,7 @@ from sync.preview import preview
 from sync.progress import RunProgress
 from sync.run import RunOptions, RunReport, auth_import, run_sync
 from sync.status import read_status
+from sync.verify import VerifyReport
 
 T = TypeVar("T")
 
@@ -521,6 +522,64 @@ def status_command(target: str | None, show: bool, as_json: bool) -> None:
     _say(f"Quarantined rows: {report.quarantined}", "red" if report.quarantined else None)
     for q in report.quarantine:
         _say(f"  {q.table} {q.source_key}: {q.error}")
+
+
+@main.command("verify")
+@source_option("The production database, only ever read [env SYNC_SOURCE_URL].")
+@target_option("The target database, only read here [env SYNC_TARGET_URL].")
+@mapping_option("Mapping file (default: mappings/sync.toml when present, else built-in defaults).")
+@click.option(
+    "--since",
+    type=Instant(),
+    metavar="DATE",
+    help="Check the rows changed since this instant (default: whole tables).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON (the VerifyReport model).")
+def verify_command(
+    source: str | None, target: str | None, mapping_path: Path | None, since: datetime | None, as_json: bool
+) -> None:
+    """Check that every production row and user is on the target, and that every user can log in.
+
+    Reads both databases, writes nothing. Exit 0 when every check passes, 1 otherwise.
+    """
+    from sync.run import load_plan
+    from sync.verify import verify
+
+    endpoints = _endpoints(source, target)
+    try:
+        mapping = load_mapping(mapping_path)
+    except SyncError as exc:
+        fail(str(exc), exc.exit_code)
+
+    async def work() -> VerifyReport:
+        return await verify(*endpoints, await load_plan(*endpoints, mapping), since)
+
+    report = _run_pipeline(*endpoints, work)
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+    else:
+        u = report.users
+        _say(
+            f"users: {u.source_users:,} in production; missing on target {u.missing}, other password hash "
+            f"{u.other_hash}, not loadable by the Auth server {u.unloadable}, e-mail users without an e-mail "
+            f"identity {u.without_email_identity}",
+            None if not (u.missing or u.other_hash or u.unloadable) else "red",
+        )
+        for example in u.examples:
+            _say(f"  {example}")
+        for t in report.tables:
+            style = None if t.missing == 0 and t.orphans == 0 else "red"
+            _say(
+                f"{t.table}: {t.source_rows:,} production rows checked, missing {t.missing}, "
+                f"orphans {t.orphans}"
+                + (f" (e.g. {', '.join(t.missing_examples)})" if t.missing_examples else ""),
+                style,
+            )
+        _say(
+            "verified: nothing missing" if report.ok else "verification found problems",
+            None if report.ok else "red",
+        )
+    sys.exit(0 if report.ok else EXIT_FAILED)
 
 
 @main.group("quarantine")

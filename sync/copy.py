@@ -118,15 +118,15 @@ def _links(tp: TablePlan) -> list[ParentLink]:
     return list(dict.fromkeys([*tp.parents, *tp.deferred]))
 
 
-def _text_pk(tp: TablePlan, alias: str = "") -> str:
+def key_text_sql(tp: TablePlan, alias: str = "") -> str:
     """SQL (over the source table) giving a row's key as one text value, as the id map stores it."""
-    cols = _source_pk(tp)
+    cols = source_key_columns(tp)
     if len(cols) == 1:
         return f"{alias}{ident(cols[0])}::text"
     return f"jsonb_build_array({column_list(cols, alias)})::text"
 
 
-def _source_pk(tp: TablePlan) -> list[str]:
+def source_key_columns(tp: TablePlan) -> list[str]:
     by_target = {c.target: c.source for c in tp.columns}
     return [by_target[k] for k in tp.primary_key]
 
@@ -156,7 +156,7 @@ class SelectionSql:
         """In the window, or referenced by a selected child row (the closure), recursively."""
         if self.only_keys is not None:
             keys = ", ".join(literal(k) for k in self.only_keys.get(tp.name, []))
-            return f"({_text_pk(tp, alias)} = ANY(ARRAY[{keys}]::text[]))"
+            return f"({key_text_sql(tp, alias)} = ANY(ARRAY[{keys}]::text[]))"
         window = self.in_window(tp, alias)
         if window == "true":
             return "true"
@@ -216,7 +216,7 @@ class TableCopy:
         self.result = TableResult(tp.name)
         self.checkpoint_name = tp.name
         self.selection = SelectionSql(ctx.plan, ctx.since, ctx.only_keys)
-        self.source_pk = _source_pk(tp)
+        self.source_pk = source_key_columns(tp)
         self.src_types = _source_types(tp)
         self.stage_columns = [c.target for c in tp.columns]
         self.binary = True
@@ -406,7 +406,7 @@ class TableCopy:
             cols.append(expr)
         return (
             f"SELECT {', '.join(cols)}, {self.selection.in_window(self.tp)} AS _in_window, "
-            f"{_text_pk(self.tp)} AS _source_key FROM {table_ident(self.tp.source_name)} "
+            f"{key_text_sql(self.tp)} AS _source_key FROM {table_ident(self.tp.source_name)} "
             f"WHERE {self._range_predicate(after, upto)} ORDER BY {column_list(self.source_pk)}"
         )
 
