@@ -24,7 +24,7 @@ from sync.auth import AdminApi, AuthOptions, import_users
 from sync.connect import Endpoint, Side
 from sync.embedded import EmbeddedError
 from sync.errors import EXIT_FAILED, SyncError
-from sync.mapping import load_mapping
+from sync.mapping import Mapping, load_mapping
 from sync.plan import PlanReport
 from sync.preview import preview
 from sync.progress import RunProgress
@@ -128,7 +128,11 @@ def demo(source: str | None, target: str | None, scale: int, seed: int, no_sync:
         "their production password against the target's hash.",
         None if verified == checked else "red",
     )
-    sys.exit(report.exit_code)
+    console.print("\n$ sync verify")
+    mapping = load_mapping(demo_mod.SCENARIO_MAPPING)
+    checks = _run_pipeline(*endpoints, lambda: _verify(endpoints, mapping, None))
+    _print_verify(checks)
+    sys.exit(report.exit_code or (0 if checks.ok and verified == checked else EXIT_FAILED))
 
 
 class Instant(click.ParamType):
@@ -542,44 +546,50 @@ def verify_command(
 
     Reads both databases, writes nothing. Exit 0 when every check passes, 1 otherwise.
     """
-    from sync.run import load_plan
-    from sync.verify import verify
-
     endpoints = _endpoints(source, target)
     try:
         mapping = load_mapping(mapping_path)
     except SyncError as exc:
         fail(str(exc), exc.exit_code)
 
-    async def work() -> VerifyReport:
-        return await verify(*endpoints, await load_plan(*endpoints, mapping), since)
-
-    report = _run_pipeline(*endpoints, work)
+    report = _run_pipeline(*endpoints, lambda: _verify(endpoints, mapping, since))
     if as_json:
         click.echo(report.model_dump_json(indent=2))
     else:
-        u = report.users
-        _say(
-            f"users: {u.source_users:,} in production; missing on target {u.missing}, other password hash "
-            f"{u.other_hash}, not loadable by the Auth server {u.unloadable}, e-mail users without an e-mail "
-            f"identity {u.without_email_identity}",
-            None if not (u.missing or u.other_hash or u.unloadable) else "red",
-        )
-        for example in u.examples:
-            _say(f"  {example}")
-        for t in report.tables:
-            style = None if t.missing == 0 and t.orphans == 0 else "red"
-            _say(
-                f"{t.table}: {t.source_rows:,} production rows checked, missing {t.missing}, "
-                f"orphans {t.orphans}"
-                + (f" (e.g. {', '.join(t.missing_examples)})" if t.missing_examples else ""),
-                style,
-            )
-        _say(
-            "verified: nothing missing" if report.ok else "verification found problems",
-            None if report.ok else "red",
-        )
+        _print_verify(report)
     sys.exit(0 if report.ok else EXIT_FAILED)
+
+
+async def _verify(
+    endpoints: tuple[Endpoint, Endpoint], mapping: Mapping, since: datetime | None
+) -> VerifyReport:
+    from sync.run import load_plan
+    from sync.verify import verify
+
+    return await verify(*endpoints, await load_plan(*endpoints, mapping), since)
+
+
+def _print_verify(report: VerifyReport) -> None:
+    u = report.users
+    _say(
+        f"users: {u.source_users:,} in production; missing on target {u.missing}, other password hash "
+        f"{u.other_hash}, not loadable by the Auth server {u.unloadable}, e-mail users without an e-mail "
+        f"identity {u.without_email_identity}",
+        None if not (u.missing or u.other_hash or u.unloadable) else "red",
+    )
+    for example in u.examples:
+        _say(f"  {example}")
+    for t in report.tables:
+        examples = f" (e.g. {', '.join(t.missing_examples)})" if t.missing_examples else ""
+        _say(
+            f"{t.table}: {t.source_rows:,} production rows checked, missing {t.missing}, "
+            f"orphans {t.orphans}{examples}",
+            None if t.missing == 0 and t.orphans == 0 else "red",
+        )
+    _say(
+        "verified: nothing missing" if report.ok else "verification found problems",
+        None if report.ok else "red",
+    )
 
 
 @main.group("quarantine")
