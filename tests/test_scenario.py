@@ -165,3 +165,12 @@ def test_sync_demo_refuses_a_database_that_already_has_the_app(seed_dbs, make_db
     result = CliRunner().invoke(main, ["demo", "--source", source.url, "--target", make_db().url])
     assert result.exit_code == 1
     assert "already has public.profiles" in result.output
+
+
+def test_sync_demo_syncs_the_scenario_and_verifies_it(make_db):
+    source, target = make_db(), make_db()
+    result = CliRunner().invoke(main, ["demo", "--source", source.url, "--target", target.url])
+    assert result.exit_code == 0, result.output
+    assert "Password check: 25 of 25 sampled production users" in result.output
+    assert "verified: nothing missing" in result.output
+    assert scenario.table_counts(target.url)["public.documents"] == 1004 + 8
