@@ -14,24 +14,13 @@ from datetime import datetime
 import asyncpg
 from pydantic import BaseModel
 
+from sync.auth import STRING_COLUMNS
 from sync.connect import Endpoint, connect
 from sync.copy import SelectionSql, key_owners, key_text_sql, source_key_columns
 from sync.plan import Plan
 from sync.sqltext import column_list, ident, row_of, table_ident
 
 CHUNK = 10_000
-STRING_COLUMNS = (
-    "aud",
-    "role",
-    "confirmation_token",
-    "recovery_token",
-    "email_change_token_current",
-    "email_change_token_new",
-    "email_change",
-    "phone_change",
-    "phone_change_token",
-    "reauthentication_token",
-)
 
 
 class TableCheck(BaseModel):

@@ -20,3 +20,19 @@ def execute(url: str, sql: str, *params: object) -> None:
     """Run ``sql`` (possibly several statements when there are no ``params``) and commit."""
     with psycopg.connect(url) as conn:
         conn.execute(sql, params or None)  # type: ignore[arg-type]
+
+
+def seed_run_args(source, target, *extra: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """``sync run --since 2024-11-18`` between two test databases with the seed mapping, plus ``extra``."""
+    return [
+        "run",
+        "--since",
+        "2024-11-18",
+        "--source",
+        source.url,
+        "--target",
+        target.url,
+        "--mapping",
+        str(SEED_MAPPING),
+        *extra,
+    ]

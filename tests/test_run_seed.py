@@ -10,7 +10,7 @@ import bcrypt
 import psycopg
 import pytest
 from click.testing import CliRunner
-from queries import SEED_MAPPING, fetch
+from queries import SEED_MAPPING, fetch, seed_run_args
 
 from sync import scenario
 from sync.auth import AuthOptions
@@ -201,18 +201,7 @@ def test_a_row_the_development_check_rejects_is_quarantined_and_everything_else_
         )
     result = CliRunner().invoke(
         main,
-        [
-            "run",
-            "--since",
-            "2024-11-18",
-            "--source",
-            source.url,
-            "--target",
-            target.url,
-            "--mapping",
-            str(SEED_MAPPING),
-            "--json",
-        ],
+        seed_run_args(source, target, "--json"),
     )
     assert result.exit_code == 3, result.output
     report = json.loads(result.stdout)

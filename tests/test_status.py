@@ -11,7 +11,7 @@ import time
 
 import psycopg
 from click.testing import CliRunner
-from queries import SEED_MAPPING, execute, fetch
+from queries import SEED_MAPPING, execute, fetch, seed_run_args
 
 from sync.cli import main
 
@@ -35,18 +35,7 @@ def test_status_shows_runs_progress_and_quarantine_and_retry_lands_the_fixed_row
         "updated_at) VALUES (%s, 5000, 99, '2024-12-10', '2024-12-10')",
         profile,
     )
-    first = cli(
-        "run",
-        "--since",
-        "2024-11-18",
-        "--source",
-        source.url,
-        "--target",
-        target.url,
-        "--mapping",
-        str(SEED_MAPPING),
-        "--quiet",
-    )
+    first = cli(*seed_run_args(source, target, "--quiet"))
     assert first.exit_code == 3
 
     status = json.loads(cli("status", "--target", target.url, "--json", "--show").stdout)

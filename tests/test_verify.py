@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from click.testing import CliRunner
-from queries import SEED_MAPPING, execute, fetch
+from queries import SEED_MAPPING, execute, fetch, seed_run_args
 
 from sync.cli import main
 
@@ -21,18 +21,7 @@ def verify(source, target) -> tuple[int, dict]:
 def sync(source, target) -> None:
     result = CliRunner().invoke(
         main,
-        [
-            "run",
-            "--since",
-            "2024-11-18",
-            "--source",
-            source.url,
-            "--target",
-            target.url,
-            "--mapping",
-            str(SEED_MAPPING),
-            "--quiet",
-        ],
+        seed_run_args(source, target, "--quiet"),
     )
     assert result.exit_code == 0, result.output
 
