@@ -90,7 +90,10 @@ def main() -> None:
 )
 @click.option("--no-sync", is_flag=True, help="Only build the scenario; do not run the sync on it.")
 def demo(source: str | None, target: str | None, scale: int, seed: int, no_sync: bool) -> None:
-    """Build the seed scenario (production and development databases) and show both sides' counts."""
+    """Build the seed scenario (production and development), sync it, and verify the result.
+
+    With --no-sync, only build it and show both sides' counts.
+    """
     from sync import demo as demo_mod
 
     if (source is None) != (target is None):
