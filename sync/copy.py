@@ -32,6 +32,7 @@ from typing import Any
 import asyncpg
 
 from sync.connect import Endpoint, connect
+from sync.errors import first_line
 from sync.plan import ParentLink, Plan, TablePlan
 from sync.retry import is_transient_db_error, retrying
 from sync.snapshot import SourceSnapshot
@@ -425,7 +426,7 @@ class TableCopy:
         except Exception as exc:
             if not is_data_error(exc):
                 raise
-            log.info("%s: batch refused (%s); isolating the rows", self.tp.name, _first_line(exc))
+            log.info("%s: batch refused (%s); isolating the rows", self.tp.name, first_line(exc))
             records = await self.sconn.fetch(self._select_sql(after, upto))
             await self._apply_split(list(records))
             async with self.tconn.transaction():
@@ -515,11 +516,11 @@ class TableCopy:
             self.tp.name,
             record["_source_key"],
             json.dumps(row, default=str),
-            _first_line(exc),
+            first_line(exc),
             getattr(exc, "sqlstate", None),
         )
         self.result.quarantined += 1
-        log.warning("%s: row %s quarantined: %s", self.tp.name, record["_source_key"], _first_line(exc))
+        log.warning("%s: row %s quarantined: %s", self.tp.name, record["_source_key"], first_line(exc))
 
     async def _apply(self, staged: int) -> Written:
         """Steps 2–4 on the staged rows, inside the caller's transaction."""
@@ -586,21 +587,15 @@ class DeferredPatch(TableCopy):
         for statement in rewrite_parents_sql(self.tp, self.ctx.plan):
             await self.tconn.execute(statement)
         pk = self.tp.primary_key
-        types = {c.target: c.source_type for c in self.tp.columns}
-        target_types = {c.target: c.target_type for c in self.tp.columns}
         if len(pk) == 1:
-            await self.tconn.execute(
-                f"UPDATE {STAGE} AS s SET {ident(pk[0])} = m.target_key::{types[pk[0]]} "
-                f"FROM _sync.id_map AS m WHERE m.table_name = $1 AND m.source_key = s._source_key",
-                self.tp.name,
-            )
+            await self.tconn.execute(own_keys_from_map_sql(self.tp), self.tp.name)
         fks = [c for link in self.tp.parents for c in link.columns]
+        target_types = self.tp.target_types
         sets = ", ".join(f"{ident(c)} = s.{ident(c)}::{target_types[c]}" for c in fks)
-        staged_pk = "ROW(" + ", ".join(f"s.{ident(k)}::{target_types[k]}" for k in pk) + ")"
-        staged_fks = "ROW(" + ", ".join(f"s.{ident(c)}::{target_types[c]}" for c in fks) + ")"
         status = await self.tconn.execute(
             f"UPDATE {table_ident(self.tp.name)} AS t SET {sets} FROM {STAGE} AS s "
-            f"WHERE {row_of(pk, 't.')} = {staged_pk} AND {row_of(fks, 't.')} IS DISTINCT FROM {staged_fks}"
+            f"WHERE {row_of(pk, 't.')} = {staged_as_target(self.tp, pk)} "
+            f"AND {row_of(fks, 't.')} IS DISTINCT FROM {staged_as_target(self.tp, fks)}"
         )
         return Written(updated=int(status.split()[-1]))
 
@@ -633,9 +628,24 @@ def key_owners(plan: Plan, table: str) -> list[str]:
     return owners
 
 
+def staged_as_target(tp: TablePlan, columns: Sequence[str]) -> str:
+    """``ROW(s.a::type, …)``: staged columns cast to the target's types, to compare with target rows."""
+    types = tp.target_types
+    return "ROW(" + ", ".join(f"s.{ident(c)}::{types[c]}" for c in columns) + ")"
+
+
+def own_keys_from_map_sql(tp: TablePlan) -> str:
+    """Rewrite staged keys that an earlier batch or run mapped (single-column keys; $1 = the table)."""
+    key = tp.primary_key[0]
+    return (
+        f"UPDATE {STAGE} AS s SET {ident(key)} = m.target_key::{tp.staged_types[key]}, _mapped = true "
+        f"FROM _sync.id_map AS m WHERE m.table_name = $1 AND m.source_key = s._source_key"
+    )
+
+
 def rewrite_parents_sql(tp: TablePlan, plan: Plan) -> list[str]:
     """UPDATEs that rewrite each single-column foreign key of the stage through the id map."""
-    types = {c.target: c.source_type for c in tp.columns}
+    types = tp.staged_types
     statements = []
     for link in _links(tp):
         if len(link.columns) != 1:
@@ -654,15 +664,10 @@ def rewrite_parents_sql(tp: TablePlan, plan: Plan) -> list[str]:
 async def remap_keys(conn: asyncpg.Connection, tp: TablePlan, run_id: int) -> int:
     """Give staged rows their target keys; return how many new collisions were remapped."""
     key = tp.primary_key[0]
-    types = {c.target: c.source_type for c in tp.columns}
-    target_types = {c.target: c.target_type for c in tp.columns}
-    await conn.execute(
-        f"UPDATE {STAGE} AS s SET {ident(key)} = m.target_key::{types[key]}, _mapped = true "
-        f"FROM _sync.id_map AS m WHERE m.table_name = $1 AND m.source_key = s._source_key",
-        tp.name,
-    )
+    target_types = tp.target_types
+    await conn.execute(own_keys_from_map_sql(tp), tp.name)
     sequence = tp.sequences.get(key)
-    match_on = [c for c in tp.match_on if c in types]
+    match_on = [c for c in tp.match_on if c in target_types]
     if not match_on:
         return 0
     new_key = (
@@ -671,7 +676,7 @@ async def remap_keys(conn: asyncpg.Connection, tp: TablePlan, run_id: int) -> in
         else f"(SELECT coalesce(max({ident(key)}), 0) FROM {table_ident(tp.name)}) + row_number() OVER ()"
     )
     target_row = row_of(match_on, "t.")
-    staged_row = "ROW(" + ", ".join(f"s.{ident(c)}::{target_types[c]}" for c in match_on) + ")"
+    staged_row = staged_as_target(tp, match_on)
     return int(
         await conn.fetchval(
             f"WITH taken AS ("
@@ -692,11 +697,10 @@ async def remap_keys(conn: asyncpg.Connection, tp: TablePlan, run_id: int) -> in
 
 def adopt_natural_keys_sql(tp: TablePlan) -> str:
     """Rewrite staged keys to those of target rows with the same natural key, recording the pairs."""
-    types = {c.target: c.source_type for c in tp.columns}
-    target_types = {c.target: c.target_type for c in tp.columns}
+    types = tp.staged_types
     pk = tp.primary_key
     natural = [c for c in tp.natural if c in types]
-    staged_natural = "ROW(" + ", ".join(f"s.{ident(c)}::{target_types[c]}" for c in natural) + ")"
+    staged_natural = staged_as_target(tp, natural)
     sets = ", ".join(f"{ident(k)} = t.{ident(k)}::{types[k]}" for k in pk)
     single = len(pk) == 1
     record = (
@@ -743,19 +747,12 @@ def upsert_sql(tp: TablePlan) -> str:
         if expr is not None:
             target_cols.append(col)
             select_exprs.append(f"({expr})")
-    pk_cast = (
-        "ROW("
-        + ", ".join(
-            f"s.{ident(k)}::{next(c.target_type for c in tp.columns if c.target == k)}"
-            for k in tp.primary_key
-        )
-        + ")"
-    )
+    pk_cast = staged_as_target(tp, tp.primary_key)
     updatable = [c.target for c in tp.columns if c.target not in tp.primary_key and c.target not in deferred]
     if tp.policy == "target-wins" or not updatable:
         conflict = "DO NOTHING"
     else:
-        types = {c.target: c.target_type for c in tp.columns}
+        types = tp.target_types
         before, after = _comparable(updatable, types, "t."), _comparable(updatable, types, "EXCLUDED.")
         changed = f"{before} IS DISTINCT FROM {after}"
         if tp.policy == "newest-wins" and "updated_at" in updatable:
@@ -783,8 +780,3 @@ async def advance_sequence(conn: asyncpg.Connection, sequence: str, value_sql: s
         f"WHERE v IS NOT NULL AND v > coalesce(pg_sequence_last_value($1::regclass), 0)",
         sequence,
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -11,6 +11,7 @@ import psycopg
 
 from sync import scenario, testbed
 from sync.embedded import ensure_server
+from sync.errors import first_line
 
 SCENARIO_MAPPING = Path(__file__).resolve().parent.parent / "mappings" / "sync.toml"
 DEMO_SOURCE = "sync_demo_production"
@@ -59,18 +60,13 @@ def _check_buildable(side: str, url: str) -> None:
                 "SELECT to_regclass('auth.users'), to_regclass('public.profiles')"
             ).fetchone()  # type: ignore[misc]
     except psycopg.OperationalError as exc:
-        raise DemoError(f"Cannot connect to the {side} database: {_first_line(exc)}") from None
+        raise DemoError(f"Cannot connect to the {side} database: {first_line(exc)}") from None
     if auth is None:
         raise DemoError(
             f"The {side} database has no auth.users: build the scenario into a Supabase database."
         )
     if profiles is not None:
         raise DemoError(f"The {side} database already has public.profiles: use an empty Supabase database.")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def verify_logins(target_url: str, sample: int = 25) -> tuple[int, int]:

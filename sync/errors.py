@@ -8,6 +8,12 @@ EXIT_USAGE = 2
 EXIT_QUARANTINED = 3
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class SyncError(Exception):
     """A failure explained in one sentence to the user; ``exit_code`` is what the CLI returns."""
 

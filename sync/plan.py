@@ -87,6 +87,16 @@ class TablePlan:
     sequences: dict[str, str]
     """Target column → its sequence (quoted SQL text), to move past the copied keys."""
 
+    @property
+    def staged_types(self) -> dict[str, str]:
+        """Copied target column → the source's type (how the column is staged and read)."""
+        return {c.target: c.source_type for c in self.columns}
+
+    @property
+    def target_types(self) -> dict[str, str]:
+        """Copied target column → the target's type."""
+        return {c.target: c.target_type for c in self.columns}
+
 
 @dataclass
 class Plan:

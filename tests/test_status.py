@@ -93,24 +93,7 @@ def test_a_row_whose_since_column_is_null_is_not_skipped(make_db, tmp_path):
 
 def test_ctrl_c_stops_the_run_says_how_to_resume_and_the_rerun_finishes(seed_dbs):
     source, target = seed_dbs
-    args = [
-        sys.executable,
-        "-m",
-        "sync",
-        "run",
-        "--since",
-        "2024-11-18",
-        "--source",
-        source.url,
-        "--target",
-        target.url,
-        "--mapping",
-        str(SEED_MAPPING),
-        "--batch-size",
-        "20",
-        "--jobs",
-        "1",
-    ]
+    args = [sys.executable, "-m", "sync", *seed_run_args(source, target, "--batch-size", "20", "--jobs", "1")]
     proc = subprocess.Popen(
         args,
         stdout=subprocess.PIPE,
