@@ -274,12 +274,16 @@ class TableCopy:
 
     async def _with_retries(self, step: Callable[[], Awaitable[Any]]) -> Any:
         async def attempt() -> Any:
-            if (
-                self._tconn is None
-                or self._tconn.is_closed()
-                or self._sconn is None
-                or self._sconn.is_closed()
-            ):
+            lost = [
+                side
+                for side, conn in (("source", self._sconn), ("target", self._tconn))
+                if conn is not None and conn.is_closed()
+            ]
+            if lost:
+                # The driver saw the connection drop between statements: a retry like any other.
+                self.result.retries += 1
+                log.warning("%s: %s connection lost; reconnecting", self.tp.name, " and ".join(lost))
+            if lost or self._tconn is None or self._sconn is None:
                 await self._connect()
             try:
                 return await step()
@@ -464,9 +468,13 @@ class TableCopy:
         async def sink(chunk: bytes) -> None:
             await queue.put(bytes(chunk))
 
+        ended = False
+
         async def chunks():  # type: ignore[no-untyped-def]
+            nonlocal ended
             while (chunk := await queue.get()) is not None:
                 yield chunk
+            ended = True
 
         async def produce() -> None:
             try:
@@ -474,10 +482,17 @@ class TableCopy:
             finally:
                 await queue.put(None)
 
+        # Both ends finish before anything is raised: a rollback while one connection is still inside
+        # its COPY fails with "another operation is in progress" and would hide the real (retryable)
+        # error. If the load fails, the source's COPY is drained so that connection stays usable.
+        producer = asyncio.create_task(produce())
         columns = [*self.stage_columns, "_in_window", "_source_key"]
-        _, status = await asyncio.gather(
-            produce(), self.tconn.copy_to_table(STAGE, source=chunks(), columns=columns, format=fmt)
-        )
+        try:
+            status = await self.tconn.copy_to_table(STAGE, source=chunks(), columns=columns, format=fmt)
+        finally:
+            while not ended and await queue.get() is not None:
+                pass
+            await producer
         return int(status.split()[-1])
 
     async def _stage_records(self, records: Sequence[asyncpg.Record]) -> None:

@@ -55,6 +55,12 @@ def is_transient_db_error(exc: BaseException) -> bool:
         return True
     if isinstance(exc, asyncpg.InterfaceError) and "connection" in str(exc).lower():
         return True  # "connection is closed" / "connection was closed in the middle of operation"
+    if isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError)) and (
+        "another operation" in str(exc).lower()
+    ):
+        # A connection that died while idle is noticed late: its next call finds the protocol stuck
+        # ("another operation is in progress"). The connection is unusable; a fresh one is the cure.
+        return True
     sqlstate = getattr(exc, "sqlstate", None)
     if not isinstance(sqlstate, str):
         return False

@@ -10,7 +10,7 @@ import bcrypt
 import psycopg
 import pytest
 from click.testing import CliRunner
-from queries import SEED_MAPPING, fetch, seed_run_args
+from queries import SEED_MAPPING, execute, fetch, seed_run_args
 
 from sync import scenario
 from sync.auth import AuthOptions
@@ -215,24 +215,44 @@ def test_a_row_the_development_check_rejects_is_quarantined_and_everything_else_
 
 def test_a_source_connection_lost_mid_table_is_retried(seed_dbs):
     source, target = seed_dbs
+    # Slow the target's document inserts so the documents copy spans several seconds of batches.
+    execute(
+        target.url,
+        """
+        CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END $$;
+        CREATE TRIGGER slow BEFORE INSERT ON public.documents FOR EACH ROW EXECUTE FUNCTION slow();
+    """,
+    )
     killed: list[int] = []
 
     async def killer() -> None:
-        conn = await asyncpg.connect(source.admin_url)
+        # Kill the source reader (the only one: --jobs 1) once the documents copy has committed a batch
+        # but has at least two left, so the reader is certain to be needed again.
+        sconn, tconn = await asyncpg.connect(source.admin_url), await asyncpg.connect(target.admin_url)
         try:
-            for _ in range(2000):
-                pids = await conn.fetch(
-                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'sync reader' "
-                    "AND datname = $1 AND state = 'active'",
+            for _ in range(5000):
+                midway = (
+                    await tconn.fetchval(
+                        "SELECT EXISTS (SELECT 1 FROM _sync.checkpoints "
+                        "WHERE table_name = 'public.documents' AND rows_done BETWEEN 1 AND 250 AND NOT done)"
+                    )
+                    if await tconn.fetchval("SELECT to_regclass('_sync.checkpoints') IS NOT NULL")
+                    else False
+                )
+                pids = await sconn.fetch(
+                    "SELECT pid FROM pg_stat_activity "
+                    "WHERE application_name = 'sync reader' AND datname = $1",
                     source.name,
                 )
-                if pids:
-                    await conn.execute("SELECT pg_terminate_backend($1)", pids[0]["pid"])
+                if midway and pids:
+                    await sconn.execute("SELECT pg_terminate_backend($1)", pids[0]["pid"])
                     killed.append(pids[0]["pid"])
                     return
                 await asyncio.sleep(0.002)
         finally:
-            await conn.close()
+            await sconn.close()
+            await tconn.close()
 
     async def both():
         task = asyncio.create_task(killer())
