@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 import tomllib
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -25,23 +26,19 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from sync.errors import MappingError
+from sync.modes import AuthMode, ConflictPolicy, KeyStrategy, TriggerMode
 
 DEFAULT_PATH = Path("mappings") / "sync.toml"
 """Read when no ``--mapping`` is given and the file exists in the current directory."""
-
-KeyStrategy = Literal["preserve", "remap", "natural"]
-Policy = Literal["source-wins", "target-wins", "newest-wins"]
-AuthMode = Literal["direct", "admin-api"]
-TriggerMode = Literal["fire", "skip"]
 
 # Schemas whose tables the tool never copies as rows: auth is the auth stage's, storage goes through
 # the Storage API.
 RESERVED_SCHEMAS = ("auth", "storage")
 
 
-def _one_of(choices: Any) -> BeforeValidator:
-    """Reject values outside the ``Literal`` ``choices`` with a message that lists them."""
-    allowed = get_args(choices)
+def _one_of(choices: type[StrEnum]) -> BeforeValidator:
+    """Reject values outside the enum ``choices`` with a message that lists them."""
+    allowed = [choice.value for choice in choices]
 
     def check(value: object) -> object:
         if value not in allowed:
@@ -72,10 +69,10 @@ class SyncSettings(_Strict):
 
     schemas: list[str] = Field(default_factory=lambda: ["public"])
     exclude: list[str] = Field(default_factory=list)
-    auth: Annotated[AuthMode, _one_of(AuthMode)] = "direct"
+    auth: Annotated[AuthMode, _one_of(AuthMode)] = AuthMode.DIRECT
     batch_size: int = Field(default=5000, ge=1)
     jobs: int = Field(default=4, ge=1)
-    triggers: Annotated[TriggerMode, _one_of(TriggerMode)] = "fire"
+    triggers: Annotated[TriggerMode, _one_of(TriggerMode)] = TriggerMode.FIRE
 
     @field_validator("schemas")
     @classmethod
@@ -99,7 +96,7 @@ class TableRule(_Strict):
     natural: list[str] | None = None
     since: Annotated[str | Literal[False], BeforeValidator(_column_or_false)] | None = None
     """The source column of the window; ``false`` reads the whole table every run."""
-    policy: Annotated[Policy, _one_of(Policy)] | None = None
+    policy: Annotated[ConflictPolicy, _one_of(ConflictPolicy)] | None = None
     rename: dict[str, str] = Field(default_factory=dict)
     ignore: list[str] = Field(default_factory=list)
     defaults: dict[str, str] = Field(default_factory=dict)
@@ -108,7 +105,7 @@ class TableRule(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> TableRule:
-        if self.key == "natural" and not self.natural:
+        if self.key is KeyStrategy.NATURAL and not self.natural:
             raise PydanticCustomError("natural", 'key = "natural" needs natural = ["column", ...]', {})
         both = sorted(set(self.ignore) & set(self.rename))
         if both:
