@@ -144,6 +144,23 @@ async def test_a_cycle_without_a_nullable_link_is_refused_by_name(schemas):
     assert "public.people.team_id" in problems[0] and "public.teams.captain_id" in problems[0]
 
 
+async def test_a_drafted_plan_lists_tables_an_unbroken_cycle_holds_back_last_in_name_order(schemas):
+    script = (
+        CYCLE.format(people_null="NOT NULL", teams_null="NOT NULL")
+        + """
+    CREATE TABLE public.zeta (id uuid PRIMARY KEY);
+    CREATE TABLE public.alpha (id uuid PRIMARY KEY, zeta_id uuid REFERENCES public.zeta (id));
+    CREATE TABLE public.badges (id uuid PRIMARY KEY, person_id uuid REFERENCES public.people (id));
+    """
+    )
+    source, target, *_ = await schemas(script)
+
+    plan, problems = draft_plan(source, target, mapping())
+
+    assert len(problems) == 1 and "foreign-key cycle" in problems[0]
+    assert order(plan) == ["public.zeta", "public.alpha", "public.badges", "public.people", "public.teams"]
+
+
 async def test_self_references_and_links_to_users_do_not_order_tables_but_are_recorded(schemas):
     source, target, *_ = await schemas(
         """
