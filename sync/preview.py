@@ -29,7 +29,8 @@ from sync.plan import (
     check_casts,
     draft_plan,
 )
-from sync.sqltext import ident
+from sync.selection import Selection
+from sync.sqltext import Params, ident
 
 
 async def preview(
@@ -54,8 +55,10 @@ async def preview(
         users = None
         if not problems:
             sides = _Sessions(source, target, src, tgt, source_catalog, target_catalog)
+            selection = Selection(plan, since)
             tables = [
-                await sides.measure(report, p, since) for report, p in zip(tables, plan.tables, strict=True)
+                await sides.measure(report, p, selection)
+                for report, p in zip(tables, plan.tables, strict=True)
             ]
             users = await sides.users()
         return PlanReport(
@@ -135,24 +138,22 @@ class _Sessions:
     source_catalog: Catalog
     target_catalog: Catalog
 
-    async def measure(self, report: TableReport, plan: TablePlan, since: datetime | None) -> TableReport:
+    async def measure(self, report: TableReport, plan: TablePlan, selection: Selection) -> TableReport:
         """``report`` with the source rows in the window and, for remapped keys, the collisions.
 
         A row whose since-column is NULL counts as in the window, as the copy reads it: an unknown
         date is no reason to leave a row behind.
         """
         table = _table_sql(self.source_catalog.tables[plan.source_name])
-        window, args = "", []
-        if plan.since is not None and since is not None:
-            column = ident(plan.since)
-            window, args = f" WHERE ({column} >= $1::timestamptz OR {column} IS NULL)", [since]
+        params = Params()
+        window = selection.in_window(plan, params)
         async with _failures_named(self.source):
             if plan.key != "remap":
-                rows = await self.src.fetchval(f"SELECT count(*) FROM {table}{window}", *args)
+                rows = await self.src.fetchval(f"SELECT count(*) FROM {table} WHERE {window}", *params.values)
                 return report.model_copy(update={"window_rows": rows})
             source_of = {c.target: c.source for c in plan.columns}
             columns = ", ".join(ident(source_of[c]) for c in [*plan.primary_key, *plan.match_on])
-            keyed = await self.src.fetch(f"SELECT {columns} FROM {table}{window}", *args)
+            keyed = await self.src.fetch(f"SELECT {columns} FROM {table} WHERE {window}", *params.values)
         async with _failures_named(self.target):
             collisions = await self._collisions(plan, keyed)
         return report.model_copy(update={"window_rows": len(keyed), "collisions": collisions})

@@ -10,11 +10,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
+from pydantic import BaseModel
 
 from sync import copy as table_copy
 from sync.auth import AdminApi, AuthOptions, AuthReport, import_users
@@ -24,7 +25,6 @@ from sync.errors import EXIT_OK, EXIT_QUARANTINED, PlanError
 from sync.mapping import Mapping
 from sync.plan import Plan, TablePlan, build_plan, check_casts
 from sync.snapshot import SourceSnapshot
-from sync.sqltext import ident, table_ident
 from sync.state import RunLock, begin_run, catch_up_since, ensure_state, finish_run, record_high_water
 
 log = logging.getLogger("sync")
@@ -62,15 +62,14 @@ class RunContext:
     """Set on catch-up runs: only users changed since then need the auth stage."""
 
 
-@dataclass
-class RunReport:
+class RunReport(BaseModel):
     """What a run did; ``exit_code`` is 0 when everything landed, 3 when some rows were quarantined."""
 
     run_id: int
     since: datetime | None
     high_water: datetime | None
     resumed: bool
-    tables: list[table_copy.TableResult] = field(default_factory=list)
+    tables: list[table_copy.TableResult] = []
     auth: AuthReport | None = None
     sequences_moved: int = 0
     seconds: float = 0.0
@@ -86,16 +85,7 @@ class RunReport:
     def counts(self) -> dict[str, Any]:
         """The per-table counts, as stored with the run."""
         return {
-            "tables": {
-                t.table: {
-                    "read": t.read,
-                    "inserted": t.inserted,
-                    "updated": t.updated,
-                    "quarantined": t.quarantined,
-                    "remapped": t.remapped,
-                }
-                for t in self.tables
-            },
+            "tables": {t.table: t.model_dump(include=_STORED_COUNTS) for t in self.tables},
             "auth": self.auth.model_dump(mode="json", exclude={"notes", "quarantined_users"})
             if self.auth
             else {},
@@ -111,22 +101,12 @@ class RunReport:
             "exit_code": self.exit_code,
             "seconds": round(self.seconds, 3),
             "auth": self.auth.model_dump(mode="json") if self.auth else None,
-            "tables": [
-                {
-                    "table": t.table,
-                    "read": t.read,
-                    "inserted": t.inserted,
-                    "updated": t.updated,
-                    "quarantined": t.quarantined,
-                    "remapped": t.remapped,
-                    "batches": t.batches,
-                    "retries": t.retries,
-                    "seconds": round(t.seconds, 3),
-                }
-                for t in self.tables
-            ],
+            "tables": [t.model_dump(mode="json") for t in self.tables],
             "sequences_moved": self.sequences_moved,
         }
+
+
+_STORED_COUNTS = {"read", "inserted", "updated", "quarantined", "remapped"}
 
 
 def auth_import(options: AuthOptions, admin_api: AdminApi | None = None) -> AuthStage:
@@ -200,7 +180,9 @@ async def run_sync(
         await snapshot.open()
         if snapshot.high_water is not None and not options.retry_quarantine:
             await record_high_water(tconn, run.id, snapshot.high_water)
-        report = RunReport(run.id, since, run.high_water or snapshot.high_water, run.resumed)
+        report = RunReport(
+            run_id=run.id, since=since, high_water=run.high_water or snapshot.high_water, resumed=run.resumed
+        )
         ctx = RunContext(
             source,
             target,
@@ -217,7 +199,7 @@ async def run_sync(
                 report.auth = await auth_stage(ctx)
             report.tables = await copy_tables(ctx, options, progress)
             await patch_deferred(ctx, options)
-            report.sequences_moved = await move_sequences(tconn, plan)
+            report.sequences_moved = await table_copy.move_sequences(tconn, plan)
         except (Exception, asyncio.CancelledError) as exc:
             status = (
                 "interrupted" if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)) else "failed"
@@ -297,17 +279,3 @@ async def patch_deferred(ctx: RunContext, options: RunOptions) -> None:
     for tp in ctx.plan.tables:
         if tp.deferred:
             await table_copy.DeferredPatch(copy_ctx, tp).run()
-
-
-async def move_sequences(conn: asyncpg.Connection, plan: Plan) -> int:
-    """Move every sequence owned by a copied column to at least max(column) in target; never back."""
-    moved = 0
-    for tp in plan.tables:
-        copied = {c.target for c in tp.columns}
-        for column, sequence in tp.sequences.items():
-            if column in copied:
-                await table_copy.advance_sequence(
-                    conn, sequence, f"SELECT max({ident(column)}) FROM {table_ident(tp.name)}"
-                )
-                moved += 1
-    return moved

@@ -16,9 +16,9 @@ from pydantic import BaseModel
 
 from sync.auth import STRING_COLUMNS
 from sync.connect import Endpoint, connect
-from sync.copy import SelectionSql, key_owners, key_text_sql, source_key_columns
 from sync.plan import Plan
-from sync.sqltext import column_list, ident, row_of, table_ident
+from sync.selection import Selection, key_owners, key_text_sql, source_key_columns
+from sync.sqltext import Params, column_list, ident, row_of, table_ident
 
 CHUNK = 10_000
 
@@ -101,11 +101,13 @@ async def _check_table(
     tp = next(t for t in plan.tables if t.name == name)
     owners = key_owners(plan, name)
     has_map = await tconn.fetchval("SELECT to_regclass('_sync.id_map') IS NOT NULL")
-    selected = SelectionSql(plan, since).selected(tp)
+    params = Params()
+    selected = Selection(plan, since).selected(tp, params)
     source_rows, missing = 0, []
     cursor = await sconn.cursor(
         f"SELECT {key_text_sql(tp)} AS k FROM {table_ident(tp.source_name)} WHERE {selected} "
-        f"ORDER BY {column_list(source_key_columns(tp))}"
+        f"ORDER BY {column_list(source_key_columns(tp))}",
+        *params.values,
     )
     while chunk := await cursor.fetch(CHUNK):
         keys = [r["k"] for r in chunk]

@@ -346,3 +346,36 @@ def test_a_generated_always_identity_key_keeps_the_production_value(make_db):
     report = run(source, target, {"tables": {"public.events": {"key": "preserve"}}})
     assert report.exit_code == 0
     assert fetch(target.url, "SELECT id, what FROM events ORDER BY id") == [(g, f"e{g}") for g in range(1, 6)]
+
+
+def test_a_row_with_the_same_natural_key_adopts_the_targets_key_and_its_children_follow(make_db):
+    source, target = make_db(), make_db()
+    for db in (source, target):
+        execute(
+            db.url,
+            """
+            CREATE TABLE tags (id integer PRIMARY KEY, name text NOT NULL UNIQUE,
+                               updated_at timestamptz NOT NULL);
+            CREATE TABLE labels (id uuid PRIMARY KEY, tag_id integer NOT NULL REFERENCES tags (id),
+                                 updated_at timestamptz NOT NULL);
+        """,
+        )
+    execute(target.url, "INSERT INTO tags VALUES (7, 'blue', '2024-01-01')")
+    execute(
+        source.url,
+        """
+        INSERT INTO tags VALUES (1, 'red', '2024-12-01'), (2, 'blue', '2024-12-01');
+        INSERT INTO labels VALUES ('30000000-0000-0000-0000-000000000001', 1, '2024-12-01'),
+                                  ('30000000-0000-0000-0000-000000000002', 2, '2024-12-01');
+    """,
+    )
+    report = run(source, target, {"tables": {"public.tags": {"key": "natural", "natural": ["name"]}}})
+    assert report.exit_code == 0, report.to_json()
+    assert fetch(target.url, "SELECT id, name FROM tags ORDER BY id") == [(1, "red"), (7, "blue")]
+    assert fetch(target.url, "SELECT id::text, tag_id FROM labels ORDER BY id") == [
+        ("30000000-0000-0000-0000-000000000001", 1),
+        ("30000000-0000-0000-0000-000000000002", 7),
+    ]
+    assert fetch(target.url, "SELECT table_name, source_key, target_key, reason FROM _sync.id_map") == [
+        ("public.tags", "2", "7", "natural")
+    ]

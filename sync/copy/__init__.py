@@ -1,0 +1,21 @@
+"""Copy the planned tables' rows from source to target: batched, key-remapped, upserted, checkpointed.
+
+A batch is a key range of the source table in the run's selection (:mod:`sync.selection`: the window
+and the closure). Each batch is ONE target transaction: stage it (:mod:`.stage`), rewrite its keys and
+upsert it (:mod:`.apply`), advance the table's checkpoint (:mod:`.table`). Rows the target refuses go
+to quarantine (:mod:`.quarantine`); cycles get a second pass (:mod:`.deferred`); sequences move past
+the copied keys (:mod:`.sequences`).
+"""
+
+from sync.copy.deferred import DeferredPatch
+from sync.copy.sequences import move_sequences
+from sync.copy.table import CopyContext, Progress, TableCopy, TableResult
+
+__all__ = [
+    "CopyContext",
+    "DeferredPatch",
+    "Progress",
+    "TableCopy",
+    "TableResult",
+    "move_sequences",
+]

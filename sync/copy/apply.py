@@ -1,0 +1,217 @@
+"""Land a staged batch: foreign keys through the id map, the table's own keys, then the upsert.
+
+Inside the batch's transaction, over the stage:
+
+1. rewrite foreign keys through ``_sync.id_map`` (users matched by e-mail, remapped parents);
+2. give the table's own rows their target keys (``remap``: a key taken in target by a different row
+   gets a fresh key from the target's sequence, and the pair goes to the id map; ``natural``: adopt
+   the key of the target row with the same natural key);
+3. with triggers skipped (and so FK checks off), refuse rows whose parent is missing, as FKs would;
+4. upsert per the table's policy, touching only copied columns and only rows that differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from sync.copy.quarantine import RowRejected, resolve_landed
+from sync.copy.stage import STAGE
+from sync.plan import Plan, TablePlan
+from sync.selection import key_owners, links
+from sync.sqltext import column_list, ident, row_of, table_ident
+
+
+@dataclass
+class Written:
+    """Rows one committed transaction wrote."""
+
+    inserted: int = 0
+    updated: int = 0
+    remapped: int = 0
+
+
+async def apply_staged(conn: asyncpg.Connection, tp: TablePlan, plan: Plan, run_id: int) -> Written:
+    """Steps 1–4 on the staged rows, inside the caller's transaction; staged rows in quarantine leave it."""
+    written = Written()
+    if tp.trigger_mode == "skip":
+        await conn.execute("SET LOCAL session_replication_role = replica")
+    await rewrite_parents(conn, tp, plan)
+    if tp.key == "remap" and len(tp.primary_key) == 1:
+        written.remapped = await remap_keys(conn, tp, run_id)
+    elif tp.key == "natural" and tp.natural:
+        await adopt_natural_keys(conn, tp, run_id)
+    if tp.trigger_mode == "skip":
+        await check_references(conn, tp)
+    written.inserted, written.updated = await conn.fetchrow(upsert_sql(tp))
+    await resolve_landed(conn, tp.name)
+    return written
+
+
+def staged_as_target(tp: TablePlan, columns: Sequence[str]) -> str:
+    """``ROW(s.a::type, …)``: staged columns cast to the target's types, to compare with target rows."""
+    types = tp.target_types
+    return "ROW(" + ", ".join(f"s.{ident(c)}::{types[c]}" for c in columns) + ")"
+
+
+async def rewrite_parents(conn: asyncpg.Connection, tp: TablePlan, plan: Plan) -> None:
+    """Rewrite each single-column foreign key of the stage through the id map."""
+    types = tp.staged_types
+    for link in links(tp):
+        if len(link.columns) != 1:
+            continue
+        col = link.columns[0]
+        if col not in types:
+            continue
+        await conn.execute(
+            f"UPDATE {STAGE} AS s SET {ident(col)} = m.target_key::{types[col]} FROM _sync.id_map AS m "
+            f"WHERE m.table_name = ANY($1::text[]) AND m.source_key = s.{ident(col)}::text",
+            key_owners(plan, link.parent),
+        )
+
+
+async def map_own_keys(conn: asyncpg.Connection, tp: TablePlan) -> None:
+    """Rewrite staged keys that an earlier batch or run mapped (single-column keys)."""
+    key = tp.primary_key[0]
+    await conn.execute(
+        f"UPDATE {STAGE} AS s SET {ident(key)} = m.target_key::{tp.staged_types[key]}, _mapped = true "
+        f"FROM _sync.id_map AS m WHERE m.table_name = $1 AND m.source_key = s._source_key",
+        tp.name,
+    )
+
+
+async def remap_keys(conn: asyncpg.Connection, tp: TablePlan, run_id: int) -> int:
+    """Give staged rows their target keys; return how many new collisions were remapped."""
+    key = tp.primary_key[0]
+    target_types = tp.target_types
+    await map_own_keys(conn, tp)
+    sequence = tp.sequences.get(key)
+    match_on = [c for c in tp.match_on if c in target_types]
+    if not match_on:
+        return 0
+    new_key = (
+        "nextval($3::regclass)"
+        if sequence
+        else f"(SELECT coalesce(max({ident(key)}), 0) FROM {table_ident(tp.name)}) + row_number() OVER ()"
+    )
+    target_row = row_of(match_on, "t.")
+    staged_row = staged_as_target(tp, match_on)
+    return int(
+        await conn.fetchval(
+            f"WITH taken AS ("
+            f"  SELECT s._source_key FROM {STAGE} AS s JOIN {table_ident(tp.name)} AS t "
+            f"  ON t.{ident(key)} = s.{ident(key)}::{target_types[key]} "
+            f"  WHERE NOT s._mapped AND {target_row} IS DISTINCT FROM {staged_row}"
+            f"), fresh AS (SELECT _source_key, {new_key} AS new_key FROM taken), "
+            f"moved AS (UPDATE {STAGE} AS s SET {ident(key)} = fresh.new_key, _mapped = true FROM fresh "
+            f"  WHERE s._source_key = fresh._source_key RETURNING s._source_key, s.{ident(key)} AS k), "
+            f"mapped AS (INSERT INTO _sync.id_map (table_name, source_key, target_key, reason, run_id) "
+            f"  SELECT $1, _source_key, k::text, 'collision', $2 FROM moved RETURNING 1) "
+            f"SELECT count(*) FROM mapped",
+            tp.name,
+            run_id,
+            *([sequence] if sequence else []),
+        )
+    )
+
+
+async def adopt_natural_keys(conn: asyncpg.Connection, tp: TablePlan, run_id: int) -> None:
+    """Rewrite staged keys to those of target rows with the same natural key, recording the pairs."""
+    types = tp.staged_types
+    pk = tp.primary_key
+    natural = [c for c in tp.natural if c in types]
+    sets = ", ".join(f"{ident(k)} = t.{ident(k)}::{types[k]}" for k in pk)
+    moved = (
+        f"UPDATE {STAGE} AS s SET {sets}, _mapped = true FROM {table_ident(tp.name)} AS t "
+        f"WHERE {row_of(natural, 't.')} = {staged_as_target(tp, natural)}"
+    )
+    if len(pk) != 1:
+        await conn.execute(moved)
+        return
+    # A single-column key adopted goes to the id map, so that rows pointing here follow it.
+    await conn.execute(
+        f"WITH moved AS ({moved} RETURNING s._source_key, s.{ident(pk[0])}::text AS k) "
+        f"INSERT INTO _sync.id_map (table_name, source_key, target_key, reason, run_id) "
+        f"SELECT $1, _source_key, k, 'natural', $2 FROM moved WHERE k <> _source_key "
+        f"ON CONFLICT (table_name, source_key) DO NOTHING",
+        tp.name,
+        run_id,
+    )
+
+
+async def check_references(conn: asyncpg.Connection, tp: TablePlan) -> None:
+    """With FK triggers off (triggers = "skip"), refuse rows whose parent is missing, as FKs would."""
+    deferred = set(tp.deferred)
+    for link in tp.parents:
+        if link in deferred:
+            continue
+        present = " AND ".join(f"s.{ident(c)} IS NOT NULL" for c in link.columns)
+        missing = await conn.fetchval(
+            f"SELECT s._source_key FROM {STAGE} AS s WHERE {present} "
+            f"AND NOT EXISTS (SELECT 1 FROM {table_ident(link.parent)} AS p "
+            f"WHERE {row_of(link.parent_columns, 'p.')} = {row_of(link.columns, 's.')}) LIMIT 1"
+        )
+        if missing is not None:
+            raise RowRejected(
+                f"insert or update on table {tp.name} violates foreign key to {link.parent}: "
+                f"the referenced row is missing",
+                "23503",
+            )
+
+
+# Types without an equality operator: rows are compared on their text form.
+NO_EQUALITY = frozenset({"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"})
+
+
+def _comparable(columns: Sequence[str], types: dict[str, str], prefix: str) -> str:
+    parts = [
+        f"{prefix}{ident(c)}::text"
+        if types.get(c, "").removesuffix("[]") in NO_EQUALITY
+        else f"{prefix}{ident(c)}"
+        for c in columns
+    ]
+    return f"ROW({', '.join(parts)})"
+
+
+def upsert_sql(tp: TablePlan) -> str:
+    """INSERT … SELECT … ON CONFLICT per the table's policy; returns (inserted, updated)."""
+    deferred = {c for link in tp.deferred for c in link.columns}
+    target_cols, select_exprs = [], []
+    for c in tp.columns:
+        target_cols.append(c.target)
+        if c.target in deferred:
+            select_exprs.append("NULL")  # patched by the second pass, once both sides of the cycle landed
+        elif c.source_type != c.target_type:
+            select_exprs.append(f"s.{ident(c.target)}::{c.target_type}")
+        else:
+            select_exprs.append(f"s.{ident(c.target)}")
+    for col, expr in tp.target_only.items():
+        if expr is not None:
+            target_cols.append(col)
+            select_exprs.append(f"({expr})")  # a mapping default: an SQL expression by design
+    pk_cast = staged_as_target(tp, tp.primary_key)
+    updatable = [c.target for c in tp.columns if c.target not in tp.primary_key and c.target not in deferred]
+    if tp.policy == "target-wins" or not updatable:
+        conflict = "DO NOTHING"
+    else:
+        types = tp.target_types
+        before, after = _comparable(updatable, types, "t."), _comparable(updatable, types, "EXCLUDED.")
+        changed = f"{before} IS DISTINCT FROM {after}"
+        if tp.policy == "newest-wins" and "updated_at" in updatable:
+            changed += ' AND EXCLUDED."updated_at" > t."updated_at"'
+        sets = ", ".join(f"{ident(c)} = EXCLUDED.{ident(c)}" for c in updatable)
+        conflict = f"DO UPDATE SET {sets} WHERE {changed}"
+    table = table_ident(tp.name)
+    # Closure rows (out of the window, needed by a child) are only inserted when the target lacks them.
+    present = f"SELECT 1 FROM {table} AS x WHERE {row_of(tp.primary_key, 'x.')} = {pk_cast}"
+    wanted = f"s._in_window OR NOT EXISTS ({present})"
+    return (
+        # OVERRIDING SYSTEM VALUE keeps production's key in a GENERATED ALWAYS identity (a no-op elsewhere).
+        f"WITH written AS (INSERT INTO {table} AS t ({column_list(target_cols)}) OVERRIDING SYSTEM VALUE "
+        f"SELECT {', '.join(select_exprs)} FROM {STAGE} AS s WHERE {wanted} "
+        f"ON CONFLICT ({column_list(tp.primary_key)}) {conflict} RETURNING (xmax = 0) AS inserted) "
+        f"SELECT count(*) FILTER (WHERE inserted)::int, count(*) FILTER (WHERE NOT inserted)::int "
+        f"FROM written"
+    )

@@ -1,0 +1,320 @@
+"""One table's copy: batch by batch over the source key range, from its checkpoint, with retries.
+
+Each pass of the selection (the window, then the closure) walks the source's primary key in batches:
+the next batch boundary is read from the source, the batch is staged and applied in ONE target
+transaction that also advances the table's checkpoint. Data and checkpoint commit together, so a
+crash never loses or duplicates a batch, and a rerun resumes after the last committed key. Transient
+failures (a lost connection, a serialization failure) reconnect and retry the step; a batch the
+target refuses for data reasons is split until the bad rows are isolated in quarantine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from pydantic import BaseModel, field_serializer
+
+from sync.connect import Endpoint, connect
+from sync.copy.apply import Written, apply_staged
+from sync.copy.quarantine import is_data_error, isolate_refused, quarantine_row
+from sync.copy.sequences import advance_past_source
+from sync.copy.stage import Stage
+from sync.errors import first_line
+from sync.plan import Plan, TablePlan
+from sync.retry import is_transient_db_error, retrying
+from sync.selection import Predicate, Selection, source_key_columns
+from sync.snapshot import SourceSnapshot
+from sync.sqltext import Params, column_list, ident, row_of, table_ident
+
+log = logging.getLogger("sync")
+
+Progress = Callable[[str, int], None]
+
+
+class TableResult(BaseModel):
+    """What one table's copy did."""
+
+    table: str
+    read: int = 0
+    inserted: int = 0
+    updated: int = 0
+    quarantined: int = 0
+    remapped: int = 0
+    batches: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+
+    @field_serializer("seconds")
+    def _milliseconds(self, seconds: float) -> float:
+        return round(seconds, 3)
+
+    @property
+    def written(self) -> int:
+        return self.inserted + self.updated
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a table's copy stands: the pass (window, then closure) and the last source key done."""
+
+    phase: int
+    key: list[str] | None
+
+
+@dataclass
+class CopyContext:
+    """What every table copy of a run shares."""
+
+    plan: Plan
+    source: SourceSnapshot
+    target: Endpoint
+    run_id: int
+    since: datetime | None
+    batch_size: int = 5000
+    progress: Progress | None = None
+    only_keys: dict[str, list[str]] | None = None
+    """When set, copy only these source keys per table (``sync quarantine retry``)."""
+
+
+class TableCopy:
+    """The copy of one table, batch by batch from its checkpoint."""
+
+    def __init__(self, ctx: CopyContext, tp: TablePlan) -> None:
+        self.ctx = ctx
+        self.tp = tp
+        self.result = TableResult(table=tp.name)
+        self.checkpoint_name = tp.name
+        self.selection = Selection(ctx.plan, ctx.since, ctx.only_keys)
+        self.stage = Stage(tp, self.selection)
+        self.source_pk = source_key_columns(tp)
+        self.src_types = {c.source: c.source_type for c in tp.columns}
+        self.phase: Predicate = lambda params: "true"
+        self._sconn: asyncpg.Connection | None = None
+        self._tconn: asyncpg.Connection | None = None
+
+    # -------------------------------------------------------------------------------- lifecycle
+
+    async def run(self) -> TableResult:
+        """Copy every selected row after the checkpoint, pass by pass; return the counts."""
+        started = time.perf_counter()
+        try:
+            await self._connect()
+            start, done = await self._load_checkpoint()
+            if done:
+                return self.result
+            self._report(0)
+            await self._prepare()
+            if getattr(self.ctx.progress, "wants_totals", False):
+                total = await self._with_retries(self._count_selected)
+                self.ctx.progress.total(self.tp.name, total)  # type: ignore[union-attr]
+            for number, phase in enumerate(self.selection.phases(self.tp)):
+                if number < start.phase:
+                    continue
+                self.phase = phase
+                last_key = start.key if number == start.phase else None
+                while True:
+                    boundary = await self._with_retries(lambda lk=last_key: self._next_boundary(lk))
+                    # The last batch of a pass records the start of the next one.
+                    after = Position(number, boundary) if boundary is not None else Position(number + 1, None)
+                    await self._with_retries(
+                        lambda lk=last_key, b=boundary, a=after: self._copy_range(lk, b, a)
+                    )
+                    if boundary is None:
+                        break
+                    last_key = boundary
+            await self._with_retries(self._mark_done)
+        finally:
+            self.result.seconds = time.perf_counter() - started
+            await self._close()
+        return self.result
+
+    async def _connect(self) -> None:
+        await self._close()
+        self._tconn = await connect(self.ctx.target, application_name=f"sync {self.tp.name}")
+        self._sconn = await self.ctx.source.reader()
+
+    async def _close(self) -> None:
+        for conn in (self._sconn, self._tconn):
+            if conn is not None and not conn.is_closed():
+                conn.terminate()
+        self._sconn = self._tconn = None
+
+    async def _with_retries(self, step: Callable[[], Awaitable[Any]]) -> Any:
+        async def attempt() -> Any:
+            lost = [
+                side
+                for side, conn in (("source", self._sconn), ("target", self._tconn))
+                if conn is not None and conn.is_closed()
+            ]
+            if lost:
+                # The driver saw the connection drop between statements: a retry like any other.
+                self.result.retries += 1
+                log.warning("%s: %s connection lost; reconnecting", self.tp.name, " and ".join(lost))
+            if lost or self._tconn is None or self._sconn is None:
+                await self._connect()
+            try:
+                return await step()
+            except BaseException as exc:
+                if is_transient_db_error(exc):
+                    self.result.retries += 1
+                    await self._close()
+                raise
+
+        return await retrying(what=f"copy of {self.tp.name}")(attempt)
+
+    @property
+    def sconn(self) -> asyncpg.Connection:
+        assert self._sconn is not None
+        return self._sconn
+
+    @property
+    def tconn(self) -> asyncpg.Connection:
+        assert self._tconn is not None
+        return self._tconn
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    async def _load_checkpoint(self) -> tuple[Position, bool]:
+        row = await self.tconn.fetchrow(
+            "SELECT last_key, done, rows_done FROM _sync.checkpoints WHERE run_id = $1 AND table_name = $2",
+            self.ctx.run_id,
+            self.checkpoint_name,
+        )
+        if row is None or not row["last_key"]:
+            return Position(0, None), bool(row and row["done"])
+        saved = json.loads(row["last_key"])
+        return Position(saved["pass"], saved["key"]), row["done"]
+
+    async def _mark_done(self) -> None:
+        await self.tconn.execute(
+            "INSERT INTO _sync.checkpoints (run_id, table_name, done) VALUES ($1, $2, true) "
+            "ON CONFLICT (run_id, table_name) DO UPDATE SET done = true, updated_at = now()",
+            self.ctx.run_id,
+            self.checkpoint_name,
+        )
+
+    async def _advance_checkpoint(self, position: Position, rows: int) -> None:
+        await self.tconn.execute(
+            "INSERT INTO _sync.checkpoints (run_id, table_name, last_key, rows_done) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (run_id, table_name) DO UPDATE SET last_key = EXCLUDED.last_key, "
+            "rows_done = _sync.checkpoints.rows_done + EXCLUDED.rows_done, updated_at = now()",
+            self.ctx.run_id,
+            self.checkpoint_name,
+            json.dumps({"pass": position.phase, "key": position.key}),
+            rows,
+        )
+
+    # ---------------------------------------------------------------------------------- reading
+
+    async def _prepare(self) -> None:
+        """Decide the staging format, and move a remap table's sequence past every source key."""
+        await self.stage.choose_format(self.tconn)
+        if self.tp.key == "remap" and len(self.tp.primary_key) == 1:
+            await self._with_retries(lambda: advance_past_source(self.sconn, self.tconn, self.tp))
+
+    def _in_range(self, params: Params, after: Sequence[str] | None, upto: Sequence[str] | None) -> str:
+        """The current pass's rows with keys in (after, upto]; the keys bound as parameters."""
+        parts = [self.phase(params)]
+        keys = row_of(self.source_pk)
+        if after is not None:
+            parts.append(f"{keys} > {self._key_row(params, after)}")
+        if upto is not None:
+            parts.append(f"{keys} <= {self._key_row(params, upto)}")
+        return " AND ".join(parts)
+
+    def _key_row(self, params: Params, values: Sequence[str]) -> str:
+        """A key (as text, as checkpoints keep it) cast back to the source's key types."""
+        items = [
+            f"{params.bind(v, 'text')}::{self.src_types[c]}"
+            for c, v in zip(self.source_pk, values, strict=True)
+        ]
+        return f"ROW({', '.join(items)})"
+
+    def _select(self, after: list[str] | None, upto: list[str] | None) -> tuple[str, list[Any]]:
+        """The source query for the batch (after, upto], and its arguments."""
+        params = Params()
+        query = self.stage.select_sql(self._in_range(params, after, upto), params)
+        return query, params.values
+
+    async def _count_selected(self) -> int:
+        """The rows this table's copy will read (for progress bars and their ETA)."""
+        params = Params()
+        selected = self.selection.selected(self.tp, params)
+        return int(
+            await self.sconn.fetchval(
+                f"SELECT count(*) FROM {table_ident(self.tp.source_name)} WHERE {selected}", *params.values
+            )
+        )
+
+    async def _next_boundary(self, after: list[str] | None) -> list[str] | None:
+        """The last key of the next batch, or None when the rest fits in one batch."""
+        params = Params()
+        where = self._in_range(params, after, None)
+        offset = params.bind(self.ctx.batch_size - 1, "bigint")
+        texts = ", ".join(f"{ident(c)}::text" for c in self.source_pk)
+        row = await self.sconn.fetchrow(
+            f"SELECT {texts} FROM {table_ident(self.tp.source_name)} WHERE {where} "
+            f"ORDER BY {column_list(self.source_pk)} OFFSET {offset} LIMIT 1",
+            *params.values,
+        )
+        return list(row.values()) if row is not None else None
+
+    # ---------------------------------------------------------------------------------- writing
+
+    async def _copy_range(self, after: list[str] | None, upto: list[str] | None, position: Position) -> None:
+        """Copy the rows in (after, upto]; split and quarantine if the target refuses some."""
+        try:
+            async with self.tconn.transaction():
+                count = await self.stage.stream(self.sconn, self.tconn, *self._select(after, upto))
+                written = await self._apply(count)
+                await self._advance_checkpoint(position, count)
+            self._count(written)
+            self.result.batches += 1
+            self._report(count)
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            log.info("%s: batch refused (%s); isolating the rows", self.tp.name, first_line(exc))
+            query, args = self._select(after, upto)
+            records = list(await self.sconn.fetch(query, *args))
+            await isolate_refused(records, self._land, self._quarantine)
+            async with self.tconn.transaction():
+                await self._advance_checkpoint(position, len(records))
+            self.result.batches += 1
+            self._report(len(records))
+
+    def _count(self, written: Written) -> None:
+        """Add a committed transaction's counts (never those of one that rolled back)."""
+        self.result.inserted += written.inserted
+        self.result.updated += written.updated
+        self.result.remapped += written.remapped
+
+    def _report(self, rows: int) -> None:
+        self.result.read += rows
+        if self.ctx.progress is not None:
+            self.ctx.progress(self.tp.name, rows)
+
+    async def _land(self, records: list[asyncpg.Record]) -> None:
+        """Stage and apply rows already read, in one transaction of their own."""
+        async with self.tconn.transaction():
+            await self.stage.load(self.tconn, records)
+            written = await self._apply(len(records))
+        self._count(written)
+
+    async def _quarantine(self, record: asyncpg.Record, exc: BaseException) -> None:
+        await quarantine_row(self.tconn, self.ctx.run_id, self.tp.name, record, exc)
+        self.result.quarantined += 1
+        log.warning("%s: row %s quarantined: %s", self.tp.name, record["_source_key"], first_line(exc))
+
+    async def _apply(self, staged: int) -> Written:
+        """Land the staged rows, inside the caller's transaction."""
+        if staged == 0:
+            return Written()
+        return await apply_staged(self.tconn, self.tp, self.ctx.plan, self.ctx.run_id)
