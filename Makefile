@@ -32,7 +32,7 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 db-stop: $(STAMP)
-	$(PY) -m sync.embedded stop
+	$(PY) -m devkit.embedded stop
 
 clean: db-stop
 	rm -rf .pg

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import psycopg
 
-from sync import testbed
-from sync.embedded import binaries_dir, ensure_server
-from sync.resources import sql_dir
+from devkit import SQL_DIR, testbed
+from devkit.embedded import binaries_dir, ensure_server
 
 TABLES = ("public.profiles", "public.financing_requests", "public.bank_profiles", "public.documents")
 
@@ -56,7 +55,7 @@ def pg_dump_seconds(server, source: testbed.Database) -> float:
     empty = testbed.create_database(server, f"bench_dump_{os.getpid()}", template=None)
     try:
         with psycopg.connect(empty.url) as conn:
-            conn.execute((sql_dir() / "scenario" / "production.sql").read_text())  # type: ignore[arg-type]
+            conn.execute((SQL_DIR / "scenario" / "production.sql").read_text())  # type: ignore[arg-type]
         bindir = binaries_dir()
         tables = ("auth.users", "auth.identities", *TABLES)
         dump = [str(bindir / "pg_dump"), "--data-only", *[f"--table={t}" for t in tables], source.admin_url]

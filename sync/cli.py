@@ -14,37 +14,30 @@ from typing import NoReturn, TypeVar
 import asyncpg
 import click
 from pydantic import SecretStr
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
-from sync import scenario
+from sync import render
 from sync.auth import AdminApi, AuthOptions, import_users
-from sync.connect import Endpoint, Side
-from sync.embedded import EmbeddedError
-from sync.errors import EXIT_FAILED, SyncError
+from sync.connect import Endpoint, Side, redact
+from sync.errors import EXIT_FAILED, EXIT_USAGE, SyncError
 from sync.mapping import Mapping, load_mapping
-from sync.plan import PlanReport
 from sync.preview import preview
 from sync.progress import RunProgress
+from sync.resources import example_mapping
 from sync.run import RunOptions, RunReport, auth_import, run_sync
 from sync.status import read_status
 from sync.verify import VerifyReport
 
 T = TypeVar("T")
 
-EXIT_USAGE = 2
-
-# Pipes and CI logs get wide lines rather than tables cut to 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 140)
-errors = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+DEVKIT_MISSING = (
+    "sync demo needs the development kit (devkit/), which is not part of the installed package: "
+    "run it from a clone of the project (`make demo`)."
+)
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """Print one clear line on stderr and exit with ``code``."""
-    # Escaped: messages quote mapping lines such as [tables."public.x"], which are not markup.
-    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    render.error(message)
     sys.exit(code)
 
 
@@ -84,57 +77,63 @@ def main() -> None:
 @click.option(
     "--seed",
     type=int,
-    default=scenario.DEFAULT_SEED,
-    show_default=True,
-    help="Seed of the generator: the same seed builds the same rows.",
+    help="Seed of the generator: the same seed builds the same rows [default: the scenario's own].",
 )
 @click.option("--no-sync", is_flag=True, help="Only build the scenario; do not run the sync on it.")
-def demo(source: str | None, target: str | None, scale: int, seed: int, no_sync: bool) -> None:
+def demo(source: str | None, target: str | None, scale: int, seed: int | None, no_sync: bool) -> None:
     """Build the seed scenario (production and development), sync it, and verify the result.
 
     With --no-sync, only build it and show both sides' counts.
     """
-    from sync import demo as demo_mod
+    try:  # The development kit lives in a checkout of the project, not in the installed package.
+        from devkit import demo as kit
+        from devkit import scenario
+        from devkit.embedded import EmbeddedError
+    except ModuleNotFoundError as exc:
+        if exc.name != "devkit" and not (exc.name or "").startswith("devkit."):
+            raise
+        fail(DEVKIT_MISSING)
 
     if (source is None) != (target is None):
         fail("give both --source and --target, or neither (the embedded server is used then).")
+    seed = scenario.DEFAULT_SEED if seed is None else seed
     try:
         if source and target:
-            built = demo_mod.build(source, target, scale, seed)
+            built = kit.build(source, target, scale, seed)
         else:
-            with console.status("Starting PostgreSQL and building the scenario…"):
-                built = demo_mod.build_on_embedded(scale, seed)
-    except (demo_mod.DemoError, EmbeddedError) as exc:
-        fail(str(exc), code=1)
-    console.print(f"Scenario built in {built.seconds:.1f} s (scale {scale}, seed {seed}).")
-    _print_counts(scenario.table_counts(built.source_url), scenario.table_counts(built.target_url))
-    console.print(f"production:  {_safe(built.source_url)}\ndevelopment: {_safe(built.target_url)}")
+            with render.console.status("Starting PostgreSQL and building the scenario…"):
+                built = kit.build_on_embedded(scale, seed)
+    except (kit.DemoError, EmbeddedError) as exc:
+        fail(str(exc), code=EXIT_FAILED)
+    render.say(f"Scenario built in {built.seconds:.1f} s (scale {scale}, seed {seed}).")
+    render.counts(scenario.table_counts(built.source_url), scenario.table_counts(built.target_url))
+    render.say(f"production:  {redact(built.source_url)}\ndevelopment: {redact(built.target_url)}")
     if no_sync:
         return
     endpoints = Endpoint.parse(Side.SOURCE, built.source_url), Endpoint.parse(Side.TARGET, built.target_url)
-    console.print(f"\n$ sync run --since {scenario.COPY_DATE:%Y-%m-%d}")
+    mapping = load_mapping(example_mapping())
+    render.say(f"\n$ sync run --since {scenario.COPY_DATE:%Y-%m-%d}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     report = _run_pipeline(
         *endpoints,
         lambda: run_sync(
             *endpoints,
-            load_mapping(demo_mod.SCENARIO_MAPPING),
+            mapping,
             RunOptions(since=scenario.COPY_DATE),
             auth_stage=auth_import(AuthOptions()),
         ),
     )
-    _print_run(report)
-    _print_counts(scenario.table_counts(built.source_url), scenario.table_counts(built.target_url))
-    checked, verified = demo_mod.verify_logins(built.target_url, sample=25)
-    _say(
+    render.run(report)
+    render.counts(scenario.table_counts(built.source_url), scenario.table_counts(built.target_url))
+    checked, verified = kit.verify_logins(built.target_url, sample=25)
+    render.say(
         f"Password check: {verified} of {checked} sampled production users (5 at bcrypt cost 10) verify "
         "their production password against the target's hash.",
         None if verified == checked else "red",
     )
-    console.print("\n$ sync verify")
-    mapping = load_mapping(demo_mod.SCENARIO_MAPPING)
+    render.say("\n$ sync verify")
     checks = _run_pipeline(*endpoints, lambda: _verify(endpoints, mapping, None))
-    _print_verify(checks)
+    render.verify(checks)
     sys.exit(report.exit_code or (0 if checks.ok and verified == checked else EXIT_FAILED))
 
 
@@ -189,110 +188,9 @@ def plan_command(
     if as_json:
         click.echo(report.model_dump_json(indent=2))
     else:
-        _print_plan(report)
+        render.plan(report)
     if report.errors:
         fail(f"the plan has {len(report.errors)} problem(s) that would lose data; nothing was written.")
-
-
-def _say(text: str = "", style: str | None = None) -> None:
-    console.print(Text(text, style=style or ""), soft_wrap=True)
-
-
-def _print_plan(report: PlanReport) -> None:
-    _say(f"source: {report.source} (PostgreSQL {_version(report.source_version)})")
-    _say(f"target: {report.target} (PostgreSQL {_version(report.target_version)})")
-    _say(f"mapping: {report.mapping}")
-    if report.since is None:
-        _say("window: whole tables (no --since)")
-    else:
-        _say(f"window: rows whose since-column is at or after {report.since.isoformat()}")
-    if report.tables:
-        _say()
-        _say("tables, parents first")
-        rows = [
-            (
-                f"{number}.",
-                t.name,
-                t.key + (f" on {', '.join(t.match_on or t.natural)}" if t.match_on or t.natural else ""),
-                "whole table"
-                if t.since is None
-                else f"since {t.since}" + ("" if t.since_indexed else " (no index)"),
-                _rows_in_window(t.window_rows, t.collisions),
-            )
-            for number, t in enumerate(report.tables, start=1)
-        ]
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        for row in rows:
-            _say(
-                "  "
-                + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
-                + "  "
-                + row[4]
-            )
-    if report.users:
-        u = report.users
-        _say()
-        _say(
-            f"users: {u.source:,} in source, {u.target:,} in target: {u.to_create:,} to create, "
-            f"{u.matched_by_id:,} matched by id, {u.matched_by_email:,} by e-mail (remapped), "
-            f"{u.matched_by_phone:,} by phone (auth: {report.auth_mode})"
-        )
-    triggers = [*report.auth_triggers, *(t for planned in report.tables for t in planned.triggers)]
-    modes = {t.name: t.trigger_mode for t in report.tables}
-    _section(
-        "triggers",
-        [
-            f"{t.table}: {t.name} {t.timing} → {t.function}()"
-            + ("" if t.enabled else " (disabled)")
-            + (" — CALLS OUT OF THE DATABASE" if t.reaches_outside else "")
-            + (f" [{modes[t.table]}]" if t.table in modes else " [fires for every user created]")
-            for t in triggers
-        ],
-    )
-    _section("drift and new columns", report.notes)
-    _section("warnings", report.warnings, "yellow")
-    _section("errors (nothing can run until they are fixed)", report.errors, "bold red")
-
-
-def _rows_in_window(rows: int | None, collisions: int | None) -> str:
-    if rows is None:
-        return ""
-    text = f"{rows:,} rows in the window"
-    if collisions:
-        text += f", {collisions:,} of their keys taken by other rows in target"
-    return text
-
-
-def _section(title: str, lines: list[str], style: str | None = None) -> None:
-    if lines:
-        _say()
-        _say(title, style)
-        for line in lines:
-            _say(f"  - {line}", style)
-
-
-def _version(number: int) -> str:
-    return f"{number // 10000}.{number % 10000}"
-
-
-def _print_counts(production: dict[str, int], development: dict[str, int]) -> None:
-    table = Table(title="Seed scenario")
-    table.add_column("table")
-    table.add_column("production (source)", justify="right")
-    table.add_column("development (target)", justify="right")
-    for name in dict.fromkeys([*production, *development]):
-        table.add_row(name, _count(production.get(name)), _count(development.get(name)))
-    console.print(table)
-
-
-def _count(value: int | None) -> str:
-    return "—" if value is None else f"{value:,}"
-
-
-def _safe(url: str) -> str:
-    from sync.embedded import redact_url
-
-    return redact_url(url)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -428,11 +326,10 @@ def run_command(
         if as_json:
             click.echo(report.model_dump_json(indent=2))
         elif not quiet:
-            for line in report.summary():
-                _say(line, "red" if line.startswith("Quarantined") else None)
+            render.auth(report)
         sys.exit(report.exit_code)
 
-    progress = RunProgress(console, {}, enabled=not quiet and not as_json)
+    progress = RunProgress(render.console, {}, enabled=not quiet and not as_json)
     options = RunOptions(
         since=since,
         restart=restart,
@@ -456,38 +353,8 @@ def run_command(
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     elif not quiet:
-        _print_run(report)
+        render.run(report)
     sys.exit(report.exit_code)
-
-
-def _print_run(report: RunReport) -> None:
-    since = report.since.isoformat() if report.since else "the beginning (whole tables)"
-    _say(f"Run {report.run_id}{' (resumed)' if report.resumed else ''}: rows changed since {since}")
-    if report.auth is not None:
-        for line in report.auth.summary(shown=10):
-            _say(line, "red" if line.startswith("Quarantined") else None)
-    table = Table(title="Tables")
-    for column in ("table", "read", "inserted", "updated", "remapped", "quarantined", "rows/s"):
-        table.add_column(column, justify="left" if column == "table" else "right", no_wrap=True)
-    for t in report.tables:
-        rate = f"{t.read / t.seconds:,.0f}" if t.seconds > 0 else "—"
-        table.add_row(
-            t.table,
-            f"{t.read:,}",
-            f"{t.inserted:,}",
-            f"{t.updated:,}",
-            f"{t.remapped:,}",
-            f"{t.quarantined:,}",
-            rate,
-        )
-    console.print(table)
-    _say(f"Sequences moved forward: {report.sequences_moved}. Done in {report.seconds:.1f} s.")
-    if report.quarantined:
-        _say(
-            f"{report.quarantined} row(s) quarantined: `sync status --show` lists them; "
-            "after fixing the cause, `sync quarantine retry`.",
-            "red",
-        )
 
 
 @main.command("status")
@@ -503,32 +370,8 @@ def status_command(target: str | None, show: bool, as_json: bool) -> None:
         fail(str(exc), exc.exit_code)
     if as_json:
         click.echo(report.model_dump_json(indent=2))
-        return
-    if not report.initialised:
-        _say("No sync has run on this target yet.")
-        return
-    runs = Table(title="Runs")
-    for column in ("run", "status", "since", "started", "finished"):
-        runs.add_column(column)
-    for r in report.runs:
-        runs.add_row(
-            str(r.id),
-            r.status,
-            f"{r.since:%Y-%m-%d %H:%M:%S%z}" if r.since else "—",
-            f"{r.started_at:%Y-%m-%d %H:%M:%S}",
-            f"{r.finished_at:%Y-%m-%d %H:%M:%S}" if r.finished_at else "—",
-        )
-    console.print(runs)
-    if report.progress:
-        progress = Table(title=f"Run {report.runs[0].id}: tables")
-        for column in ("table", "rows done", "done"):
-            progress.add_column(column)
-        for p in report.progress:
-            progress.add_row(p.table, f"{p.rows_done:,}", "yes" if p.done else "no")
-        console.print(progress)
-    _say(f"Quarantined rows: {report.quarantined}", "red" if report.quarantined else None)
-    for q in report.quarantine:
-        _say(f"  {q.table} {q.source_key}: {q.error}")
+    else:
+        render.status(report)
 
 
 @main.command("verify")
@@ -559,7 +402,7 @@ def verify_command(
     if as_json:
         click.echo(report.model_dump_json(indent=2))
     else:
-        _print_verify(report)
+        render.verify(report)
     sys.exit(0 if report.ok else EXIT_FAILED)
 
 
@@ -570,29 +413,6 @@ async def _verify(
     from sync.verify import verify
 
     return await verify(*endpoints, await load_plan(*endpoints, mapping), since)
-
-
-def _print_verify(report: VerifyReport) -> None:
-    u = report.users
-    _say(
-        f"users: {u.source_users:,} in production; missing on target {u.missing}, other password hash "
-        f"{u.other_hash}, not loadable by the Auth server {u.unloadable}, e-mail users without an e-mail "
-        f"identity {u.without_email_identity}",
-        None if not (u.missing or u.other_hash or u.unloadable) else "red",
-    )
-    for example in u.examples:
-        _say(f"  {example}")
-    for t in report.tables:
-        examples = f" (e.g. {', '.join(t.missing_examples)})" if t.missing_examples else ""
-        _say(
-            f"{t.table}: {t.source_rows:,} production rows checked, missing {t.missing}, "
-            f"orphans {t.orphans}{examples}",
-            None if t.missing == 0 and t.orphans == 0 else "red",
-        )
-    _say(
-        "verified: nothing missing" if report.ok else "verification found problems",
-        None if report.ok else "red",
-    )
 
 
 @main.group("quarantine")
@@ -627,9 +447,5 @@ def quarantine_retry(
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
-        landed = sum(t.written for t in report.tables)
-        _say(
-            f"{landed} quarantined row(s) landed; {report.quarantined} still refused.",
-            "red" if report.quarantined else None,
-        )
+        render.quarantine_retry(report)
     sys.exit(report.exit_code)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 from dataclasses import dataclass
 from enum import StrEnum
@@ -54,7 +55,7 @@ class Endpoint:
             params = psycopg.conninfo.conninfo_to_dict(dsn or "")
         except psycopg.ProgrammingError as exc:
             raise ConnectError(
-                f"The {side} DSN is not a valid connection string: {_redact(str(exc), dsn)}"
+                f"The {side} DSN is not a valid connection string: {redact(str(exc), dsn)}"
             ) from None
         for key, env in (
             ("host", "PGHOST"),
@@ -82,7 +83,7 @@ class Endpoint:
 
     def redact(self, text: str) -> str:
         """``text`` with this endpoint's password replaced by ``***``."""
-        return _redact(text, self.password)
+        return redact(text, self.password)
 
 
 def classify(params: dict[str, Any]) -> PoolMode:
@@ -96,8 +97,28 @@ def classify(params: dict[str, Any]) -> PoolMode:
     return PoolMode.DIRECT
 
 
-def _redact(text: str, password: str | None) -> str:
-    return text.replace(password, "***") if password else text
+# The password of any URL's user-info (scheme://user:password@host), wherever it appears in a text.
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:)[^\s/@]*(@)")
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """``text`` with each of ``secrets`` and every URL's password replaced by ``***``, for printing.
+
+    ``secrets`` are parsed passwords (``Endpoint.password``, ``password_of``), or a whole DSN that did not
+    parse; ``None`` and empty ones are skipped.
+    """
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return _URL_PASSWORD.sub(r"\1***\2", text)
+
+
+def password_of(dsn: str) -> str | None:
+    """The password a DSN carries, parsed by libpq's rules (None when it has none or does not parse)."""
+    try:
+        return psycopg.conninfo.conninfo_to_dict(dsn).get("password") or None  # type: ignore[return-value]
+    except psycopg.ProgrammingError:
+        return None
 
 
 async def connect(endpoint: Endpoint, *, application_name: str = "sync") -> asyncpg.Connection:

@@ -1,4 +1,4 @@
-"""Files the package ships: SQL scripts and mapping examples (inside the package when installed)."""
+"""Files the tool ships beside its code: the ``_sync`` schema and the example mapping."""
 
 from __future__ import annotations
 
@@ -8,6 +8,14 @@ _HERE = Path(__file__).resolve().parent
 
 
 def sql_dir() -> Path:
-    """The folder holding the project's SQL files (installed inside the package, or beside it)."""
-    packaged = _HERE / "sql"
-    return packaged if packaged.is_dir() else _HERE.parent / "sql"
+    """The folder holding the tool's SQL (``state.sql``, the ``_sync`` schema)."""
+    return _HERE / "sql"
+
+
+def example_mapping() -> Path:
+    """The seed scenario's mapping, commented to teach the format.
+
+    Inside the package when installed from a wheel, ``mappings/sync.toml`` beside it in a checkout.
+    """
+    packaged = _HERE / "mappings" / "sync.toml"
+    return packaged if packaged.is_file() else _HERE.parent / "mappings" / "sync.toml"

@@ -24,6 +24,8 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from sync.errors import first_line
+
 logger = logging.getLogger("sync.retry")
 
 # SQLSTATEs worth a second try: the transaction lost a race or the server was briefly unavailable.
@@ -116,5 +118,4 @@ def retrying(
 def _describe(exc: BaseException | None) -> str:
     if exc is None:
         return "no exception"
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__

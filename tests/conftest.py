@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sync import testbed
-from sync.embedded import Server, ensure_server
+from devkit import SQL_DIR, testbed
+from devkit.embedded import Server, ensure_server
 
 
 @pytest.fixture(scope="session")
@@ -58,9 +58,9 @@ def make_db(server: Server, supabase_template: testbed.Database):
 @pytest.fixture(scope="session")
 def seed_templates(server: Server, supabase_template: testbed.Database) -> tuple[str, str]:
     """Seed scenario templates at scale 1: (production, development); rebuilt when their code changes."""
-    from sync import scenario
+    from devkit import scenario
 
-    digest = testbed.fingerprint(testbed.sql_dir(), Path(scenario.__file__))
+    digest = testbed.fingerprint(SQL_DIR, Path(scenario.__file__))
     data = None
 
     def build(side: str):

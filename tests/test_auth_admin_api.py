@@ -36,7 +36,8 @@ from test_auth_direct import (
     table_digest,
 )
 
-from sync import scenario
+from devkit import scenario
+from devkit.testbed import Database
 from sync.auth import (
     AdminApi,
     AdminApiCreator,
@@ -52,7 +53,6 @@ from sync.auth import (
 from sync.cli import main
 from sync.connect import Endpoint, Side
 from sync.errors import UsageError
-from sync.testbed import Database
 
 # Short waits: the server's faults are immediate, only the number of retries matters here.
 FAST = {"retry_initial_wait": 0.01, "retry_max_wait": 0.2, "retry_attempts": 12}

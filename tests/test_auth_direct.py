@@ -15,7 +15,8 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from sync import scenario
+from devkit import scenario
+from devkit.testbed import Database
 from sync.auth import (
     STRING_COLUMNS,
     AuthOptions,
@@ -29,7 +30,6 @@ from sync.auth import (
 from sync.cli import main
 from sync.connect import Endpoint, Side
 from sync.errors import UsageError
-from sync.testbed import Database
 
 # ------------------------------------------------------------------------------------- shared checks
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from sync import embedded
+from devkit import embedded
 
 
 def run_module(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **env}
     return subprocess.run(
-        [sys.executable, "-m", "sync.embedded", *args],
+        [sys.executable, "-m", "devkit.embedded", *args],
         capture_output=True,
         text=True,
         env=full_env,
@@ -50,7 +50,7 @@ def test_a_bad_database_url_is_one_clear_line_and_a_non_zero_exit():
 def test_an_unknown_postgres_version_is_refused_clearly():
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     result = subprocess.run(
-        [sys.executable, "-m", "sync.embedded"],
+        [sys.executable, "-m", "devkit.embedded"],
         capture_output=True,
         text=True,
         env={**env, "SYNC_PG": "13"},
@@ -76,8 +76,3 @@ def test_a_data_folder_owned_by_someone_else_is_refused(tmp_path: Path):
     bindir = embedded._wheel_bindir() or embedded.SYSTEM_PG15
     with pytest.raises(embedded.EmbeddedError, match=r"belongs to .*not to the user this server runs as"):
         embedded._LocalCluster(bindir, home).ensure_running()
-
-
-def test_passwords_are_redacted_from_urls():
-    assert embedded.redact_url("postgresql://u:s3cret@h:5432/db") == "postgresql://u:***@h:5432/db"
-    assert embedded.redact_url("postgresql://u@h/db") == "postgresql://u@h/db"

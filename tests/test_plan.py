@@ -8,7 +8,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from sync import testbed
+from devkit import testbed
 from sync.catalog import Catalog, read_catalog
 from sync.connect import Endpoint, Side, connect
 from sync.errors import PlanError

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from psycopg import sql
 
-from sync import scenario
+from devkit import scenario
 from sync.cli import main
 from sync.plan import PlanReport
 

@@ -7,13 +7,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
 from queries import SEED_MAPPING, execute, fetch
 
-from sync import scenario
+from devkit import scenario
+from sync.resources import sql_dir
 
 
 def start(source, target, *args: str) -> subprocess.Popen[str]:
@@ -109,7 +109,7 @@ def slow_down_state_writes(url: str) -> None:
     """,
     )
     with psycopg.connect(url) as conn:
-        conn.execute((Path(__file__).resolve().parent.parent / "sql" / "state.sql").read_text())  # type: ignore[arg-type]
+        conn.execute((sql_dir() / "state.sql").read_text())  # type: ignore[arg-type]
         conn.execute("""
             CREATE FUNCTION _sync.pause() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN PERFORM pg_sleep(0.4); RETURN NEW; END $$;

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from queries import SEED_MAPPING, execute, fetch, seed_run_args
 
-from sync import scenario
+from devkit import scenario
 from sync.auth import AuthOptions
 from sync.cli import main
 from sync.connect import Endpoint, Side

@@ -7,7 +7,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from sync import scenario, testbed
+from devkit import scenario, testbed
 from sync.cli import main
 
 

@@ -1,6 +1,6 @@
 """The Supabase-shaped test database has the auth schema a hosted project has.
 
-The engine is tested against ``sql/supabase/``; these tests pin that fixture to the reference
+The engine is tested against ``devkit/sql/supabase/``; these tests pin that fixture to the reference
 (``supabase-auth.md`` §1.1 and §1.2 for ``auth.users`` and ``auth.identities``,
 ``supabase-platform.md`` §1 for what the ``postgres`` login may do), so that a drift in the fixture
 fails here with a readable diff instead of silently making the engine's tests easier than reality.
@@ -19,7 +19,7 @@ import pytest
 from psycopg import errors, sql
 from psycopg.types.json import Jsonb
 
-from sync import testbed
+from devkit import testbed
 
 
 class Column(NamedTuple):

@@ -13,7 +13,7 @@ loopback TCP port, so that every client connects with an ordinary ``postgresql:/
 a user's DSN would look, and so that the same code starts the wheel's server and the system's 15.
 When running as root the server runs as an unprivileged user (``initdb`` refuses root).
 
-The cluster's superuser is ``supabase_admin`` (as on Supabase); ``sql/supabase/`` creates the
+The cluster's superuser is ``supabase_admin`` (as on Supabase); ``devkit/sql/supabase/`` creates the
 non-superuser ``postgres`` login that the engine's tests use.
 """
 
@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+
+from sync.connect import password_of, redact
+from sync.errors import first_line
 
 SUPERUSER = "supabase_admin"
 SUPERUSER_PASSWORD = "supabase_admin"
@@ -108,16 +111,8 @@ def _probe(url: str, origin: str) -> int:
         with psycopg.connect(url, connect_timeout=10) as conn:
             return int(conn.execute("show server_version_num").fetchone()[0]) // 10000
     except psycopg.Error as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EmbeddedError(f"Cannot connect to the server named by {origin}: {_redact(reason)}") from None
-
-
-def _redact(text: str) -> str:
-    password = SUPERUSER_PASSWORD
-    env_url = os.environ.get("DATABASE_URL", "")
-    with contextlib.suppress(Exception):
-        password = psycopg.conninfo.conninfo_to_dict(env_url).get("password") or password
-    return text.replace(str(password), "***") if password else text
+        reason = redact(first_line(exc), password_of(url))
+        raise EmbeddedError(f"Cannot connect to the server named by {origin}: {reason}") from None
 
 
 def _wheel_bindir() -> Path | None:
@@ -218,7 +213,7 @@ class _LocalCluster:
         with open(self.data / "postgresql.conf", "a") as conf:
             # A throwaway development server: durability traded for speed.
             conf.write(
-                "\n# set by sync/embedded.py\n"
+                "\n# set by devkit/embedded.py\n"
                 "listen_addresses = '127.0.0.1'\nunix_socket_directories = ''\n"
                 "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
                 "max_connections = 200\nshared_buffers = 256MB\n"
@@ -310,7 +305,7 @@ def _ensure_traversable(path: Path, user: pwd.struct_passwd) -> None:
 
 
 def main() -> None:
-    """``python -m sync.embedded [url|stop]``: print the server's URL, or stop the project's servers."""
+    """``python -m devkit.embedded [url|stop]``: print the server's URL, or stop the project's servers."""
     import sys
 
     try:
@@ -326,14 +321,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for printing."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))

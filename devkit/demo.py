@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import bcrypt
 import psycopg
 
-from sync import scenario, testbed
-from sync.embedded import ensure_server
+from devkit import scenario, testbed
+from devkit.embedded import ensure_server
 from sync.errors import first_line
 
-SCENARIO_MAPPING = Path(__file__).resolve().parent.parent / "mappings" / "sync.toml"
 DEMO_SOURCE = "sync_demo_production"
 DEMO_TARGET = "sync_demo_development"
 

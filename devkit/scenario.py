@@ -28,7 +28,7 @@ import bcrypt
 import psycopg
 from psycopg.types.json import Jsonb
 
-from sync.resources import sql_dir
+from devkit import SQL_DIR
 
 COPY_DATE = datetime(2024, 11, 18, tzinfo=UTC)
 """The day production was copied to development."""
@@ -681,7 +681,7 @@ def _advance_sequences(conn: psycopg.Connection) -> None:
 
 
 def _run(conn: psycopg.Connection, name: str) -> None:
-    conn.execute((sql_dir() / "scenario" / name).read_text())  # type: ignore[arg-type]
+    conn.execute((SQL_DIR / "scenario" / name).read_text())  # type: ignore[arg-type]
 
 
 def build_production(url: str, scenario: Scenario) -> None:

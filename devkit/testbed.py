@@ -15,8 +15,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from sync.embedded import Server
-from sync.resources import sql_dir
+from devkit import SQL_DIR
+from devkit.embedded import Server
 
 APP_ROLE = "postgres"
 APP_PASSWORD = "postgres"
@@ -48,7 +48,7 @@ def run_sql_file(url: str, path: Path) -> None:
 
 def prepare_cluster(server: Server) -> None:
     """Create the cluster-wide Supabase roles (idempotent)."""
-    run_sql_file(server.url, sql_dir() / "supabase" / "roles.sql")
+    run_sql_file(server.url, SQL_DIR / "supabase" / "roles.sql")
 
 
 def create_database(server: Server, name: str, template: str | None = None) -> Database:
@@ -60,7 +60,7 @@ def create_database(server: Server, name: str, template: str | None = None) -> D
         conn.execute(query)
     db = database(server, name)
     if template is None:
-        run_sql_file(db.admin_url, sql_dir() / "supabase" / "schema.sql")
+        run_sql_file(db.admin_url, SQL_DIR / "supabase" / "schema.sql")
     return db
 
 
@@ -111,5 +111,5 @@ def ensure_template(server: Server, name: str, digest: str, build: Callable[[Dat
 def supabase_template(server: Server) -> Database:
     """The template of an empty Supabase-shaped database (roles, auth, storage)."""
     prepare_cluster(server)
-    digest = fingerprint(sql_dir() / "supabase")
+    digest = fingerprint(SQL_DIR / "supabase")
     return ensure_template(server, "sync_tpl_supabase", digest, lambda db: None)

@@ -1,0 +1,227 @@
+"""What the ``sync`` commands print for people: plans, runs, status, verify results and error lines.
+
+``--json`` output is the reports' own models; everything here is the human form, written with rich.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from sync.auth import AuthReport
+    from sync.plan import PlanReport
+    from sync.run import RunReport
+    from sync.status import StatusReport
+    from sync.verify import VerifyReport
+
+# Pipes and CI logs get wide lines rather than tables cut to 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 140)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def error(message: str) -> None:
+    """Print one error line on stderr."""
+    # Escaped: messages quote mapping lines such as [tables."public.x"], which are not markup.
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def say(text: str = "", style: str | None = None) -> None:
+    """Print one line as it is (no markup), in ``style`` when given."""
+    console.print(Text(text, style=style or ""), soft_wrap=True)
+
+
+def plan(report: PlanReport) -> None:
+    """The plan: both sides, the window, tables in copy order, users, triggers, notes and problems."""
+    say(f"source: {report.source} (PostgreSQL {_version(report.source_version)})")
+    say(f"target: {report.target} (PostgreSQL {_version(report.target_version)})")
+    say(f"mapping: {report.mapping}")
+    if report.since is None:
+        say("window: whole tables (no --since)")
+    else:
+        say(f"window: rows whose since-column is at or after {report.since.isoformat()}")
+    if report.tables:
+        say()
+        say("tables, parents first")
+        rows = [
+            (
+                f"{number}.",
+                t.name,
+                t.key + (f" on {', '.join(t.match_on or t.natural)}" if t.match_on or t.natural else ""),
+                "whole table"
+                if t.since is None
+                else f"since {t.since}" + ("" if t.since_indexed else " (no index)"),
+                _rows_in_window(t.window_rows, t.collisions),
+            )
+            for number, t in enumerate(report.tables, start=1)
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        for row in rows:
+            say(
+                "  "
+                + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+                + "  "
+                + row[4]
+            )
+    if report.users:
+        u = report.users
+        say()
+        say(
+            f"users: {u.source:,} in source, {u.target:,} in target: {u.to_create:,} to create, "
+            f"{u.matched_by_id:,} matched by id, {u.matched_by_email:,} by e-mail (remapped), "
+            f"{u.matched_by_phone:,} by phone (auth: {report.auth_mode})"
+        )
+    triggers = [*report.auth_triggers, *(t for planned in report.tables for t in planned.triggers)]
+    modes = {t.name: t.trigger_mode for t in report.tables}
+    _section(
+        "triggers",
+        [
+            f"{t.table}: {t.name} {t.timing} → {t.function}()"
+            + ("" if t.enabled else " (disabled)")
+            + (" — CALLS OUT OF THE DATABASE" if t.reaches_outside else "")
+            + (f" [{modes[t.table]}]" if t.table in modes else " [fires for every user created]")
+            for t in triggers
+        ],
+    )
+    _section("drift and new columns", report.notes)
+    _section("warnings", report.warnings, "yellow")
+    _section("errors (nothing can run until they are fixed)", report.errors, "bold red")
+
+
+def _rows_in_window(rows: int | None, collisions: int | None) -> str:
+    if rows is None:
+        return ""
+    text = f"{rows:,} rows in the window"
+    if collisions:
+        text += f", {collisions:,} of their keys taken by other rows in target"
+    return text
+
+
+def _section(title: str, lines: list[str], style: str | None = None) -> None:
+    if lines:
+        say()
+        say(title, style)
+        for line in lines:
+            say(f"  - {line}", style)
+
+
+def _version(number: int) -> str:
+    return f"{number // 10000}.{number % 10000}"
+
+
+def counts(production: dict[str, int], development: dict[str, int]) -> None:
+    """Rows per table on both sides of the seed scenario, side by side."""
+    table = Table(title="Seed scenario")
+    table.add_column("table")
+    table.add_column("production (source)", justify="right")
+    table.add_column("development (target)", justify="right")
+    for name in dict.fromkeys([*production, *development]):
+        table.add_row(name, _count(production.get(name)), _count(development.get(name)))
+    console.print(table)
+
+
+def _count(value: int | None) -> str:
+    return "—" if value is None else f"{value:,}"
+
+
+def auth(report: AuthReport, shown: int = 20) -> None:
+    """The auth import's summary; the quarantine line in red."""
+    for line in report.summary(shown=shown):
+        say(line, "red" if line.startswith("Quarantined") else None)
+
+
+def run(report: RunReport) -> None:
+    """A run's summary: the window, the auth import, rows per table, sequences and quarantine."""
+    since = report.since.isoformat() if report.since else "the beginning (whole tables)"
+    say(f"Run {report.run_id}{' (resumed)' if report.resumed else ''}: rows changed since {since}")
+    if report.auth is not None:
+        auth(report.auth, shown=10)
+    table = Table(title="Tables")
+    for column in ("table", "read", "inserted", "updated", "remapped", "quarantined", "rows/s"):
+        table.add_column(column, justify="left" if column == "table" else "right", no_wrap=True)
+    for t in report.tables:
+        rate = f"{t.read / t.seconds:,.0f}" if t.seconds > 0 else "—"
+        table.add_row(
+            t.table,
+            f"{t.read:,}",
+            f"{t.inserted:,}",
+            f"{t.updated:,}",
+            f"{t.remapped:,}",
+            f"{t.quarantined:,}",
+            rate,
+        )
+    console.print(table)
+    say(f"Sequences moved forward: {report.sequences_moved}. Done in {report.seconds:.1f} s.")
+    if report.quarantined:
+        say(
+            f"{report.quarantined} row(s) quarantined: `sync status --show` lists them; "
+            "after fixing the cause, `sync quarantine retry`.",
+            "red",
+        )
+
+
+def quarantine_retry(report: RunReport) -> None:
+    """How many quarantined rows landed on a retry, and how many the target still refuses."""
+    landed = sum(t.written for t in report.tables)
+    say(
+        f"{landed} quarantined row(s) landed; {report.quarantined} still refused.",
+        "red" if report.quarantined else None,
+    )
+
+
+def status(report: StatusReport) -> None:
+    """The runs recorded in the target, the last run's progress, and the quarantined rows."""
+    if not report.initialised:
+        say("No sync has run on this target yet.")
+        return
+    runs = Table(title="Runs")
+    for column in ("run", "status", "since", "started", "finished"):
+        runs.add_column(column)
+    for r in report.runs:
+        runs.add_row(
+            str(r.id),
+            r.status,
+            f"{r.since:%Y-%m-%d %H:%M:%S%z}" if r.since else "—",
+            f"{r.started_at:%Y-%m-%d %H:%M:%S}",
+            f"{r.finished_at:%Y-%m-%d %H:%M:%S}" if r.finished_at else "—",
+        )
+    console.print(runs)
+    if report.progress:
+        progress = Table(title=f"Run {report.runs[0].id}: tables")
+        for column in ("table", "rows done", "done"):
+            progress.add_column(column)
+        for p in report.progress:
+            progress.add_row(p.table, f"{p.rows_done:,}", "yes" if p.done else "no")
+        console.print(progress)
+    say(f"Quarantined rows: {report.quarantined}", "red" if report.quarantined else None)
+    for q in report.quarantine:
+        say(f"  {q.table} {q.source_key}: {q.error}")
+
+
+def verify(report: VerifyReport) -> None:
+    """The verify checks: users, then every table's missing rows and orphans, then the verdict."""
+    u = report.users
+    say(
+        f"users: {u.source_users:,} in production; missing on target {u.missing}, other password hash "
+        f"{u.other_hash}, not loadable by the Auth server {u.unloadable}, e-mail users without an e-mail "
+        f"identity {u.without_email_identity}",
+        None if not (u.missing or u.other_hash or u.unloadable) else "red",
+    )
+    for example in u.examples:
+        say(f"  {example}")
+    for t in report.tables:
+        examples = f" (e.g. {', '.join(t.missing_examples)})" if t.missing_examples else ""
+        say(
+            f"{t.table}: {t.source_rows:,} production rows checked, missing {t.missing}, "
+            f"orphans {t.orphans}{examples}",
+            None if t.missing == 0 and t.orphans == 0 else "red",
+        )
+    say(
+        "verified: nothing missing" if report.ok else "verification found problems",
+        None if report.ok else "red",
+    )
