@@ -8,6 +8,7 @@ those keys the target already uses for another row, and how the source's users m
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from datetime import datetime
 
 import asyncpg
 
+from sync.auth.match import MatchKind, match_users, read_id_map, read_target_keys
+from sync.auth.source import read_source_keys
 from sync.catalog import Catalog, Table, read_catalog
 from sync.connect import Endpoint, PoolMode, connect
 from sync.errors import UsageError
@@ -175,40 +178,20 @@ class _Sessions:
         return sum(1 for key, match in rows if key in there and there[key] != match)
 
     async def users(self) -> UserReport | None:
-        """Every source user, matched to the target's by id, then normalised e-mail, then phone digits."""
+        """Every source user, matched to the target's by the matcher ``sync run`` uses, with its readers."""
         if AUTH_USERS not in self.source_catalog.tables or AUTH_USERS not in self.target_catalog.tables:
             return None
         async with _failures_named(self.source):
-            ours = await self.src.fetch(_USERS)
+            keys = await read_source_keys(self.src)
         async with _failures_named(self.target):
-            theirs = await self.tgt.fetch(_USERS)
-        return _match_users(ours, theirs)
-
-
-_USERS = r"""
-SELECT id, lower(trim(email)) AS email,
-       nullif(regexp_replace(coalesce(phone, ''), '\D', '', 'g'), '') AS phone
-FROM auth.users
-"""
-
-
-def _match_users(ours: Sequence[asyncpg.Record], theirs: Sequence[asyncpg.Record]) -> UserReport:
-    ids = {u["id"] for u in theirs}
-    emails = {u["email"] for u in theirs if u["email"]}
-    phones = {u["phone"] for u in theirs if u["phone"]}
-    by_id = by_email = by_phone = 0
-    for user in ours:
-        if user["id"] in ids:
-            by_id += 1
-        elif user["email"] and user["email"] in emails:
-            by_email += 1
-        elif user["phone"] and user["phone"] in phones:
-            by_phone += 1
-    return UserReport(
-        source=len(ours),
-        target=len(theirs),
-        matched_by_id=by_id,
-        matched_by_email=by_email,
-        matched_by_phone=by_phone,
-        to_create=len(ours) - by_id - by_email - by_phone,
-    )
+            target = await read_target_keys(self.tgt)
+            id_map = await read_id_map(self.tgt)
+        kinds = Counter(match.kind for match in match_users(keys, target, id_map))
+        return UserReport(
+            source=len(keys),
+            target=len(target),
+            matched_by_id=kinds[MatchKind.ID],
+            matched_by_email=kinds[MatchKind.EMAIL],
+            matched_by_phone=kinds[MatchKind.PHONE],
+            to_create=kinds[MatchKind.NEW],
+        )

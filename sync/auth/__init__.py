@@ -1,0 +1,195 @@
+"""Auth import: every production user exists on the target and signs in there with the same password.
+
+``import_users`` (here) runs it; the package's modules, in the order a run meets them:
+``options`` (modes, policy, options), ``preflight`` (privileges, the trigger-skip check), ``source``
+(reading production's users and identities), ``match`` (keys, normalisers and the one matcher, which
+``sync plan`` uses too), ``importer`` (one import's flow, batch by batch), ``direct`` and
+``direct_sql`` (the SQL writer), ``admin_api``, ``admin_api_user`` and ``admin_api_errors`` (the
+admin-API path), ``report`` (the report and per-user notes), ``columns`` (the auth tables' columns).
+
+Source users are matched against target users, then the missing ones are created and the matched ones
+brought up to date, before any table row that references a user is copied.
+
+Matching, in this order (emails compared as ``lower(trim(email))``, phones as digits without ``+``):
+
+1. **Same id** — the user is present. Under ``source-wins`` (the default) its password hash, metadata,
+   confirmation and sign-in times, ban, deletion and anonymity follow production; its e-mail and phone
+   too, unless another user holds them (then the target's own are kept and a note says so).
+   ``target-wins`` leaves matched users' values as they are. Under either policy a NULL the Auth server
+   cannot read (an old import's NULL token, say) is repaired on every matched user: such a user cannot
+   sign in at all.
+2. **The id map** — a source user mapped by an earlier run keeps its target user.
+3. **Same e-mail, then same phone, other id** — the person signed up again on the target. The source
+   id maps to the target id in ``_sync.id_map`` (reason ``email``/``phone``) so that every row that
+   references the user follows it, and the target user takes production's password hash, confirmation
+   times and metadata (``source-wins``): the production password is the one the person knows. A source
+   user without a hash (Google-only in production) leaves the target's hash alone; a confirmation time
+   is never cleared.
+4. **Otherwise created**, with its production id.
+
+Special users:
+
+- **Deleted** (``deleted_at`` set): matched by id only — a deleted account never takes over a live one
+  by its address. Created with ``deleted_at`` kept so that production rows referencing it still land;
+  when its e-mail or phone now belongs to a target user, it is created without them (noted).
+- **Banned**: copied as any other user; ``banned_until`` is kept, so the ban holds on the target.
+- **Anonymous**: they have neither e-mail nor phone, so they match by id only; created with
+  ``is_anonymous`` kept (it becomes the JWT claim RLS policies test).
+- **SSO** (``is_sso_user``): matched by id only, as the Auth server never finds them by e-mail; created
+  with their ``sso:…`` identities. They sign in only if the target has the same SSO provider (noted;
+  ``auth.sso_providers`` is project configuration and is not copied).
+- **Two source users on one target user** (same address in different case, or one address on two
+  accounts): a target user is matched by at most one source user. The earlier-created source user wins
+  (a same-id match always wins); the other is quarantined with the reason, and so is a new user whose
+  e-mail or phone was already taken by an earlier one in the same run.
+
+Written as the Auth server needs it (``reference/supabase-auth.md`` §5): nil-UUID ``instance_id``,
+``aud``/``role`` from the source or ``authenticated``, lower-cased e-mail, phone NULL rather than
+``''``, ``''`` in the ten columns the server scans as strings (pending tokens are not carried, and their
+``*_sent_at`` are NULL), ``email_change_confirm_status`` 0, non-NULL ``created_at``/``updated_at``,
+generated columns never named. Every source identity is copied (OAuth ones with their ``provider_id``
+and ``identity_data``; e-mail and phone ones re-derived to the target id when remapped; e-mail lower-cased
+in ``identity_data``), skipping a (provider_id, provider) the target already has, and a user with an
+e-mail but no e-mail identity gets one. MFA factors, sessions, refresh tokens and one-time tokens are
+not copied: users sign in again, and MFA users enrol again (``include_mfa`` is not available yet).
+
+Two modes:
+
+- ``direct``: set-based batches in one target transaction each — the batch is staged with binary COPY
+  into temporary tables, then ``INSERT … SELECT`` / ``UPDATE … FROM`` into ``auth.users`` and
+  ``auth.identities``, the id map and the quarantine. A batch the database refuses (a trigger that
+  raises, a constraint) is split in halves until the refused users are isolated; they go to
+  ``_sync.quarantine`` with the database's message and the rest lands. Triggers on ``auth.users`` fire
+  (the signup trigger makes a ``profiles`` row, which the copy stage completes) unless ``triggers =
+  "skip"``, which runs each batch under ``SET LOCAL session_replication_role = replica`` and then
+  checks the references of what it wrote itself, as foreign keys are not checked then.
+- ``admin-api``: each missing user is created through the Auth admin API (the ``supabase`` client) with
+  its id, e-mail/phone, password hash, confirmation flags and metadata; bounded concurrency, retries
+  with backoff for 429/5xx/timeouts, a lookup by id before every retry (a timeout may hide a create that
+  landed); an "e-mail exists" answer is resolved by finding the holder and mapping to it (or
+  quarantining the user when only another user's identity carries the address). What the API cannot
+  carry (original timestamps, confirmation times, OAuth identities, the exact ban, ``deleted_at``) and
+  the users it cannot create (anonymous, SSO, an unsupported hash) are written directly when a target
+  DSN is also given, else reported per user; so is a user whose create keeps failing with a 500, whose
+  cause (often a trigger) the API hides: the direct write lands it or quarantines it with the
+  database's message. Without a target DSN nothing is written but through the API (no id map, no
+  quarantine table: the report carries both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime
+from uuid import UUID
+
+from sync.auth.admin_api import AdminApiCreator, HolderLookup
+from sync.auth.admin_api_errors import is_transient_api_error, retry_after
+from sync.auth.admin_api_user import create_attributes
+from sync.auth.columns import STRING_COLUMNS
+from sync.auth.direct import TargetWriter
+from sync.auth.importer import UserImport
+from sync.auth.match import MatchKind, SourceKey, TargetKey, UserMatch, match_users
+from sync.auth.options import AdminApi, AuthMode, AuthOptions, TriggerMode
+from sync.auth.preflight import SOURCE_PRIVILEGES, TARGET_PRIVILEGES, check_privileges, check_trigger_skip
+from sync.auth.report import AuthReport
+from sync.connect import Endpoint, connect
+from sync.errors import UsageError
+from sync.state import ensure_state
+
+__all__ = [
+    "STRING_COLUMNS",
+    "AdminApi",
+    "AdminApiCreator",
+    "AuthOptions",
+    "AuthReport",
+    "MatchKind",
+    "SourceKey",
+    "TargetKey",
+    "UserMatch",
+    "create_attributes",
+    "import_users",
+    "is_transient_api_error",
+    "match_users",
+    "retry_after",
+]
+
+
+async def import_users(
+    source: Endpoint,
+    target: Endpoint | None,
+    options: AuthOptions | None = None,
+    *,
+    admin_api: AdminApi | None = None,
+    run_id: int | None = None,
+    changed_since: datetime | None = None,
+) -> AuthReport:
+    """Bring every source auth user onto the target (rules in the package docstring); return the report.
+
+    ``changed_since`` limits a catch-up to the users created, changed or signed in since then (every
+    other user was brought over by an earlier run).
+
+    ``direct`` needs ``target``. ``admin-api`` needs ``admin_api`` and, when ``target`` is given too,
+    writes there what the API cannot carry, the id map and the quarantine. Raises UsageError before
+    writing anything when an option or a privilege is missing.
+    """
+    options = options or AuthOptions()
+    _check_options(options, target, admin_api)
+    started = time.monotonic()
+    report = AuthReport(mode=options.mode, policy=options.policy, triggers=options.triggers)
+    source_conn = await connect(source)
+    writer: TargetWriter | None = None
+    try:
+        await check_privileges(source_conn, "source", SOURCE_PRIVILEGES)
+        if target is not None:
+            target_conn = await connect(target)
+            writer = TargetWriter(target, target_conn, options, run_id, report)
+            hint = ", or use --auth-mode admin-api" if options.mode is AuthMode.DIRECT else ""
+            await check_privileges(target_conn, "target", TARGET_PRIVILEGES, hint)
+            if options.triggers is TriggerMode.SKIP:
+                await check_trigger_skip(target_conn)
+            await ensure_state(target_conn)
+            await writer.prepare()
+        run = UserImport(options, report, writer, changed_since)
+        if admin_api is not None and options.mode is AuthMode.ADMIN_API:
+            holder = _database_holder(writer) if writer is not None else None
+            async with AdminApiCreator(admin_api, options, run.claimed, holder) as api:
+                run.api = api
+                await run.run(source_conn)
+        else:
+            await run.run(source_conn)
+    finally:
+        await source_conn.close()
+        if writer is not None:
+            await writer.conn.close()
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+def _check_options(options: AuthOptions, target: Endpoint | None, admin_api: AdminApi | None) -> None:
+    if options.include_mfa:
+        raise UsageError("Copying MFA factors (include_mfa) is not available yet: leave it off.")
+    if options.mode is AuthMode.DIRECT and target is None:
+        raise UsageError("The direct auth mode needs the target database (--target).")
+    if options.mode is AuthMode.ADMIN_API and admin_api is None:
+        raise UsageError(
+            "The admin-api auth mode needs the project URL and the service-role key "
+            "(--supabase-url and --service-role-key, or SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY)."
+        )
+
+
+def _database_holder(writer: TargetWriter) -> HolderLookup:
+    """Who holds an e-mail/phone, asked of the target database (one query at a time on its connection)."""
+    lock = asyncio.Lock()
+
+    async def holder(kind: str, value: str) -> UUID | None:
+        async with lock:
+            if kind == "email":
+                return await writer.conn.fetchval(
+                    "SELECT id FROM auth.users WHERE lower(email) = $1 AND NOT is_sso_user "
+                    "ORDER BY email = $1 DESC, created_at LIMIT 1",
+                    value,
+                )
+            return await writer.conn.fetchval("SELECT id FROM auth.users WHERE phone = $1", value)
+
+    return holder

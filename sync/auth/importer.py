@@ -1,0 +1,191 @@
+"""One auth import's flow: match every production user first, then stream the source in batches to the
+direct writer or through the admin API, counting and noting what became of each user."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import Literal
+from uuid import UUID
+
+import asyncpg
+
+from sync.auth.admin_api import AdminApiCreator, ApiOutcome
+from sync.auth.admin_api_user import api_refusal, uncarried
+from sync.auth.direct import StagedUser, TargetWriter
+from sync.auth.match import (
+    MatchKind,
+    SourceKey,
+    UserMatch,
+    match_users,
+    normal_email,
+    normal_phone,
+    read_id_map,
+    read_target_keys,
+)
+from sync.auth.options import AuthOptions, ConflictPolicy
+from sync.auth.report import AuthReport, QuarantinedUser, UserNote, direct_notes
+from sync.auth.source import read_only_snapshot
+
+
+class UserImport:
+    """One auth import: match everyone first, then stream the source in batches to the writer or the API."""
+
+    def __init__(
+        self,
+        options: AuthOptions,
+        report: AuthReport,
+        writer: TargetWriter | None,
+        changed_since: datetime | None = None,
+    ) -> None:
+        self.changed_since = changed_since
+        self.options = options
+        self.report = report
+        self.writer = writer
+        self.api: AdminApiCreator | None = None
+        self.matches: dict[UUID, UserMatch] = {}
+        self.claimed: dict[UUID, UUID] = {}
+
+    async def run(self, source_conn: asyncpg.Connection) -> None:
+        async with read_only_snapshot(source_conn, self.changed_since) as snapshot:
+            keys = await snapshot.keys()
+            self.report.source_users = len(keys)
+            await self._match(keys)
+            async for rows in snapshot.batches(self.options.batch_size):
+                identities: dict[UUID, list[asyncpg.Record]] = {row["id"]: [] for row in rows}
+                for identity in await snapshot.identities(list(identities)):
+                    identities[identity["user_id"]].append(identity)
+                if self.api is not None:
+                    await self._through_api(rows, identities)
+                else:
+                    await self._direct(rows, identities)
+            self.report.not_copied = await snapshot.not_copied()
+
+    async def _match(self, keys: list[SourceKey]) -> None:
+        if self.writer is not None:
+            target = await read_target_keys(self.writer.conn)
+            id_map = await read_id_map(self.writer.conn)
+        else:
+            assert self.api is not None
+            target, id_map = await self.api.list_target(), {}
+        for match in match_users(keys, target, id_map):
+            self.matches[match.source_id] = match
+            if match.target_id is not None and match.kind is not MatchKind.NEW:
+                self.claimed[match.target_id] = match.source_id
+
+    def _staged(
+        self,
+        row: asyncpg.Record,
+        identities: Mapping[UUID, list[asyncpg.Record]],
+        match: UserMatch,
+        action: Literal["create", "update", "keep", "restore"] | None = None,
+    ) -> StagedUser:
+        if action is None:
+            if match.kind is MatchKind.NEW:
+                action = "create"
+            else:
+                action = "update" if self.options.policy is ConflictPolicy.SOURCE_WINS else "keep"
+        return StagedUser(row, identities[row["id"]], match, action)
+
+    async def _direct(
+        self, rows: Sequence[asyncpg.Record], identities: Mapping[UUID, list[asyncpg.Record]]
+    ) -> None:
+        assert self.writer is not None
+        staged = []
+        for row in rows:
+            match = self.matches[row["id"]]
+            if match.kind is MatchKind.QUARANTINED:
+                await self._quarantine(row, match.reason or "quarantined")
+                continue
+            self.report.notes.extend(direct_notes(row, match))
+            staged.append(self._staged(row, identities, match))
+        await self.writer.land(staged)
+
+    async def _through_api(
+        self, rows: Sequence[asyncpg.Record], identities: Mapping[UUID, list[asyncpg.Record]]
+    ) -> None:
+        assert self.api is not None
+        to_create: list[tuple[asyncpg.Record, UserMatch]] = []
+        staged: list[StagedUser] = []
+        for row in rows:
+            match = self.matches[row["id"]]
+            if match.kind is MatchKind.QUARANTINED:
+                await self._quarantine(row, match.reason or "quarantined")
+            elif match.kind is not MatchKind.NEW:
+                staged.append(self._staged(row, identities, match))
+            elif (refusal := api_refusal(row, match)) is not None:
+                await self._write_directly(row, identities, match, staged, refusal)
+            else:
+                to_create.append((row, match))
+        for (row, match), result in zip(to_create, await self.api.create_all(to_create), strict=True):
+            if result.outcome is ApiOutcome.QUARANTINED:
+                await self._quarantine(row, result.reason or "refused by the admin API")
+            elif result.outcome is ApiOutcome.DIRECT:
+                await self._write_directly(
+                    row, identities, match, staged, result.reason or "admin API failed"
+                )
+            elif result.outcome is ApiOutcome.MAPPED:
+                mapped = replace(match, target_id=result.target_id, kind=result.kind)
+                self.matches[row["id"]] = mapped
+                staged.append(self._staged(row, identities, mapped))
+            else:
+                self.report.created += 1
+                self.report.identities_created += len(
+                    [v for v in (normal_email(row["email"]), normal_phone(row["phone"])) if v]
+                )
+                if self.writer is None:
+                    self.report.notes.append(
+                        UserNote(row["id"], row["id"], uncarried(row, identities[row["id"]]))
+                    )
+                else:
+                    staged.append(self._staged(row, identities, match, "restore"))
+        if self.writer is not None:
+            await self.writer.land(staged)
+        else:
+            self._report_unwritten(staged)
+
+    async def _write_directly(
+        self,
+        row: asyncpg.Record,
+        identities: Mapping[UUID, list[asyncpg.Record]],
+        match: UserMatch,
+        staged: list[StagedUser],
+        why: str,
+    ) -> None:
+        """A user the admin API cannot create: written by SQL when the target DSN is at hand."""
+        if self.writer is None:
+            await self._quarantine(row, f"{why}; give the target DSN to write it directly")
+            return
+        self.report.notes.append(UserNote(row["id"], row["id"], f"{why}; written directly in the database"))
+        self.report.notes.extend(direct_notes(row, match))
+        staged.append(self._staged(row, identities, match, "create"))
+
+    def _report_unwritten(self, staged: Sequence[StagedUser]) -> None:
+        """Without the target DSN, matched users are only reported: the admin API cannot set a hash."""
+        for user in staged:
+            kind = user.match.kind
+            self.report.unchanged += 1
+            if kind is MatchKind.ID:
+                self.report.matched_by_id += 1
+                continue
+            if kind is MatchKind.EMAIL:
+                self.report.matched_by_email += 1
+            else:
+                self.report.matched_by_phone += 1
+            self.report.mapped.append(user.match)
+            self.report.notes.append(
+                UserNote(
+                    user.row["id"],
+                    user.match.target_id,
+                    f"matched by {kind.value} but not updated: the admin API cannot replace a password hash "
+                    "(give the target DSN)",
+                )
+            )
+
+    async def _quarantine(self, row: asyncpg.Record, reason: str) -> None:
+        if self.writer is not None:
+            await self.writer.quarantine(row, reason)
+            return
+        self.report.quarantined += 1
+        self.report.quarantine.append(QuarantinedUser(row["id"], row["email"], reason))

@@ -1,0 +1,133 @@
+"""What the auth import did: the report ``sync run`` prints, and the notes it keeps about single users."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, Field, computed_field
+
+from sync.auth.match import MatchKind, UserMatch
+from sync.auth.options import AuthMode, ConflictPolicy, TriggerMode
+from sync.errors import EXIT_OK, EXIT_QUARANTINED
+
+# The password hash formats the Auth server can check.
+_BCRYPT = re.compile(r"\$2[aby]?\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+_ARGON2 = re.compile(r"\$argon2(i|id)\$v=19\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+")
+_FBSCRYPT = re.compile(r"\$fbscrypt\$v=1,n=\d+,r=\d+,p=\d+(,ss=[^,$]*)?(,sk=[^,$]*)?\$[^$]+\$[^$]+")
+
+
+@dataclass(frozen=True, slots=True)
+class UserNote:
+    """Something about one user that could not be carried, or that the operator should know."""
+
+    source_id: UUID
+    target_id: UUID | None
+    note: str
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedUser:
+    """A source user that did not land, with the reason (the database's message when it refused)."""
+
+    source_id: UUID
+    email: str | None
+    error: str
+    sqlstate: str | None = None
+
+
+class AuthReport(BaseModel):
+    """What the auth import did: what ``sync run`` prints and ``--json`` emits."""
+
+    mode: AuthMode
+    policy: ConflictPolicy
+    triggers: TriggerMode
+    source_users: int = 0
+    created: int = 0
+    matched_by_id: int = 0
+    matched_by_email: int = 0
+    matched_by_phone: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    quarantined: int = 0
+    identities_created: int = 0
+    email_identities_added: int = 0
+    mapped: list[UserMatch] = Field(default_factory=list)
+    quarantine: list[QuarantinedUser] = Field(default_factory=list)
+    notes: list[UserNote] = Field(default_factory=list)
+    not_copied: list[str] = Field(default_factory=list)
+    seconds: float = 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def users_per_second(self) -> float:
+        return round(self.source_users / self.seconds, 1) if self.seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every user landed, 3 when some were quarantined."""
+        return EXIT_QUARANTINED if self.quarantined else EXIT_OK
+
+    def summary(self, shown: int = 20) -> list[str]:
+        """The report in a few lines of text, listing at most ``shown`` notes and quarantined users."""
+        lines = [
+            f"auth import ({self.mode}, {self.policy}, triggers {self.triggers}): {self.source_users:,} "
+            f"production users in {self.seconds:.1f} s ({self.users_per_second:,.0f} users/s)",
+            f"  created {self.created:,} · matched by id {self.matched_by_id:,}, by e-mail "
+            f"{self.matched_by_email:,}, by phone {self.matched_by_phone:,} · updated {self.updated:,} "
+            f"· unchanged {self.unchanged:,} · quarantined {self.quarantined:,}",
+            f"  identities created {self.identities_created:,} "
+            f"({self.email_identities_added:,} e-mail identities added)",
+        ]
+        lines += [f"  not copied: {line}" for line in self.not_copied]
+        sections = (
+            ("Notes", [f"{n.source_id}: {n.note}" for n in self.notes]),
+            (
+                "Quarantined (see _sync.quarantine on the target)",
+                [f"{q.source_id} ({q.email or 'no e-mail'}): {q.error}" for q in self.quarantine],
+            ),
+        )
+        for title, items in sections:
+            if items:
+                lines.append(f"{title} ({len(items):,}):")
+                lines += [f"  - {item}" for item in items[:shown]]
+                if len(items) > shown:
+                    lines.append(f"  … and {len(items) - shown:,} more (--json lists them all)")
+        return lines
+
+
+def hash_problem(value: str | None) -> str | None:
+    """Why the Auth server cannot check this password hash, or None when it can (or there is none)."""
+    if not value:
+        return None
+    if _BCRYPT.fullmatch(value) or _ARGON2.fullmatch(value) or _FBSCRYPT.fullmatch(value):
+        return None
+    if value.lstrip().startswith("{"):
+        return (
+            "password hash encrypted by the source's Auth server: it decrypts on the target only with the "
+            "same key id configured there"
+        )
+    return "password hash in a format the Auth server cannot check: password sign-in will fail"
+
+
+def direct_notes(row: Mapping[str, Any], match: UserMatch) -> list[UserNote]:
+    """What to tell about a user written by SQL: its match's reason, SSO, a hash the server cannot check."""
+    notes = []
+    if match.reason:
+        notes.append(UserNote(row["id"], match.target_id, match.reason))
+    if match.kind is MatchKind.NEW and row["is_sso_user"]:
+        notes.append(
+            UserNote(
+                row["id"],
+                match.target_id,
+                "SSO user: signs in only if the target has the same SSO provider (sso_providers are not "
+                "copied)",
+            )
+        )
+    problem = hash_problem(row["encrypted_password"])
+    if problem and match.kind is not MatchKind.QUARANTINED:
+        notes.append(UserNote(row["id"], match.target_id, problem))
+    return notes
