@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from uuid import UUID
 
 import asyncpg
 
@@ -12,8 +11,6 @@ from sync.sqltext import ident
 USERS_TABLE = "auth.users"
 """``table_name`` of users in ``_sync.id_map`` and ``_sync.quarantine``."""
 IDENTITIES_TABLE = "auth.identities"
-NIL_UUID = UUID(int=0)
-"""The ``instance_id`` every user of a Supabase project has."""
 DEFAULT_AUD = "authenticated"
 DEFAULT_ROLE = "authenticated"
 

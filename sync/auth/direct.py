@@ -16,7 +16,15 @@ from uuid import UUID
 
 import asyncpg
 
-from sync.auth.columns import IDENTITIES_TABLE, IDENTITY_FIELDS, STAGED_FIELDS, USERS_TABLE, table_columns
+from sync.auth.columns import (
+    DEFAULT_AUD,
+    DEFAULT_ROLE,
+    IDENTITIES_TABLE,
+    IDENTITY_FIELDS,
+    STAGED_FIELDS,
+    USERS_TABLE,
+    table_columns,
+)
 from sync.auth.direct_sql import (
     ADD_EMAIL_IDENTITIES,
     INSERT_IDENTITIES,
@@ -43,6 +51,9 @@ from sync.connect import Endpoint, connect
 from sync.errors import SyncError, UsageError
 from sync.retry import is_transient_db_error, retrying
 from sync.sqltext import ident
+
+# What a created user gets when production's row has no audience or role (as a signup would write).
+_STAGED_DEFAULTS = {"aud": DEFAULT_AUD, "role": DEFAULT_ROLE}
 
 
 class _MissingReference(Exception):
@@ -73,8 +84,12 @@ class StagedUser:
         )
 
     def record(self) -> tuple[Any, ...]:
-        """The whole stage row (``STAGE_USER_FIELDS``)."""
-        return (*self.routing(), *(self.row[name] for name, _ in STAGED_FIELDS))
+        """The whole stage row (``STAGE_USER_FIELDS``); a NULL or empty audience or role as the default."""
+        row = self.row
+        return (
+            *self.routing(),
+            *(row[name] or _STAGED_DEFAULTS.get(name, row[name]) for name, _ in STAGED_FIELDS),
+        )
 
 
 @dataclass

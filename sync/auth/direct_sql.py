@@ -9,16 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from sync.auth.columns import (
-    DEFAULT_AUD,
-    DEFAULT_ROLE,
-    NIL_UUID,
-    SENT_AT_COLUMNS,
-    STAGED_FIELDS,
-    TOKEN_COLUMNS,
-    Fields,
-)
-from sync.sqltext import column_list, ident, literal
+from sync.auth.columns import SENT_AT_COLUMNS, STAGED_FIELDS, TOKEN_COLUMNS, Fields
+from sync.sqltext import column_list, ident
 
 STAGE_USERS = "_sync_stage_users"
 STAGE_IDENTITIES = "_sync_stage_identities"
@@ -33,9 +25,8 @@ ROUTING_FIELDS: Fields = (
 )
 STAGE_USER_FIELDS: Fields = (*ROUTING_FIELDS, *STAGED_FIELDS)
 
-_NIL = f"{literal(str(NIL_UUID))}::uuid"
-_AUD = literal(DEFAULT_AUD)
-_ROLE = literal(DEFAULT_ROLE)
+# The instance id every user of a Supabase project has.
+_NIL_INSTANCE = "'00000000-0000-0000-0000-000000000000'::uuid"
 
 
 def _object(column: str) -> str:
@@ -45,10 +36,11 @@ def _object(column: str) -> str:
 
 # SQL expressions (over the stage row ``s``) for each auth.users column of a created user.
 INSERT_EXPRESSIONS: dict[str, str] = {
-    "instance_id": _NIL,
+    "instance_id": _NIL_INSTANCE,
     "id": "s.target_id",
-    "aud": f"coalesce(nullif(s.aud, ''), {_AUD})",
-    "role": f"coalesce(nullif(s.role, ''), {_ROLE})",
+    # Staged with the default for a missing one (StagedUser.record).
+    "aud": "s.aud",
+    "role": "s.role",
     "email": "s.email_out",
     # '' rather than NULL: Auth servers before mid-2024 scanned the hash into a plain string.
     "encrypted_password": "coalesce(s.encrypted_password, '')",
@@ -78,9 +70,9 @@ INSERT_EXPRESSIONS: dict[str, str] = {
 # Any matched user, whatever the policy: a NULL the Auth server cannot read becomes what it can (a
 # target row with such a NULL, e.g. from an old import, cannot sign in at all). Values are never changed.
 REPAIR_EXPRESSIONS: dict[str, str] = {
-    "instance_id": f"coalesce(t.instance_id, {_NIL})",
-    "aud": f"coalesce(t.aud, nullif(s.aud, ''), {_AUD})",
-    "role": f"coalesce(t.role, nullif(s.role, ''), {_ROLE})",
+    "instance_id": f"coalesce(t.instance_id, {_NIL_INSTANCE})",
+    "aud": "coalesce(t.aud, s.aud)",
+    "role": "coalesce(t.role, s.role)",
     **{name: f"coalesce(t.{ident(name)}, '')" for name in TOKEN_COLUMNS},
     "email_change_confirm_status": "coalesce(t.email_change_confirm_status, 0)",
     "created_at": "coalesce(t.created_at, s.created_at, now())",
