@@ -1,37 +1,16 @@
-"""How the auth import runs: its modes and policy, its options, and where the admin API is.
+"""How the auth import runs: its options, and where the admin API is.
 
-The modes are spelled as in the mapping file (``sync.auth``, ``sync.triggers``); the three enums live
-here together so that one vocabulary can replace them at once.
+Modes and policies are the tool's one vocabulary (:mod:`sync.modes`), as the mapping file spells them.
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
-
+from sync.modes import AuthMode, ConflictPolicy, TriggerMode
 from sync.retry import DEFAULT_ATTEMPTS, DEFAULT_INITIAL_WAIT, DEFAULT_MAX_WAIT
 
-
-class AuthMode(StrEnum):
-    """How users are written: SQL into the auth tables, or the Auth admin API."""
-
-    DIRECT = "direct"
-    ADMIN_API = "admin-api"
-
-
-class ConflictPolicy(StrEnum):
-    """Whose values a matched user keeps: production's, or the target's own."""
-
-    SOURCE_WINS = "source-wins"
-    TARGET_WINS = "target-wins"
-
-
-class TriggerMode(StrEnum):
-    """Whether triggers on ``auth.users`` fire for the users the import writes."""
-
-    FIRE = "fire"
-    SKIP = "skip"
+__all__ = ["AdminApi", "AuthMode", "AuthOptions", "ConflictPolicy", "TriggerMode"]
 
 
 class AuthOptions(BaseModel):
@@ -48,6 +27,14 @@ class AuthOptions(BaseModel):
     retry_attempts: int = Field(default=DEFAULT_ATTEMPTS, ge=1)
     retry_initial_wait: float = Field(default=DEFAULT_INITIAL_WAIT, ge=0)
     retry_max_wait: float = Field(default=DEFAULT_MAX_WAIT, ge=0)
+
+    @field_validator("policy")
+    @classmethod
+    def _source_or_target(cls, policy: ConflictPolicy) -> ConflictPolicy:
+        """newest-wins is a rule for table rows; users follow source-wins or target-wins."""
+        if policy is ConflictPolicy.NEWEST_WINS:
+            raise ValueError("users are matched under source-wins or target-wins, not newest-wins")
+        return policy
 
 
 class AdminApi(BaseModel):
