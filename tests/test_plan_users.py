@@ -9,12 +9,12 @@ import pytest
 from click.testing import CliRunner
 from test_auth_direct import new_production_users, sql
 
-from sync import scenario
+from devkit import scenario
+from devkit.testbed import Database
 from sync.auth import AuthReport
 from sync.cli import main
 from sync.plan import PlanReport
 from sync.resources import sql_dir
-from sync.testbed import Database
 
 SHIPPED = str(Path(__file__).resolve().parent.parent / "mappings" / "sync.toml")
 
