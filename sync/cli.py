@@ -16,14 +16,14 @@ import click
 from pydantic import SecretStr
 
 from sync import render
-from sync.auth import AdminApi, AuthOptions, import_users
+from sync.auth import AdminApi, AuthOptions
 from sync.connect import Endpoint, Side, redact
 from sync.errors import EXIT_FAILED, EXIT_USAGE, SyncError
 from sync.mapping import Mapping, load_mapping
 from sync.preview import preview
 from sync.progress import RunProgress
 from sync.resources import example_mapping
-from sync.run import RunOptions, RunReport, auth_import, run_sync
+from sync.run import RunOptions, RunReport, auth_import, run_auth_only, run_sync
 from sync.status import read_status
 from sync.verify import VerifyReport
 
@@ -320,9 +320,7 @@ def run_command(
         level=logging.WARNING if quiet or as_json else logging.INFO, format="%(message)s", stream=sys.stderr
     )
     if auth_only:
-        report = _run_pipeline(
-            *endpoints, lambda: import_users(*endpoints, auth_options, admin_api=admin_api)
-        )
+        report = _run_pipeline(*endpoints, lambda: run_auth_only(*endpoints, auth_options, admin_api))
         if as_json:
             click.echo(report.model_dump_json(indent=2))
         elif not quiet:

@@ -13,12 +13,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 from pydantic import BaseModel
 
 from sync import copy as table_copy
 from sync.auth import AdminApi, AuthOptions, AuthReport, import_users
+from sync.auth.columns import USERS_TABLE
 from sync.catalog import read_catalog
 from sync.connect import Endpoint, connect
 from sync.errors import EXIT_OK, EXIT_QUARANTINED, PlanError
@@ -120,6 +122,8 @@ def auth_import(options: AuthOptions, admin_api: AdminApi | None = None) -> Auth
             admin_api=admin_api,
             run_id=ctx.run_id,
             changed_since=ctx.auth_since,
+            snapshot=ctx.snapshot,
+            only_ids=None if ctx.only_keys is None else [UUID(k) for k in ctx.only_keys.get(USERS_TABLE, [])],
         )
 
     return stage
@@ -195,7 +199,7 @@ async def run_sync(
             auth_since=since if catch_up else None,
         )
         try:
-            if auth_stage is not None and not options.skip_auth:
+            if auth_stage is not None and not options.skip_auth and _users_to_import(only_keys):
                 report.auth = await auth_stage(ctx)
             report.tables = await copy_tables(ctx, options, progress)
             await patch_deferred(ctx, options)
@@ -213,6 +217,26 @@ async def run_sync(
     finally:
         await snapshot.close()
         await tconn.close()
+        await lock.release()
+
+
+def _users_to_import(only_keys: dict[str, list[str]] | None) -> bool:
+    """Whether the auth stage has work: always, but in a quarantine retry only for quarantined users."""
+    return only_keys is None or bool(only_keys.get(USERS_TABLE))
+
+
+async def run_auth_only(
+    source: Endpoint, target: Endpoint, options: AuthOptions, admin_api: AdminApi | None = None
+) -> AuthReport:
+    """The auth import alone (``sync run --auth-only``): under the run lock, inside an exported snapshot."""
+    lock = RunLock(target)
+    await lock.acquire()
+    snapshot = SourceSnapshot(source)
+    try:
+        await snapshot.open()
+        return await import_users(source, target, options, admin_api=admin_api, snapshot=snapshot)
+    finally:
+        await snapshot.close()
         await lock.release()
 
 

@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from uuid import UUID
 
@@ -95,6 +96,7 @@ from sync.auth.preflight import SOURCE_PRIVILEGES, TARGET_PRIVILEGES, check_priv
 from sync.auth.report import AuthReport
 from sync.connect import Endpoint, connect
 from sync.errors import UsageError
+from sync.snapshot import SourceSnapshot as RunSnapshot
 from sync.state import ensure_state
 
 __all__ = [
@@ -123,11 +125,15 @@ async def import_users(
     admin_api: AdminApi | None = None,
     run_id: int | None = None,
     changed_since: datetime | None = None,
+    snapshot: RunSnapshot | None = None,
+    only_ids: Sequence[UUID] | None = None,
 ) -> AuthReport:
     """Bring every source auth user onto the target (rules in the package docstring); return the report.
 
     ``changed_since`` limits a catch-up to the users created, changed or signed in since then (every
-    other user was brought over by an earlier run).
+    other user was brought over by an earlier run); ``only_ids`` to these users (a quarantine retry).
+    ``snapshot`` is the run's exported source snapshot: the users are read inside it, at the same
+    instant as the table rows. Without it the import reads a snapshot of its own.
 
     ``direct`` needs ``target``. ``admin-api`` needs ``admin_api`` and, when ``target`` is given too,
     writes there what the API cannot carry, the id map and the quarantine. Raises UsageError before
@@ -137,7 +143,7 @@ async def import_users(
     _check_options(options, target, admin_api)
     started = time.monotonic()
     report = AuthReport(mode=options.mode, policy=options.policy, triggers=options.triggers)
-    source_conn = await connect(source)
+    source_conn = await (snapshot.reader() if snapshot is not None else connect(source))
     writer: TargetWriter | None = None
     try:
         await check_privileges(source_conn, "source", SOURCE_PRIVILEGES)
@@ -150,7 +156,7 @@ async def import_users(
                 await check_trigger_skip(target_conn)
             await ensure_state(target_conn)
             await writer.prepare()
-        run = UserImport(options, report, writer, changed_since)
+        run = UserImport(options, report, writer, changed_since, only_ids)
         if admin_api is not None and options.mode is AuthMode.ADMIN_API:
             holder = _database_holder(writer) if writer is not None else None
             async with AdminApiCreator(admin_api, options, run.claimed, holder) as api:

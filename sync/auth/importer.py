@@ -38,8 +38,10 @@ class UserImport:
         report: AuthReport,
         writer: TargetWriter | None,
         changed_since: datetime | None = None,
+        only_ids: Sequence[UUID] | None = None,
     ) -> None:
         self.changed_since = changed_since
+        self.only_ids = only_ids
         self.options = options
         self.report = report
         self.writer = writer
@@ -48,7 +50,7 @@ class UserImport:
         self.claimed: dict[UUID, UUID] = {}
 
     async def run(self, source_conn: asyncpg.Connection) -> None:
-        async with read_only_snapshot(source_conn, self.changed_since) as snapshot:
+        async with read_only_snapshot(source_conn, self.changed_since, self.only_ids) as snapshot:
             keys = await snapshot.keys()
             self.report.source_users = len(keys)
             await self._match(keys)

@@ -30,14 +30,20 @@ class SourceSnapshot:
     before anything else.
     """
 
-    def __init__(self, conn: asyncpg.Connection, changed_since: datetime | None = None) -> None:
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        changed_since: datetime | None = None,
+        only_ids: Sequence[UUID] | None = None,
+    ) -> None:
         self.conn = conn
         self.changed_since = changed_since
+        self.only_ids = only_ids
         self._user_columns: set[str] = set()
         self._users_query = ""
         self._identities_query = ""
         self._window = ""
-        self._params: tuple[datetime, ...] = ()
+        self._params: tuple[object, ...] = ()
 
     async def prepare(self) -> None:
         """Read the live column lists (the Auth version decides them) and build the queries."""
@@ -46,8 +52,13 @@ class SourceSnapshot:
         if self.changed_since is not None:
             # A catch-up reads only the users created, changed or signed in since the last run's mark.
             stamps = [c for c in ("created_at", "updated_at", "last_sign_in_at") if c in self._user_columns]
-            self._window = " WHERE " + " OR ".join(f"{ident(c)} >= $1" for c in stamps)
+            self._window = " WHERE (" + " OR ".join(f"{ident(c)} >= $1" for c in stamps) + ")"
             self._params = (self.changed_since,)
+        if self.only_ids is not None:
+            # A quarantine retry reads only the users still in quarantine.
+            self._params = (*self._params, list(self.only_ids))
+            joiner = " AND " if self._window else " WHERE "
+            self._window += f"{joiner}id = ANY(${len(self._params)}::uuid[])"
         self._users_query = (
             f"SELECT {select_list(SOURCE_USER_FIELDS, self._user_columns)} FROM {_USERS}{self._window} "
             "ORDER BY created_at, id"
@@ -109,11 +120,21 @@ class SourceSnapshot:
 
 @asynccontextmanager
 async def read_only_snapshot(
-    conn: asyncpg.Connection, changed_since: datetime | None = None
+    conn: asyncpg.Connection,
+    changed_since: datetime | None = None,
+    only_ids: Sequence[UUID] | None = None,
 ) -> AsyncIterator[SourceSnapshot]:
-    """A :class:`SourceSnapshot` inside a READ ONLY REPEATABLE READ transaction on ``conn``."""
+    """A :class:`SourceSnapshot` inside a READ ONLY REPEATABLE READ transaction on ``conn``.
+
+    A ``conn`` already in a transaction (a run's reader, joined to the run's exported snapshot) is read
+    in that transaction, so users and table rows come from the same instant.
+    """
+    snapshot = SourceSnapshot(conn, changed_since, only_ids)
+    if conn.is_in_transaction():
+        await snapshot.prepare()
+        yield snapshot
+        return
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        snapshot = SourceSnapshot(conn, changed_since)
         await snapshot.prepare()
         yield snapshot
 
