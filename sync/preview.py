@@ -194,4 +194,5 @@ class _Sessions:
             matched_by_email=kinds[MatchKind.EMAIL],
             matched_by_phone=kinds[MatchKind.PHONE],
             to_create=kinds[MatchKind.NEW],
+            set_aside=kinds[MatchKind.QUARANTINED],
         )

@@ -74,7 +74,9 @@ def plan(report: PlanReport) -> None:
         say(
             f"users: {u.source:,} in source, {u.target:,} in target: {u.to_create:,} to create, "
             f"{u.matched_by_id:,} matched by id, {u.matched_by_email:,} by e-mail (remapped), "
-            f"{u.matched_by_phone:,} by phone (auth: {report.auth_mode})"
+            f"{u.matched_by_phone:,} by phone"
+            + (f", {u.set_aside:,} set aside (quarantined)" if u.set_aside else "")
+            + f" (auth: {report.auth_mode})"
         )
     triggers = [*report.auth_triggers, *(t for planned in report.tables for t in planned.triggers)]
     modes = {t.name: t.trigger_mode for t in report.tables}

@@ -106,3 +106,35 @@ def test_plan_promises_the_user_counts_the_run_then_reports(
         )
     }
     assert created == {dashed["id"], deleted["id"], sso["id"]}
+
+
+def test_plan_counts_the_users_the_run_sets_aside(
+    seed_dbs: tuple[Database, Database], seed: scenario.Scenario
+) -> None:
+    source, target = seed_dbs
+    fresh = new_production_users(seed)
+    # Two production accounts on one development account's address (different case): the run
+    # matches the earlier one and quarantines the other, and the plan says so beforehand.
+    address = dev_account(seed, "qa1@ultima.dev")["email"]
+    sql(source, "UPDATE auth.users SET email = %s WHERE id = %s", address, fresh[0]["id"])
+    sql(source, "UPDATE auth.users SET email = %s WHERE id = %s", address.upper(), fresh[1]["id"])
+
+    planned = CliRunner().invoke(
+        main, ["plan", "--source", source.url, "--target", target.url, "--mapping", SHIPPED, "--json"]
+    )
+    assert planned.exit_code == 0, planned.output
+    promised = PlanReport.model_validate_json(planned.stdout).users
+    ran = CliRunner().invoke(
+        main, ["run", "--auth-only", "--source", source.url, "--target", target.url, "--json"]
+    )
+    done = AuthReport.model_validate_json(ran.stdout)
+
+    assert promised is not None
+    assert promised.set_aside == done.quarantined == 1
+    assert (
+        promised.matched_by_id
+        + promised.matched_by_email
+        + promised.matched_by_phone
+        + promised.to_create
+        + promised.set_aside
+    ) == promised.source

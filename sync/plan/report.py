@@ -100,6 +100,8 @@ class UserReport(BaseModel):
     matched_by_email: int
     matched_by_phone: int
     to_create: int
+    set_aside: int = 0
+    """Users the run would quarantine (two source users on one target user, a taken contact)."""
 
 
 class PlanReport(BaseModel):
