@@ -22,7 +22,7 @@ from sync.connect import Endpoint, PoolMode, connect
 from sync.errors import LockedError, UsageError
 from sync.resources import sql_dir
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 LOCK_KEY = 0x53594E43  # "SYNC"
 
 

@@ -308,11 +308,12 @@ class StorageApiServer:
 
     ``service_key`` is accepted with the ``service_role``; any other token is refused as the JWT check
     does. A JWT-shaped service key's ``sub`` becomes the objects' owner. ``file_size_limit`` is the
-    global limit under every bucket's own.
+    global limit under every bucket's own. ``upload_delay`` holds every upload that long between its
+    last byte and its commit (a test that kills a client mid-run uses it to find one in flight).
 
     Counters: ``requests``, ``statuses`` (by status sent; 0 for dropped connections), ``uploads``
-    (uploads committed), ``bytes_received`` (bytes of committed uploads), ``downloads`` and
-    ``exchanges`` (one :class:`Exchange` per request).
+    (uploads committed), ``committed`` (uploads committed, by ``bucket/name``), ``bytes_received``
+    (bytes of committed uploads), ``downloads`` and ``exchanges`` (one :class:`Exchange` per request).
     """
 
     def __init__(
@@ -324,6 +325,7 @@ class StorageApiServer:
         *,
         file_size_limit: int = GLOBAL_FILE_SIZE_LIMIT,
         pool_size: int = 10,
+        upload_delay: float = 0.0,
     ) -> None:
         self.database_url = database_url
         self.root = Path(root)
@@ -331,10 +333,12 @@ class StorageApiServer:
         self.faults = faults
         self.file_size_limit = file_size_limit
         self.pool_size = pool_size
+        self.upload_delay = upload_delay
         self.requests = 0
         self.uploads = 0
         self.bytes_received = 0
         self.downloads = 0
+        self.committed: Counter[str] = Counter()
         self.statuses: Counter[int] = Counter()
         self.exchanges: list[Exchange] = []
         self._tus: dict[str, _TusUpload] = {}
@@ -458,8 +462,8 @@ class StorageApiServer:
             try:
                 self._authorise(request)
                 response = await handler(request)
-            except _Dropped:
-                return web.Response(status=204)
+            except (_Dropped, ConnectionError):
+                return web.Response(status=204)  # the connection is gone: nothing can be sent
             except StorageError as err:
                 response = err.response()
             except Exception:
@@ -677,6 +681,8 @@ class StorageApiServer:
         must_exist: bool = False,
     ) -> uuid.UUID:
         """Move the bytes to a new version and write the object's row, as the server's completeUpload."""
+        if self.upload_delay:
+            await asyncio.sleep(self.upload_delay)
         version = str(uuid.uuid4())
         blob = self.blob_path(bucket, name, version)
         blob.parent.mkdir(parents=True, exist_ok=True)
@@ -727,6 +733,7 @@ class StorageApiServer:
         if current is not None and current["version"]:
             self.blob_path(bucket, name, current["version"]).unlink(missing_ok=True)
         self.uploads += 1
+        self.committed[f"{bucket}/{name}"] += 1
         self.bytes_received += incoming.size
         return object_id
 
@@ -935,14 +942,17 @@ class StorageApiServer:
         location = f"{self.url}{PREFIX}/upload/resumable/{upload_id}"
         return web.Response(status=201, headers=self._tus_headers(Location=location))
 
-    def _tus_upload(self, request: web.Request) -> _TusUpload:
-        upload = self._tus.get(request.match_info["upload_id"])
-        if upload is None:
-            raise StorageError(404, "NoSuchUpload", "Upload not found")
-        return upload
+    def _tus_upload(self, request: web.Request) -> _TusUpload | None:
+        return self._tus.get(request.match_info["upload_id"])
+
+    def _tus_gone(self) -> web.Response:
+        """The TUS answer for an upload the server does not know (finished, or never begun)."""
+        return web.Response(status=404, text="Not found", headers=self._tus_headers())
 
     async def _tus_head(self, request: web.Request) -> web.Response:
         upload = self._tus_upload(request)
+        if upload is None:
+            return self._tus_gone()
         headers = self._tus_headers(
             **{"Upload-Offset": str(upload.offset), "Upload-Length": str(upload.length)}
         )
@@ -951,6 +961,8 @@ class StorageApiServer:
 
     async def _tus_patch(self, request: web.Request) -> web.Response:
         upload = self._tus_upload(request)
+        if upload is None:
+            return self._tus_gone()
         if request.headers.get("Content-Type") != "application/offset+octet-stream":
             return web.Response(status=415, text="Unsupported Media Type", headers=self._tus_headers())
         try:

@@ -63,4 +63,21 @@ CREATE TABLE IF NOT EXISTS _sync.quarantine (
 CREATE UNIQUE INDEX IF NOT EXISTS quarantine_open_idx
     ON _sync.quarantine (table_name, source_key) WHERE resolved_at IS NULL;
 
-INSERT INTO _sync.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
+-- Per Storage object: what landed on the target (sizes, both sides' eTags, the bytes' digests), so a
+-- rerun or catch-up skips it, and a run killed mid-way does not send again what had landed. Written by
+-- the tool after the Storage API accepted the object; storage.* itself is only ever written by the API.
+CREATE TABLE IF NOT EXISTS _sync.storage_objects (
+    bucket      text NOT NULL,
+    target_path text NOT NULL,
+    source_path text NOT NULL,
+    source_etag text,
+    size        bigint NOT NULL,
+    target_etag text,
+    md5         text NOT NULL,
+    sha256      text NOT NULL,
+    run_id      bigint,
+    landed_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (bucket, target_path)
+);
+
+INSERT INTO _sync.schema_version (version) VALUES (1), (2) ON CONFLICT DO NOTHING;
