@@ -88,6 +88,28 @@ class SyncSettings(_Strict):
         return schemas
 
 
+class StorageColumn(_Strict):
+    """A table's ``storage = { column = …, bucket = … }``: the column holds paths of objects in a bucket.
+
+    ``column`` names the target's column. With ``owner_prefix`` the path starts with the owner's user
+    id (``<uid>/file.pdf``): objects of a user mapped to another target id move under that id, and the
+    rows follow.
+    """
+
+    column: str
+    bucket: str
+    owner_prefix: bool = False
+
+
+class StorageSettings(_Strict):
+    """The ``[storage]`` table: whole buckets copied besides the objects rows reference."""
+
+    buckets: list[str] = Field(default_factory=list)
+    """Every object of these buckets (those updated since ``--since`` on a windowed run)."""
+    concurrency: int = Field(default=4, ge=1)
+    """Objects transferred at once (``--storage-concurrency`` overrides it)."""
+
+
 class TableRule(_Strict):
     """One ``[tables."schema.table"]`` entry. Unset fields take the plan's defaults."""
 
@@ -102,6 +124,8 @@ class TableRule(_Strict):
     defaults: dict[str, str] = Field(default_factory=dict)
     skip: bool = False
     triggers: Annotated[TriggerMode, _one_of(TriggerMode)] | None = None
+    storage: StorageColumn | None = None
+    """The column holding Storage object paths, whose objects travel with the rows."""
 
     @model_validator(mode="after")
     def _consistent(self) -> TableRule:
@@ -127,6 +151,7 @@ class Mapping(_Strict):
     """A whole mapping file; ``path`` is where it was read from (None for the built-in defaults)."""
 
     sync: SyncSettings = Field(default_factory=SyncSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
     tables: dict[str, TableRule] = Field(default_factory=dict)
     _path: Path | None = PrivateAttr(default=None)
 
@@ -211,8 +236,10 @@ def _owner(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         return Mapping
     if parts[0] == "sync":
         return SyncSettings
+    if parts[0] == "storage":
+        return StorageSettings
     if parts[0] == "tables":
-        return TableRule
+        return StorageColumn if parts[2:3] == ["storage"] and len(parts) > 3 else TableRule
     return None
 
 
