@@ -65,7 +65,7 @@ def test_an_unknown_key_lists_the_ones_that_exist(tmp_path):
 
     assert error_of(path) == (
         f'{path}: tables."public.x".match: unknown key (expected one of key, match_on, natural, since, '
-        "policy, rename, ignore, defaults, skip, triggers)"
+        "policy, rename, ignore, defaults, skip, triggers, storage)"
     )
 
 
@@ -131,3 +131,28 @@ def test_since_false_reads_whole_tables_and_names_with_quotes_are_kept(tmp_path)
 
     assert rule.since is False
     assert rule.rename == {'Quote"d': "quoted"}
+
+
+def test_a_storage_column_and_whole_buckets_are_read_and_a_typo_in_them_is_named(tmp_path):
+    path = write(
+        tmp_path,
+        '[storage]\nbuckets = ["avatars"]\nconcurrency = 8\n'
+        '[tables."public.documents"]\n'
+        'storage = { column = "storage_path", bucket = "documents", owner_prefix = true }\n',
+    )
+    mapping = load_mapping(path)
+    rule = mapping.rule("public.documents").storage
+
+    assert (mapping.storage.buckets, mapping.storage.concurrency) == (["avatars"], 8)
+    assert rule is not None and (rule.column, rule.bucket, rule.owner_prefix) == (
+        "storage_path",
+        "documents",
+        True,
+    )
+    bad = write(
+        tmp_path, '[tables."public.documents"]\nstorage = { column = "p", bucket = "d", prefix = true }\n'
+    )
+    assert error_of(bad) == (
+        f'{bad}: tables."public.documents".storage.prefix: unknown key '
+        "(expected one of column, bucket, owner_prefix)"
+    )
