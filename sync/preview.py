@@ -20,7 +20,7 @@ from sync.auth.match import MatchKind, match_users, read_id_map, read_target_key
 from sync.auth.source import read_source_keys
 from sync.catalog import Catalog, Table, read_catalog
 from sync.connect import Endpoint, PoolMode, connect
-from sync.errors import UsageError
+from sync.errors import PlanError, UsageError
 from sync.mapping import Mapping
 from sync.plan import (
     AUTH_USERS,
@@ -34,6 +34,8 @@ from sync.plan import (
 )
 from sync.selection import Selection
 from sync.sqltext import Params, ident
+from sync.storage.rules import storage_rules
+from sync.storage.stage import survey_storage
 
 
 async def preview(
@@ -55,7 +57,11 @@ async def preview(
         async with _failures_named(target):
             problems += await check_casts(tgt, plan.tables)
         tables = [TableReport.of(p) for p in plan.tables]
-        users = None
+        users, files = None, []
+        try:
+            rules = storage_rules(plan, mapping)
+        except PlanError as exc:
+            problems += exc.problems
         if not problems:
             sides = _Sessions(source, target, src, tgt, source_catalog, target_catalog)
             selection = Selection(plan, since)
@@ -64,6 +70,9 @@ async def preview(
                 for report, p in zip(tables, plan.tables, strict=True)
             ]
             users = await sides.users()
+            if rules:
+                async with _failures_named(target):
+                    files = (await survey_storage(src, tgt, rules, since=since)).plan_lines()
         return PlanReport(
             source=str(source),
             target=str(target),
@@ -78,6 +87,7 @@ async def preview(
             notes=plan.notes,
             warnings=plan.warnings + connection_warnings(source, target),
             errors=problems,
+            files=files,
         )
 
 

@@ -24,14 +24,20 @@ from rich.text import Text
 log = logging.getLogger("sync")
 
 LOG_EVERY_S = 5.0
+MB = 1024 * 1024
+FILES = "files"
 
 
 class RowsPerSecond(ProgressColumn):
-    """The table's copy speed."""
+    """The table's copy speed (MB/s for the files' bar, which counts bytes)."""
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text(f"{speed:>8,.0f} rows/s" if speed else "       … rows/s", style="progress.data.speed")
+        if task.fields.get("unit") == "bytes":
+            text = f"{speed / MB:>8,.1f} MB/s" if speed else "         … MB/s"
+        else:
+            text = f"{speed:>8,.0f} rows/s" if speed else "       … rows/s"
+        return Text(text, style="progress.data.speed")
 
 
 class RunProgress:
@@ -47,6 +53,8 @@ class RunProgress:
         self._done: dict[str, int] = {}
         self._last_log: dict[str, float] = {}
         self._started: dict[str, float] = {}
+        self._files_total = (0, 0)
+        self._files_done = (0, 0)
 
     @property
     def wants_totals(self) -> bool:
@@ -82,6 +90,32 @@ class RunProgress:
                 of,
                 self._done[table] / elapsed,
             )
+
+    def files_total(self, objects: int, size: int) -> None:
+        """The storage stage's work ahead: ``objects`` files of ``size`` bytes in all."""
+        self._files_total = (objects, size)
+        self._files_done = (0, 0)
+        self._started[FILES] = time.monotonic()
+        if self._bars is not None:
+            self._tasks[FILES] = self._bars.add_task(self._files_label(), total=size or None, unit="bytes")
+
+    def files(self, objects: int, size: int) -> None:
+        """``objects`` more files settled, ``size`` more bytes sent (the storage stage's progress)."""
+        done = self._files_done = (self._files_done[0] + objects, self._files_done[1] + size)
+        if not self.enabled:
+            return
+        if self._bars is not None and FILES in self._tasks:
+            self._bars.update(self._tasks[FILES], completed=done[1], description=self._files_label())
+            return
+        now = time.monotonic()
+        if now - self._last_log.get(FILES, 0.0) >= LOG_EVERY_S:
+            self._last_log[FILES] = now
+            elapsed = max(now - self._started.get(FILES, now), 1e-6)
+            log.info("%s (%.1f MB/s)", self._files_label(), done[1] / MB / elapsed)
+
+    def _files_label(self) -> str:
+        (objects, size), done = self._files_total, self._files_done
+        return f"files {done[0]:,}/{objects:,} ({done[1] / MB:,.1f}/{size / MB:,.1f} MB)"
 
     @contextmanager
     def shown(self) -> Iterator[RunProgress]:

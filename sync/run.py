@@ -28,6 +28,8 @@ from sync.mapping import Mapping
 from sync.plan import Plan, TablePlan, build_plan, check_casts
 from sync.snapshot import SourceSnapshot
 from sync.state import RunLock, begin_run, catch_up_since, ensure_state, finish_run, record_high_water
+from sync.storage import StorageReport
+from sync.storage.stage import StorageStage
 
 log = logging.getLogger("sync")
 
@@ -73,12 +75,17 @@ class RunReport(BaseModel):
     resumed: bool
     tables: list[table_copy.TableResult] = []
     auth: AuthReport | None = None
+    storage: StorageReport | None = None
     sequences_moved: int = 0
     seconds: float = 0.0
 
     @property
     def quarantined(self) -> int:
-        return sum(t.quarantined for t in self.tables) + (self.auth.quarantined if self.auth else 0)
+        return (
+            sum(t.quarantined for t in self.tables)
+            + (self.auth.quarantined if self.auth else 0)
+            + (self.storage.quarantined if self.storage else 0)
+        )
 
     @property
     def exit_code(self) -> int:
@@ -91,6 +98,7 @@ class RunReport(BaseModel):
             "auth": self.auth.model_dump(mode="json", exclude={"notes", "quarantined_users"})
             if self.auth
             else {},
+            "storage": self.storage.counts() if self.storage else {},
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -105,6 +113,7 @@ class RunReport(BaseModel):
             "auth": self.auth.model_dump(mode="json") if self.auth else None,
             "tables": [t.model_dump(mode="json") for t in self.tables],
             "sequences_moved": self.sequences_moved,
+            "storage": self.storage.counts() if self.storage else None,
         }
 
 
@@ -155,11 +164,17 @@ async def run_sync(
     *,
     auth_stage: AuthStage | None = None,
     progress: table_copy.Progress | None = None,
+    storage_stage: StorageStage | None = None,
 ) -> RunReport:
-    """Run the whole pipeline once; resumable: a rerun continues from the checkpoints."""
+    """Run the whole pipeline once; resumable: a rerun continues from the checkpoints.
+
+    ``storage_stage`` copies the files the rows reference, after the tables (see sync.storage).
+    """
     started = time.perf_counter()
     lock = RunLock(target)
     plan = await load_plan(source, target, mapping)
+    if storage_stage is not None:
+        storage_stage.check(plan, mapping)
     await lock.acquire()
     tconn = await connect(target, application_name="sync run")
     snapshot = SourceSnapshot(source)

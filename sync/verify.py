@@ -19,6 +19,8 @@ from sync.connect import Endpoint, connect
 from sync.plan import Plan
 from sync.selection import Selection, key_owners, key_text_sql, source_key_columns
 from sync.sqltext import Params, column_list, ident, row_of, table_ident
+from sync.storage.check import StorageCheck, check_storage
+from sync.storage.select import StorageRules
 
 CHUNK = 10_000
 
@@ -50,6 +52,8 @@ class VerifyReport(BaseModel):
     since: datetime | None
     users: UserCheck
     tables: list[TableCheck]
+    files: StorageCheck | None = None
+    """Set when the mapping names Storage objects: each copied row's file, by size and hash."""
 
     @property
     def ok(self) -> bool:
@@ -57,11 +61,18 @@ class VerifyReport(BaseModel):
             not (self.users.missing or self.users.other_hash or self.users.unloadable)
             and not self.users.without_email_identity
             and all(t.missing == 0 and t.orphans == 0 for t in self.tables)
+            and (self.files is None or self.files.ok)
         )
 
 
-async def verify(source: Endpoint, target: Endpoint, plan: Plan, since: datetime | None) -> VerifyReport:
-    """Check the target against the source; writes nothing."""
+async def verify(
+    source: Endpoint,
+    target: Endpoint,
+    plan: Plan,
+    since: datetime | None,
+    storage: StorageRules | None = None,
+) -> VerifyReport:
+    """Check the target against the source (and the files ``storage`` names); writes nothing."""
     sconn, tconn = await connect(source, application_name="sync verify"), await connect(target)
     try:
         async with (
@@ -70,7 +81,8 @@ async def verify(source: Endpoint, target: Endpoint, plan: Plan, since: datetime
         ):
             users = await _check_users(sconn, tconn)
             tables = [await _check_table(sconn, tconn, plan, t.name, since) for t in plan.tables]
-        return VerifyReport(since=since, users=users, tables=tables)
+            files = await check_storage(sconn, tconn, storage, since) if storage else None
+        return VerifyReport(since=since, users=users, tables=tables, files=files)
     finally:
         await sconn.close()
         await tconn.close()

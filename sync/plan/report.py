@@ -123,3 +123,5 @@ class PlanReport(BaseModel):
     notes: list[str]
     warnings: list[str]
     errors: list[str]
+    files: list[str] = []
+    """Storage objects per bucket: how many (and how many bytes) a run would copy, and bucket drift."""

@@ -8,8 +8,8 @@ project's Storage API; ``transfer`` streams one object at a time and checkpoints
 
 from sync.storage.client import StorageApi, StorageApiError
 from sync.storage.report import StorageReport
-from sync.storage.select import BucketRule, ColumnRule
-from sync.storage.stage import StorageRules, copy_storage, survey_storage, wanted_objects
+from sync.storage.select import BucketRule, ColumnRule, StorageRules
+from sync.storage.stage import copy_storage, survey_storage, wanted_objects
 from sync.storage.transfer import TransferSettings
 
 __all__ = [

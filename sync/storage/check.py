@@ -7,16 +7,16 @@ what "there" means. Reads only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
+from pydantic import BaseModel
 
-from sync.storage.stage import StorageRules, wanted_objects
+from sync.storage.select import StorageRules
+from sync.storage.stage import wanted_objects
 
 
-@dataclass
-class StorageCheck:
+class StorageCheck(BaseModel):
     """Objects checked, and those missing, different, not pointed at, or missing in the source."""
 
     objects: int = 0
@@ -24,7 +24,7 @@ class StorageCheck:
     different: int = 0
     not_repointed: int = 0
     missing_in_source: int = 0
-    examples: list[str] = field(default_factory=list)
+    examples: list[str] = []
 
     @property
     def ok(self) -> bool:

@@ -91,6 +91,11 @@ class StorageReport:
         return Tally(sum(t.objects for t in tallies.values()), sum(t.bytes for t in tallies.values()))
 
     @property
+    def copy_total(self) -> Tally:
+        """What a survey found to copy."""
+        return self._total(self.to_copy)
+
+    @property
     def copied_total(self) -> Tally:
         return self._total(self.landed)
 
@@ -117,6 +122,24 @@ class StorageReport:
     def exit_code(self) -> int:
         """0 when every object landed or was present, 3 when some were quarantined."""
         return EXIT_QUARANTINED if self.refusals else EXIT_OK
+
+    def counts(self) -> dict[str, object]:
+        """The numbers, for the run record and ``--json``."""
+        copied, present = self.copied_total, self.present_total
+        return {
+            "copied": copied.objects,
+            "copied_bytes": copied.bytes,
+            "present": present.objects,
+            "present_bytes": present.bytes,
+            "quarantined": self.quarantined,
+            "repointed": self.repointed,
+            "retries": self.retries,
+            "seconds": round(self.elapsed, 3),
+            "mb_per_s": round(self.mb_per_s, 2),
+            "objects_per_s": round(self.objects_per_s, 1),
+            "created_buckets": self.created_buckets,
+            "drift": self.drift,
+        }
 
     # -- text ------------------------------------------------------------------------------------
 

@@ -6,8 +6,7 @@ from sync.errors import PlanError
 from sync.mapping import Mapping
 from sync.plan import Plan
 from sync.selection import key_owners
-from sync.storage.select import BucketRule, ColumnRule
-from sync.storage.stage import StorageRules
+from sync.storage.select import BucketRule, ColumnRule, StorageRules
 
 
 def storage_rules(plan: Plan, mapping: Mapping) -> StorageRules:

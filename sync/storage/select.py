@@ -73,6 +73,22 @@ class BucketRule:
 
 
 @dataclass(frozen=True)
+class StorageRules:
+    """What the mapping asks for: path columns of tables, and whole buckets."""
+
+    columns: tuple[ColumnRule, ...] = ()
+    buckets: tuple[BucketRule, ...] = ()
+
+    @property
+    def bucket_ids(self) -> list[str]:
+        """Every bucket the rules touch, in a stable order."""
+        return sorted({r.bucket for r in self.columns} | {b.bucket for b in self.buckets})
+
+    def __bool__(self) -> bool:
+        return bool(self.columns or self.buckets)
+
+
+@dataclass(frozen=True)
 class ObjectMeta:
     """What the Storage server keeps about an object's content."""
 

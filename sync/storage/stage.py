@@ -10,38 +10,19 @@ and needs no API key.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
 
+from sync.connect import Endpoint, connect
+from sync.mapping import Mapping
+from sync.plan import Plan
 from sync.storage.client import StorageApi
 from sync.storage.report import StorageReport, settings_drift
-from sync.storage.select import (
-    BucketRule,
-    ColumnRule,
-    Wanted,
-    bucket_objects,
-    bucket_settings,
-    referenced_objects,
-)
+from sync.storage.rules import storage_rules
+from sync.storage.select import StorageRules, Wanted, bucket_objects, bucket_settings, referenced_objects
 from sync.storage.transfer import Progress, Transfers, TransferSettings
-
-
-@dataclass(frozen=True)
-class StorageRules:
-    """What the mapping asks for: path columns of tables, and whole buckets."""
-
-    columns: tuple[ColumnRule, ...] = ()
-    buckets: tuple[BucketRule, ...] = ()
-
-    @property
-    def bucket_ids(self) -> list[str]:
-        """Every bucket the rules touch, in a stable order."""
-        return sorted({r.bucket for r in self.columns} | {b.bucket for b in self.buckets})
-
-    def __bool__(self) -> bool:
-        return bool(self.columns or self.buckets)
 
 
 async def wanted_objects(
@@ -132,3 +113,74 @@ async def survey_storage(
                 report.wanted(wanted.bucket, wanted.source.size)
     report.finish()
     return report
+
+
+@dataclass(frozen=True)
+class StorageAccess:
+    """Both projects' Storage API: URL and service-role key of each (keys are never printed)."""
+
+    source_url: str
+    source_key: str = field(repr=False)
+    target_url: str
+    target_key: str = field(repr=False)
+
+
+class StorageStage:
+    """The storage stage as a run calls it: rules checked before anything is written, files after rows."""
+
+    def __init__(
+        self,
+        access: StorageAccess,
+        settings: TransferSettings,
+        progress: Progress | None = None,
+        totals: Progress | None = None,
+    ) -> None:
+        """``progress`` is told ``(objects, bytes)`` as they settle; ``totals`` first, what lies ahead."""
+        self.access = access
+        self.settings = settings
+        self.progress = progress
+        self.totals = totals
+
+    def check(self, plan: Plan, mapping: Mapping) -> StorageRules:
+        """The run's storage rules; PlanError (nothing written) when one cannot be followed."""
+        return storage_rules(plan, mapping)
+
+    async def run(
+        self,
+        source: Endpoint,
+        tconn: asyncpg.Connection,
+        plan: Plan,
+        mapping: Mapping,
+        since: datetime | None,
+        run_id: int,
+    ) -> StorageReport:
+        """Copy the files the rules name; ``tconn`` is the run's target connection."""
+        rules = self.check(plan, mapping)
+        if not rules:
+            report = StorageReport()
+            report.finish()
+            return report
+        sconn = await connect(source, application_name="sync storage")
+        access = self.access
+        try:
+            if self.totals is not None:
+                ahead = await survey_storage(sconn, tconn, rules, since=since)
+                work = ahead.copy_total
+                self.totals(work.objects + ahead.present_total.objects + ahead.missing_in_source, work.bytes)
+            async with (
+                StorageApi(access.source_url, access.source_key, side="source") as source_api,
+                StorageApi(access.target_url, access.target_key, side="target") as target_api,
+            ):
+                return await copy_storage(
+                    sconn,
+                    tconn,
+                    source_api,
+                    target_api,
+                    rules,
+                    since=since,
+                    run_id=run_id,
+                    settings=self.settings,
+                    progress=self.progress,
+                )
+        finally:
+            await sconn.close()
