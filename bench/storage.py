@@ -26,8 +26,8 @@ import asyncpg
 import httpx
 import psycopg
 
-from sync import testbed
-from sync.embedded import ensure_server
+from devkit import testbed
+from devkit.embedded import ensure_server
 from sync.state import ensure_state
 
 ROOT = Path(__file__).resolve().parent.parent

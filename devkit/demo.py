@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import bcrypt
 import psycopg
@@ -11,9 +14,12 @@ import psycopg
 from devkit import scenario, testbed
 from devkit.embedded import ensure_server
 from sync.errors import first_line
+from sync.storage.stage import StorageAccess
 
 DEMO_SOURCE = "sync_demo_production"
 DEMO_TARGET = "sync_demo_development"
+SERVICE_KEY = "service-role-key"
+"""The service-role key of the demo's local Storage APIs."""
 
 
 class DemoError(RuntimeError):
@@ -27,6 +33,8 @@ class DemoDatabases:
     source_url: str
     target_url: str
     seconds: float
+    files: dict[str, list[str]] = field(default_factory=dict)
+    """The documents' file paths each project holds: ``production`` and ``development``."""
 
 
 def build_on_embedded(scale: int, seed: int) -> DemoDatabases:
@@ -48,7 +56,26 @@ def build(source_url: str, target_url: str, scale: int, seed: int) -> DemoDataba
     data = scenario.generate(scale=scale, seed=seed)
     scenario.build_production(source_url, data)
     scenario.build_development(target_url, data)
-    return DemoDatabases(source_url, target_url, time.perf_counter() - started)
+    files = {
+        "production": scenario.document_files(data.production),
+        "development": scenario.document_files(data.dev_only),
+    }
+    return DemoDatabases(source_url, target_url, time.perf_counter() - started, files)
+
+
+@asynccontextmanager
+async def storage_projects(built: DemoDatabases, root: Path) -> AsyncIterator[StorageAccess]:
+    """Both projects' Storage API, holding the scenario's files: the repository's local Storage server
+    (the one the tests use) on each database, its bytes under ``root``."""
+    from tests.storage_api_server import StorageApiServer
+
+    async with (
+        StorageApiServer(built.source_url, root / "production", SERVICE_KEY) as production,
+        StorageApiServer(built.target_url, root / "development", SERVICE_KEY) as development,
+    ):
+        await scenario.upload_files(production.url, SERVICE_KEY, built.files["production"])
+        await scenario.upload_files(development.url, SERVICE_KEY, built.files["development"])
+        yield StorageAccess(production.url, SERVICE_KEY, development.url, SERVICE_KEY)
 
 
 def _check_buildable(side: str, url: str) -> None:

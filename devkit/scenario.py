@@ -14,6 +14,7 @@ Passwords are reproducible from the e-mail (:func:`password_for`), so tests can 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
@@ -25,6 +26,7 @@ from decimal import Decimal
 from typing import Any
 
 import bcrypt
+import httpx
 import psycopg
 from psycopg.types.json import Jsonb
 
@@ -795,3 +797,61 @@ def expected_counts(scale: int = 1) -> dict[str, dict[str, int]]:
 def dumps(value: Any) -> str:
     """JSON for reports (dates and decimals as strings)."""
     return json.dumps(value, default=str, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+FILES_BUCKET = "documents"
+"""The bucket every document's file lives in, in both projects (private, PDFs, at most 10 MB)."""
+BUCKET_SETTINGS: dict[str, Any] = {
+    "public": False,
+    "file_size_limit": 10 * 1024 * 1024,
+    "allowed_mime_types": ["application/pdf"],
+}
+LARGE_EVERY = 50
+"""One document in this many has a 40–60 KB file: above a small resumable-upload threshold in tests."""
+
+
+def file_bytes(path: str) -> bytes:
+    """The deterministic content of the file at ``path``: a PDF header and 1–8 KB (some 40–60 KB) of bytes
+    drawn from the path, so both projects and every test agree on it without storing it anywhere."""
+    digest = hashlib.sha256(path.encode()).digest()
+    number = int.from_bytes(digest[:4], "big")
+    size = 40_000 + number % 20_000 if number % LARGE_EVERY == 0 else 1024 + number % 7168
+    head = b"%PDF-1.4\n"
+    body = (digest * (size // len(digest) + 1))[: size - len(head)]
+    return head + body
+
+
+def document_files(side: Side) -> list[str]:
+    """The storage paths of ``side``'s documents: production has a file for every document; development
+    for the documents its own testers uploaded (the database copy a month ago brought no files)."""
+    return [d["storage_path"] for d in side.rows["documents"]]
+
+
+async def upload_files(
+    storage_url: str, service_key: str, paths: Sequence[str], concurrency: int = 8
+) -> None:
+    """Create the documents bucket (when missing) and upload each path's file through the Storage API."""
+    headers = {"Authorization": f"Bearer {service_key}", "apikey": service_key}
+    async with httpx.AsyncClient(base_url=f"{storage_url.rstrip('/')}/storage/v1", headers=headers) as http:
+        created = await http.post("/bucket", json={"name": FILES_BUCKET, **BUCKET_SETTINGS})
+        if created.status_code != 200 and created.json().get("statusCode") != "409":
+            raise RuntimeError(f"cannot create the {FILES_BUCKET} bucket: {created.text}")
+        slots = asyncio.Semaphore(concurrency)
+
+        async def put(path: str) -> None:
+            async with slots:
+                answer = await http.post(
+                    f"/object/{FILES_BUCKET}/{path}",
+                    content=file_bytes(path),
+                    headers={
+                        "Content-Type": "application/pdf",
+                        "Cache-Control": "max-age=3600",
+                        "x-upsert": "true",
+                    },
+                )
+            if answer.status_code != 200:
+                raise RuntimeError(f"cannot upload {path}: {answer.text}")
+
+        await asyncio.gather(*(put(p) for p in paths))

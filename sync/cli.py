@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +26,9 @@ from sync.progress import RunProgress
 from sync.resources import example_mapping
 from sync.run import RunOptions, RunReport, auth_import, run_auth_only, run_sync
 from sync.status import read_status
+from sync.storage.rules import storage_rules
+from sync.storage.stage import StorageAccess, StorageStage
+from sync.storage.transfer import TransferSettings
 from sync.verify import VerifyReport
 
 T = TypeVar("T")
@@ -112,17 +116,26 @@ def demo(source: str | None, target: str | None, scale: int, seed: int | None, n
         return
     endpoints = Endpoint.parse(Side.SOURCE, built.source_url), Endpoint.parse(Side.TARGET, built.target_url)
     mapping = load_mapping(example_mapping())
-    render.say(f"\n$ sync run --since {scenario.COPY_DATE:%Y-%m-%d}")
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    report = _run_pipeline(
-        *endpoints,
-        lambda: run_sync(
-            *endpoints,
-            mapping,
-            RunOptions(since=scenario.COPY_DATE),
-            auth_stage=auth_import(AuthOptions()),
-        ),
+    render.say(
+        f"\n$ sync run --since {scenario.COPY_DATE:%Y-%m-%d} "
+        "--source-supabase-url … --supabase-url …  (files through two local Storage APIs)"
     )
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+
+    async def run_with_files() -> RunReport:
+        with tempfile.TemporaryDirectory(prefix="sync-demo-storage-") as root:
+            async with kit.storage_projects(built, Path(root)) as access:
+                return await run_sync(
+                    *endpoints,
+                    mapping,
+                    RunOptions(since=scenario.COPY_DATE),
+                    auth_stage=auth_import(AuthOptions()),
+                    storage_stage=StorageStage(
+                        access, TransferSettings(concurrency=mapping.storage.concurrency)
+                    ),
+                )
+
+    report = _run_pipeline(*endpoints, run_with_files)
     render.run(report)
     render.counts(scenario.table_counts(built.source_url), scenario.table_counts(built.target_url))
     checked, verified = kit.verify_logins(built.target_url, sample=25)
@@ -263,14 +276,35 @@ def _run_pipeline(source: Endpoint, target: Endpoint, work: Callable[[], Awaitab
     "--supabase-url",
     envvar="SUPABASE_URL",
     metavar="URL",
-    help="The target project's URL, for --auth-mode admin-api [env SUPABASE_URL].",
+    help="The target project's URL, for --auth-mode admin-api and for files [env SUPABASE_URL].",
 )
 @click.option(
     "--service-role-key",
     envvar="SUPABASE_SERVICE_ROLE_KEY",
     metavar="KEY",
-    help="The target project's service-role key, for admin-api; never printed "
+    help="The target project's service-role key, for admin-api and files; never printed "
     "[env SUPABASE_SERVICE_ROLE_KEY].",
+)
+@click.option(
+    "--source-supabase-url",
+    envvar="SYNC_SOURCE_SUPABASE_URL",
+    metavar="URL",
+    help="The production project's URL: files the mapping names are read through its Storage API "
+    "[env SYNC_SOURCE_SUPABASE_URL].",
+)
+@click.option(
+    "--source-service-role-key",
+    envvar="SYNC_SOURCE_SERVICE_ROLE_KEY",
+    metavar="KEY",
+    help="The production project's service-role key, for files; never printed "
+    "[env SYNC_SOURCE_SERVICE_ROLE_KEY].",
+)
+@click.option(
+    "--storage-concurrency",
+    envvar="SYNC_STORAGE_CONCURRENCY",
+    type=click.IntRange(min=1),
+    help="Files transferred at once (default: the mapping's [storage] concurrency, 4) "
+    "[env SYNC_STORAGE_CONCURRENCY].",
 )
 @click.option(
     "--auth-concurrency",
@@ -297,6 +331,9 @@ def run_command(
     auth_mode: str | None,
     supabase_url: str | None,
     service_role_key: str | None,
+    source_supabase_url: str | None,
+    source_service_role_key: str | None,
+    storage_concurrency: int | None,
     auth_concurrency: int,
     batch_size: int | None,
     jobs: int | None,
@@ -337,6 +374,9 @@ def run_command(
         skip_auth=skip_auth,
     )
 
+    access = (source_supabase_url, source_service_role_key, supabase_url, service_role_key)
+    storage = storage_stage(mapping, access, storage_concurrency, progress)
+
     async def work() -> RunReport:
         with progress.shown():
             return await run_sync(
@@ -345,6 +385,7 @@ def run_command(
                 options,
                 auth_stage=auth_import(auth_options, admin_api),
                 progress=progress,
+                storage_stage=storage,
             )
 
     report = _run_pipeline(*endpoints, work)
@@ -410,7 +451,34 @@ async def _verify(
     from sync.run import load_plan
     from sync.verify import verify
 
-    return await verify(*endpoints, await load_plan(*endpoints, mapping), since)
+    plan = await load_plan(*endpoints, mapping)
+    return await verify(*endpoints, plan, since, storage=storage_rules(plan, mapping))
+
+
+def storage_stage(
+    mapping: Mapping,
+    access: tuple[str | None, str | None, str | None, str | None],
+    concurrency: int | None,
+    progress: RunProgress | None = None,
+) -> StorageStage | None:
+    """The run's storage stage when the mapping names files; None (and a warning) without both projects'
+    Storage API URL and key, or when it names none."""
+    if not (mapping.storage.buckets or any(rule.storage for rule in mapping.tables.values())):
+        return None
+    if not all(access):
+        logging.getLogger("sync").warning(
+            "files: not copied: the mapping names Storage objects, but --source-supabase-url, "
+            "--source-service-role-key, --supabase-url and --service-role-key are not all given"
+        )
+        return None
+    source_url, source_key, target_url, target_key = (str(a) for a in access)
+    settings = TransferSettings(concurrency=concurrency or mapping.storage.concurrency)
+    return StorageStage(
+        StorageAccess(source_url, source_key, target_url, target_key),
+        settings,
+        progress=progress.files if progress else None,
+        totals=progress.files_total if progress else None,
+    )
 
 
 @main.group("quarantine")

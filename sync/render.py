@@ -90,6 +90,7 @@ def plan(report: PlanReport) -> None:
             for t in triggers
         ],
     )
+    _section("files (Storage)", report.files)
     _section("drift and new columns", report.notes)
     _section("warnings", report.warnings, "yellow")
     _section("errors (nothing can run until they are fixed)", report.errors, "bold red")
@@ -158,6 +159,9 @@ def run(report: RunReport) -> None:
             rate,
         )
     console.print(table)
+    if report.storage is not None:
+        for number, line in enumerate(report.storage.lines()):
+            say(line, "red" if number and "Quarantined" in line else None)
     say(f"Sequences moved forward: {report.sequences_moved}. Done in {report.seconds:.1f} s.")
     if report.quarantined:
         say(
@@ -223,6 +227,10 @@ def verify(report: VerifyReport) -> None:
             f"orphans {t.orphans}{examples}",
             None if t.missing == 0 and t.orphans == 0 else "red",
         )
+    if report.files is not None:
+        say(report.files.line(), None if report.files.ok else "red")
+        for example in report.files.examples:
+            say(f"  {example}")
     say(
         "verified: nothing missing" if report.ok else "verification found problems",
         None if report.ok else "red",

@@ -219,6 +219,8 @@ async def run_sync(
             report.tables = await copy_tables(ctx, options, progress)
             await patch_deferred(ctx, options)
             report.sequences_moved = await table_copy.move_sequences(tconn, plan)
+            if storage_stage is not None:
+                report.storage = await storage_stage.run(source, tconn, plan, mapping, since, run.id)
         except (Exception, asyncio.CancelledError) as exc:
             status = (
                 "interrupted" if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)) else "failed"

@@ -63,10 +63,14 @@ async def test_every_production_documents_file_arrives_with_its_row_and_only_onc
         assert report.exit_code == 0 and report.storage is not None, report.to_json()
         assert report.storage.quarantined == 0
         users = dict(
-            await tconn.fetch("SELECT source_key, target_key FROM _sync.id_map WHERE table_name = 'auth.users'")
+            await tconn.fetch(
+                "SELECT source_key, target_key FROM _sync.id_map WHERE table_name = 'auth.users'"
+            )
         )
         documents = dict(
-            await tconn.fetch("SELECT source_key, target_key FROM _sync.id_map WHERE table_name = 'public.documents'")
+            await tconn.fetch(
+                "SELECT source_key, target_key FROM _sync.id_map WHERE table_name = 'public.documents'"
+            )
         )
         target_paths = dict(await tconn.fetch("SELECT id::text, storage_path FROM public.documents"))
         expected = {}
@@ -83,13 +87,13 @@ async def test_every_production_documents_file_arrives_with_its_row_and_only_onc
         assert report.storage.copied_total.objects == len(expected)
         mine = await fetch_all(dev_api, own)
         assert all(mine[p] == scenario.file_bytes(p) for p in own)
-        versions = dict(await tconn.fetch("SELECT name, version FROM storage.objects WHERE name = ANY($1)", own))
+        versions = dict(
+            await tconn.fetch("SELECT name, version FROM storage.objects WHERE name = ANY($1)", own)
+        )
         assert versions == {p: own_versions[p] for p in own}  # development's own files untouched
 
         uploads = dev_api.uploads
-        again = await run_sync(
-            source, target, load_mapping(SEED_MAPPING), RunOptions(), storage_stage=stage
-        )
+        again = await run_sync(source, target, load_mapping(SEED_MAPPING), RunOptions(), storage_stage=stage)
         await tconn.close()
 
     assert again.storage is not None and again.storage.copied_total.bytes == 0
