@@ -88,16 +88,16 @@ async def seed(source_url: str, api: str, target_url: str, files: int, big_mb: i
         semaphore = asyncio.Semaphore(8)
 
         async def put(n: int) -> None:
-            owner = uuid.UUID(int=n + 1)
-            path = f"{owner}/{n}.pdf"
+            path = f"{uuid.UUID(int=n + 1)}/{n}.pdf"
             block = hashlib.sha256(str(n).encode()).digest()
             size = 2048 + (n * 7919) % (38 * 1024)
             async with semaphore:
                 await http.post(f"/object/documents/{path}", content=(block * (size // 32 + 1))[:size])
-            for conn in (sconn, tconn):
-                await conn.execute("INSERT INTO public.docs VALUES ($1, $2, $3)", n, owner, path)
 
         await asyncio.gather(*(put(n) for n in range(files)))
+        rows = [(n, uuid.UUID(int=n + 1), f"{uuid.UUID(int=n + 1)}/{n}.pdf") for n in range(files)]
+        for conn in (sconn, tconn):
+            await conn.executemany("INSERT INTO public.docs VALUES ($1, $2, $3)", rows)
 
         async def big_body():
             block = os.urandom(1024 * 1024)

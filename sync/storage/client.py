@@ -294,12 +294,13 @@ class StorageApi:
             raise error
         return int(response.headers["Upload-Offset"])
 
-    async def send_chunk(self, location: str, offset: int, chunk: bytes) -> int:
+    async def send_chunk(self, location: str, offset: int, chunk: bytes | memoryview) -> int:
         """PATCH ``chunk`` at ``offset``; returns the server's new offset."""
         headers = {
             "Tus-Resumable": "1.0.0",
             "Upload-Offset": str(offset),
             "Content-Type": "application/offset+octet-stream",
         }
-        response = await self._checked(await self.http.patch(location, content=chunk, headers=headers))
+        body = bytes(chunk) if isinstance(chunk, memoryview) else chunk
+        response = await self._checked(await self.http.patch(location, content=body, headers=headers))
         return int(response.headers.get("Upload-Offset", offset + len(chunk)))

@@ -310,7 +310,8 @@ class Transfers:
                     held = now
                     if held == end:
                         return end
-                return await self.target.send_chunk(location, held, data[held - offset :])
+                rest = data if held == offset else memoryview(data)[held - offset :]
+                return await self.target.send_chunk(location, held, rest)
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- state -----------------------------------------------------------------------------------
