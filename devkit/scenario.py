@@ -25,8 +25,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import aiohttp
 import bcrypt
-import httpx
 import psycopg
 from psycopg.types.json import Jsonb
 
@@ -834,24 +834,21 @@ async def upload_files(
 ) -> None:
     """Create the documents bucket (when missing) and upload each path's file through the Storage API."""
     headers = {"Authorization": f"Bearer {service_key}", "apikey": service_key}
-    async with httpx.AsyncClient(base_url=f"{storage_url.rstrip('/')}/storage/v1", headers=headers) as http:
-        created = await http.post("/bucket", json={"name": FILES_BUCKET, **BUCKET_SETTINGS})
-        if created.status_code != 200 and created.json().get("statusCode") != "409":
-            raise RuntimeError(f"cannot create the {FILES_BUCKET} bucket: {created.text}")
+    base = f"{storage_url.rstrip('/')}/storage/v1"
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.post(f"{base}/bucket", json={"name": FILES_BUCKET, **BUCKET_SETTINGS}) as created:
+            answer = await created.json()
+            if created.status != 200 and answer.get("statusCode") != "409":
+                raise RuntimeError(f"cannot create the {FILES_BUCKET} bucket: {answer}")
         slots = asyncio.Semaphore(concurrency)
+        sent = {"Content-Type": "application/pdf", "Cache-Control": "max-age=3600", "x-upsert": "true"}
 
         async def put(path: str) -> None:
-            async with slots:
-                answer = await http.post(
-                    f"/object/{FILES_BUCKET}/{path}",
-                    content=file_bytes(path),
-                    headers={
-                        "Content-Type": "application/pdf",
-                        "Cache-Control": "max-age=3600",
-                        "x-upsert": "true",
-                    },
-                )
-            if answer.status_code != 200:
-                raise RuntimeError(f"cannot upload {path}: {answer.text}")
+            async with (
+                slots,
+                http.post(f"{base}/object/{FILES_BUCKET}/{path}", data=file_bytes(path), headers=sent) as r,
+            ):
+                if r.status != 200:
+                    raise RuntimeError(f"cannot upload {path}: {await r.text()}")
 
         await asyncio.gather(*(put(p) for p in paths))

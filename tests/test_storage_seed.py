@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import aiohttp
 import asyncpg
-import httpx
 from queries import SEED_MAPPING
 
 from devkit import scenario
@@ -29,10 +29,11 @@ async def fetch_all(server: StorageApiServer, paths: list[str]) -> dict[str, byt
     """Download ``paths`` from the documents bucket; None for a path that is not there."""
     headers = {"Authorization": f"Bearer {KEY}"}
     found: dict[str, bytes | None] = {}
-    async with httpx.AsyncClient(base_url=f"{server.url}/storage/v1", headers=headers, timeout=60) as http:
+    base = f"{server.url}/storage/v1/object/{scenario.FILES_BUCKET}"
+    async with aiohttp.ClientSession(headers=headers) as http:
         for path in paths:
-            answer = await http.get(f"/object/{scenario.FILES_BUCKET}/{path}")
-            found[path] = answer.content if answer.status_code == 200 else None
+            async with http.get(f"{base}/{path}") as answer:
+                found[path] = await answer.read() if answer.status == 200 else None
     return found
 
 
