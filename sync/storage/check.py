@@ -43,6 +43,11 @@ async def check_storage(
 ) -> StorageCheck:
     """Compare each wanted object on the target with the source's; writes nothing."""
     check = StorageCheck()
+    for side, conn in (("source", sconn), ("target", tconn)):
+        if not await conn.fetchval("SELECT to_regclass('storage.objects') IS NOT NULL"):
+            check.examples.append(f"the {side} database has no storage schema: no file checked")
+    if check.examples:
+        return check
     async for batch in wanted_objects(sconn, tconn, rules, since):
         for wanted in batch:
             if wanted.source is None:

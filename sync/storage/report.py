@@ -59,6 +59,7 @@ class StorageReport:
     retries: int = 0
     created_buckets: list[str] = field(default_factory=list)
     drift: dict[str, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     elapsed: float = 0.0
 
@@ -169,7 +170,7 @@ class StorageReport:
 
     def plan_lines(self) -> list[str]:
         """What ``sync plan`` shows: per bucket, objects and bytes to copy and already there, and drift."""
-        out = []
+        out = list(self.notes)
         for bucket in sorted(set(self.to_copy) | set(self.present_on_target) | set(self.drift)):
             copy = self.to_copy.get(bucket, Tally())
             there = self.present_on_target.get(bucket, Tally())

@@ -37,6 +37,18 @@ async def wanted_objects(
             yield batch
 
 
+async def _has_storage(sconn: asyncpg.Connection, tconn: asyncpg.Connection, report: StorageReport) -> bool:
+    """Both databases have Supabase's storage schema; otherwise say which lacks it (nothing to copy)."""
+    missing = [
+        side
+        for side, conn in (("source", sconn), ("target", tconn))
+        if not await conn.fetchval("SELECT to_regclass('storage.objects') IS NOT NULL")
+    ]
+    for side in missing:
+        report.notes.append(f"the {side} database has no storage schema (is it a Supabase project?)")
+    return not missing
+
+
 async def _check_buckets(
     sconn: asyncpg.Connection,
     tconn: asyncpg.Connection,
@@ -81,6 +93,9 @@ async def copy_storage(
     repoints rows); neither ever writes ``storage.*``.
     """
     report = StorageReport()
+    if not await _has_storage(sconn, tconn, report):
+        report.finish()
+        return report
     await _check_buckets(sconn, tconn, rules, report, target)
     transfers = Transfers(
         source,
@@ -102,6 +117,9 @@ async def survey_storage(
 ) -> StorageReport:
     """What a run would copy, per bucket, and the bucket settings that differ; writes nothing."""
     report = StorageReport()
+    if not await _has_storage(sconn, tconn, report):
+        report.finish()
+        return report
     await _check_buckets(sconn, tconn, rules, report, None)
     async for batch in wanted_objects(sconn, tconn, rules, since):
         for wanted in batch:
