@@ -72,7 +72,7 @@ async def preview(
             users = await sides.users()
             if rules:
                 async with _failures_named(target):
-                    files = (await survey_storage(src, tgt, rules, since=since)).plan_lines()
+                    files = (await survey_storage(src, tgt, rules, since=since, plan=plan)).plan_lines()
         return PlanReport(
             source=str(source),
             target=str(target),

@@ -14,6 +14,7 @@ from devkit import scenario
 from sync.auth import AuthOptions
 from sync.connect import Endpoint, Side
 from sync.mapping import load_mapping
+from sync.preview import preview
 from sync.run import RunOptions, auth_import, run_sync
 from sync.storage.select import owner_rewrite
 from sync.storage.stage import StorageAccess, StorageStage
@@ -51,6 +52,9 @@ async def test_every_production_documents_file_arrives_with_its_row_and_only_onc
         tconn = await asyncpg.connect(development.url)
         own_versions = dict(await tconn.fetch("SELECT name, version FROM storage.objects"))
         stage = StorageStage(StorageAccess(prod_api.url, KEY, dev_api.url, KEY), SETTINGS)
+        planned = await preview(source, target, load_mapping(SEED_MAPPING), scenario.COPY_DATE)
+        count = len(data.production.rows["documents"])
+        assert planned.files[0].startswith(f"bucket documents: {count:,} ("), planned.files
 
         report = await run_sync(
             source,

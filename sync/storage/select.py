@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from sync.sqltext import ident, table_ident
+from sync.sqltext import Params, ident, table_ident
 from sync.storage.client import Bucket
 
 CHUNK = 2000
@@ -239,20 +239,31 @@ async def _fill_target(
         wanted[r["target_path"]].landed = Landed(r["source_etag"], r["size"], r["target_etag"], r["md5"])
 
 
+Upcoming = Callable[[Params, str], str]
+"""SQL (over the source table, alias given) for rows a run is about to copy, values bound in the Params."""
+
+
 async def referenced_objects(
-    sconn: asyncpg.Connection, tconn: asyncpg.Connection, rule: ColumnRule
+    sconn: asyncpg.Connection, tconn: asyncpg.Connection, rule: ColumnRule, upcoming: Upcoming | None = None
 ) -> AsyncIterator[list[Wanted]]:
-    """The objects that rows of ``rule.table`` on the target reference, in batches, one entry per object."""
+    """The objects that rows of ``rule.table`` on the target reference, in batches, one entry per object.
+
+    ``upcoming`` (for ``sync plan``, before the run) adds the source rows the run would copy that the
+    target does not hold yet.
+    """
     has_state = await _has_state(tconn)
     table, key, column = rule.source
+    params = Params()
+    bucket = params.bind(rule.bucket, "text")
+    in_run = upcoming(params, "t.") if upcoming is not None else "false"
     seen: set[str] = set()
     async with _reading(sconn):
         cursor = await sconn.cursor(
-            f"SELECT t.{ident(key)}::text AS k, t.{ident(column)}::text AS path, o.metadata, o.user_metadata "
-            f"FROM {table_ident(table)} AS t LEFT JOIN storage.objects AS o "
-            f"ON o.bucket_id = $1 AND o.name = t.{ident(column)}::text "
+            f"SELECT t.{ident(key)}::text AS k, t.{ident(column)}::text AS path, o.metadata, "
+            f"o.user_metadata, {in_run} AS in_run FROM {table_ident(table)} AS t "
+            f"LEFT JOIN storage.objects AS o ON o.bucket_id = {bucket} AND o.name = t.{ident(column)}::text "
             f"WHERE t.{ident(column)} IS NOT NULL ORDER BY t.{ident(key)}",
-            rule.bucket,
+            *params.values,
         )
         while chunk := await cursor.fetch(CHUNK):
             present = await _target_rows(tconn, rule, [r["k"] for r in chunk], has_state)
@@ -263,26 +274,21 @@ async def referenced_objects(
             )
             batch: dict[str, Wanted] = {}
             for r in chunk:
-                if r["k"] not in present:
+                if r["k"] not in present and not r["in_run"]:
                     continue  # not on the target (not copied, quarantined, or deleted there)
-                target_key, target_path_now = present[r["k"]]
+                target_key, target_path_now = present.get(r["k"], (None, None))
                 path = r["path"]
                 target_path = owner_rewrite(path, users)
-                if target_path_now not in (path, target_path):
+                if target_key is not None and target_path_now not in (path, target_path):
                     continue  # the target row points at another file: it is the target's own choice
                 entry = batch.get(target_path)
                 if entry is None:
                     if target_path in seen:
                         continue
-                    entry = Wanted(
-                        rule.bucket,
-                        path,
-                        target_path,
-                        ObjectMeta.from_row(r["metadata"], r["user_metadata"]),
-                        rule=rule,
-                    )
+                    meta = ObjectMeta.from_row(r["metadata"], r["user_metadata"])
+                    entry = Wanted(rule.bucket, path, target_path, meta, rule=rule)
                     batch[target_path] = entry
-                if target_path_now != target_path:
+                if target_key is not None and target_path_now != target_path:
                     entry.rows.append(target_key)
             seen.update(batch)
             if batch:

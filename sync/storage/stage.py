@@ -18,6 +18,7 @@ import asyncpg
 from sync.connect import Endpoint, connect
 from sync.mapping import Mapping
 from sync.plan import Plan
+from sync.selection import Selection
 from sync.storage.client import StorageApi
 from sync.storage.report import StorageReport, settings_drift
 from sync.storage.rules import storage_rules
@@ -26,11 +27,26 @@ from sync.storage.transfer import Progress, Transfers, TransferSettings
 
 
 async def wanted_objects(
-    sconn: asyncpg.Connection, tconn: asyncpg.Connection, rules: StorageRules, since: datetime | None
+    sconn: asyncpg.Connection,
+    tconn: asyncpg.Connection,
+    rules: StorageRules,
+    since: datetime | None,
+    plan: Plan | None = None,
 ) -> AsyncIterator[list[Wanted]]:
-    """Every object the rules name, in batches; the same selection for run, plan and verify."""
+    """Every object the rules name, in batches; the same selection for run, plan and verify.
+
+    With ``plan`` (``sync plan``, before a run) the rows the run would copy count too.
+    """
+    selection = Selection(plan, since) if plan is not None else None
+    tables = {t.name: t for t in plan.tables} if plan is not None else {}
     for rule in rules.columns:
-        async for batch in referenced_objects(sconn, tconn, rule):
+        tp = tables.get(rule.table)
+        upcoming = (
+            (lambda params, alias, tp=tp: selection.selected(tp, params, alias))
+            if selection is not None and tp is not None
+            else None
+        )
+        async for batch in referenced_objects(sconn, tconn, rule, upcoming):
             yield batch
     for bucket in rules.buckets:
         async for batch in bucket_objects(sconn, tconn, bucket, since):
@@ -113,15 +129,23 @@ async def copy_storage(
 
 
 async def survey_storage(
-    sconn: asyncpg.Connection, tconn: asyncpg.Connection, rules: StorageRules, *, since: datetime | None
+    sconn: asyncpg.Connection,
+    tconn: asyncpg.Connection,
+    rules: StorageRules,
+    *,
+    since: datetime | None,
+    plan: Plan | None = None,
 ) -> StorageReport:
-    """What a run would copy, per bucket, and the bucket settings that differ; writes nothing."""
+    """What a run would copy, per bucket, and the bucket settings that differ; writes nothing.
+
+    With ``plan``, rows the run would copy count as well as those the target holds already.
+    """
     report = StorageReport()
     if not await _has_storage(sconn, tconn, report):
         report.finish()
         return report
     await _check_buckets(sconn, tconn, rules, report, None)
-    async for batch in wanted_objects(sconn, tconn, rules, since):
+    async for batch in wanted_objects(sconn, tconn, rules, since, plan):
         for wanted in batch:
             if wanted.source is None:
                 report.missing_in_source += 1
