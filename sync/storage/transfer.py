@@ -94,6 +94,7 @@ class _Hashing:
     def __init__(self) -> None:
         self.size = -1
         self.counted = 0
+        self.expected: str | None = None  # the MD5 the source's ETag stands for, when it is one
         self._md5 = hashlib.md5()
         self._sha256 = hashlib.sha256()
 
@@ -189,7 +190,6 @@ class Transfers:
         source = wanted.source
         if source is None:
             raise Refused(f"missing in the source: bucket {wanted.bucket} has no object {wanted.path}")
-        expected = md5_of_etag(source.etag)
         last: _Hashing | None = None
         policy = retrying(
             _transient,
@@ -214,7 +214,7 @@ class Transfers:
                     digest = last.digest()
                     if digest is None:
                         raise TransferError(f"the upload ended after {last.counted} of {last.size} bytes")
-                    if expected is not None and digest.md5 != expected:
+                    if last.expected is not None and digest.md5 != last.expected:
                         raise TransferError(f"the download's MD5 {digest.md5} is not the source's eTag")
                     landed = await self._landed(wanted, digest.md5, digest.size)
                     if landed is None:
@@ -248,6 +248,8 @@ class Transfers:
         assert source is not None
         async with self.source.download(wanted.bucket, wanted.path) as response:
             hashing.size = _declared_size(response, source.size)
+            # The download's own ETag: the object may have changed since its metadata was read.
+            hashing.expected = md5_of_etag(response.headers.get("ETag") or source.etag)
             upload = Upload(
                 bucket=wanted.bucket,
                 path=wanted.target_path,
