@@ -294,13 +294,18 @@ class StorageApi:
             raise error
         return int(response.headers["Upload-Offset"])
 
-    async def send_chunk(self, location: str, offset: int, chunk: bytes | memoryview) -> int:
-        """PATCH ``chunk`` at ``offset``; returns the server's new offset."""
+    async def send_chunk(self, location: str, offset: int, chunk: memoryview) -> int:
+        """PATCH ``chunk`` at ``offset``, streamed from the caller's buffer; returns the new offset."""
         headers = {
             "Tus-Resumable": "1.0.0",
             "Upload-Offset": str(offset),
             "Content-Type": "application/offset+octet-stream",
+            "Content-Length": str(len(chunk)),
         }
-        body = bytes(chunk) if isinstance(chunk, memoryview) else chunk
-        response = await self._checked(await self.http.patch(location, content=body, headers=headers))
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for start in range(0, len(chunk), STREAM_CHUNK):
+                yield bytes(chunk[start : start + STREAM_CHUNK])
+
+        response = await self._checked(await self.http.patch(location, content=pieces(), headers=headers))
         return int(response.headers.get("Upload-Offset", offset + len(chunk)))

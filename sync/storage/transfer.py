@@ -281,13 +281,14 @@ class Transfers:
         async for piece in body:
             buffer += piece
             while len(buffer) >= chunk:
-                data = bytes(buffer[:chunk])
-                del buffer[:chunk]
+                # Hand the full buffer over and keep only the overflow: no copy of the chunk itself.
+                data, buffer = buffer, buffer[chunk:]
+                del data[chunk:]
                 offset = await self._send(location, offset, data)
         if buffer or offset < upload.size or upload.size == 0:
-            await self._send(location, offset, bytes(buffer))
+            await self._send(location, offset, buffer)
 
-    async def _send(self, location: str, offset: int, data: bytes) -> int:
+    async def _send(self, location: str, offset: int, data: bytearray) -> int:
         end = offset + len(data)
         policy = retrying(
             is_transient,
@@ -312,8 +313,7 @@ class Transfers:
                     held = now
                     if held == end:
                         return end
-                rest = data if held == offset else memoryview(data)[held - offset :]
-                return await self.target.send_chunk(location, held, rest)
+                return await self.target.send_chunk(location, held, memoryview(data)[held - offset :])
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- state -----------------------------------------------------------------------------------
