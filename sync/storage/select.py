@@ -280,7 +280,9 @@ async def referenced_objects(
                 path = r["path"]
                 target_path = owner_rewrite(path, users)
                 if target_key is not None and target_path_now not in (path, target_path):
-                    continue  # the target row points at another file: it is the target's own choice
+                    if not r["in_run"]:
+                        continue  # the target row points at another file: it is the target's own choice
+                    target_key = None  # another row holds the key now; the run gives this one its own
                 entry = batch.get(target_path)
                 if entry is None:
                     if target_path in seen:
