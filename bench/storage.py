@@ -66,8 +66,8 @@ def start_api(database_url: str, root: Path) -> tuple[subprocess.Popen[str], str
     return child, child.stdout.readline().strip()
 
 
-def engine(args: list[str]) -> tuple[dict, int]:
-    """Run the storage stage in a child; return its report and its own peak RSS in KiB (from wait4)."""
+def engine(args: list[str]) -> tuple[dict, int, float]:
+    """Run the storage stage in a child; return its report, its own peak RSS in KiB and CPU seconds."""
     with tempfile.TemporaryFile("w+") as out:
         child = subprocess.Popen(
             [sys.executable, "-c", _ENGINE, *args], stdout=out, env={**os.environ, "PYTHONPATH": str(ROOT)}
@@ -76,7 +76,7 @@ def engine(args: list[str]) -> tuple[dict, int]:
         if os.waitstatus_to_exitcode(status):
             raise SystemExit("the storage stage failed")
         out.seek(0)
-        return json.loads(out.read()), usage.ru_maxrss
+        return json.loads(out.read()), usage.ru_maxrss, usage.ru_utime + usage.ru_stime
 
 
 async def seed(source_url: str, api: str, target_url: str, files: int, big_mb: int) -> None:
@@ -144,12 +144,13 @@ def main() -> None:
                 ("rerun", "public.docs"),
                 ("big file", "public.big"),
             ):
-                report, rss = engine([*common, table, str(args.concurrency)])
+                report, rss, cpu = engine([*common, table, str(args.concurrency)])
                 print(
                     f"{label:>9}: {report['copied']:,} copied ({report['bytes'] / 2**20:,.1f} MB), "
                     f"{report['present']:,} present, {report['seconds']:.2f} s, "
                     f"{report['mb_per_s']:,.1f} MB/s, "
-                    f"{report['objects_per_s']:,.0f} objects/s, peak RSS {rss / 1024:,.0f} MB"
+                    f"{report['objects_per_s']:,.0f} objects/s, peak RSS {rss / 1024:,.0f} MB, "
+                    f"CPU {cpu:.1f} s"
                 )
     finally:
         for child in children:
