@@ -73,6 +73,9 @@ class SyncSettings(_Strict):
     batch_size: int = Field(default=5000, ge=1)
     jobs: int = Field(default=4, ge=1)
     triggers: Annotated[TriggerMode, _one_of(TriggerMode)] = TriggerMode.FIRE
+    key_margin: int = Field(default=1_000_000, ge=0)
+    """A colliding row's new key is taken this far past production's highest key, out of the way of
+    the keys production issues next."""
 
     @field_validator("schemas")
     @classmethod

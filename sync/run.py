@@ -315,8 +315,8 @@ async def quarantined_keys(conn: asyncpg.Connection) -> dict[str, list[str]]:
 
 
 async def patch_deferred(ctx: RunContext, options: RunOptions) -> None:
-    """Second pass for cycles: fill the FK columns that were inserted NULL, now that both sides landed."""
+    """Second pass (cycles, self-references): fill the FK columns inserted NULL, now both sides landed."""
     copy_ctx = _copy_context(ctx, options, None)
     for tp in ctx.plan.tables:
-        if tp.deferred:
+        if tp.patched_later:
             await table_copy.DeferredPatch(copy_ctx, tp).run()

@@ -12,7 +12,8 @@ rows a run is about. Every value (the since instant, the retried keys) is a boun
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from sync.plan import ParentLink, Plan, TablePlan
@@ -22,14 +23,20 @@ Predicate = Callable[[Params], str]
 """SQL text of a condition over a source table, its values bound into the statement's parameters."""
 
 
-def source_key_columns(tp: TablePlan) -> list[str]:
-    """The table's primary key, named as the source names its columns."""
+def source_columns(tp: TablePlan, columns: Sequence[str]) -> list[str]:
+    """Target column names of ``tp``, named as the source names them."""
     by_target = {c.target: c.source for c in tp.columns}
-    return [by_target[k] for k in tp.primary_key]
+    return [by_target[c] for c in columns]
+
+
+def source_key_columns(tp: TablePlan) -> list[str]:
+    """The columns a row is known by (its natural key, else its primary key), named as in the source."""
+    return source_columns(tp, tp.row_key)
 
 
 def key_text_sql(tp: TablePlan, alias: str = "") -> str:
-    """SQL (over the source table) giving a row's key as one text value, as the id map stores it."""
+    """SQL (over the source table) giving a row's key as one text value, as checkpoints and quarantine
+    keep it: the natural key for ``natural`` tables, else the primary key."""
     cols = source_key_columns(tp)
     if len(cols) == 1:
         return f"{alias}{ident(cols[0])}::text"
@@ -66,6 +73,17 @@ def key_owners(plan: Plan, table: str) -> list[str]:
     return owners
 
 
+@dataclass(frozen=True)
+class _Edge:
+    """A foreign key between planned tables, in source names: ``child.fk`` → ``parent.referenced``."""
+
+    child: TablePlan
+    fk: tuple[str, ...]
+    parent: TablePlan
+    referenced: tuple[str, ...]
+    deferred: bool
+
+
 class Selection:
     """The conditions that pick a table's source rows for a run: window, closure, or retried keys."""
 
@@ -75,6 +93,7 @@ class Selection:
         self.plan = plan
         self.since = since
         self.only_keys = only_keys  # when set: exactly these source keys per table (a quarantine retry)
+        self._tables = {t.name: t for t in plan.tables}
 
     def in_window(self, tp: TablePlan, params: Params, alias: str = "") -> str:
         """True for rows whose since-column is in the window (NULL since-columns count as in it)."""
@@ -83,62 +102,134 @@ class Selection:
         col = f"{alias}{ident(tp.since)}"
         return f"({col} >= {params.bind(self.since, 'timestamptz')} OR {col} IS NULL)"
 
-    def selected(
-        self, tp: TablePlan, params: Params, alias: str = "", seen: frozenset[str] = frozenset()
-    ) -> str:
-        """In the window, or referenced by a selected child row (the closure), recursively."""
+    def selected(self, tp: TablePlan, params: Params, alias: str = "") -> str:
+        """In the window, or needed by a selected row through a foreign key (the closure)."""
         if self.only_keys is not None:
             keys = params.bind(self.only_keys.get(tp.name, []), "text[]")
             return f"({key_text_sql(tp, alias)} = ANY({keys}))"
         window = self.in_window(tp, params, alias)
         if window == "true":
             return "true"
-        referenced = self.referenced(tp, params, alias, seen)
-        return f"({window} OR {referenced})" if referenced else window
-
-    def referenced(
-        self, tp: TablePlan, params: Params, alias: str = "", seen: frozenset[str] = frozenset()
-    ) -> str | None:
-        """Rows of ``tp`` that some selected child row points at; None when no copied table points here.
-
-        Children are gathered per referenced column set into one ``IN (… UNION ALL …)``, which the
-        planner runs as one hashed lookup per query instead of one per child.
-        """
-        seen = seen | {tp.name}
-        parent_by_target = {c.target: c.source for c in tp.columns}
-        branches: dict[tuple[str, ...], list[str]] = {}
-        for child in self.plan.tables:
-            if child.name in seen:
-                continue
-            child_by_target = {c.target: c.source for c in child.columns}
-            for link in links(child):
-                if link.parent != tp.name:
-                    continue
-                fk = [child_by_target[c] for c in link.columns if c in child_by_target]
-                pk = tuple(parent_by_target[c] for c in link.parent_columns if c in parent_by_target)
-                if len(fk) != len(link.columns) or len(pk) != len(link.parent_columns):
-                    continue
-                inner = self.selected(child, params, "c.", seen)
-                branches.setdefault(pk, []).append(
-                    f"SELECT {column_list(fk, 'c.')} FROM {table_ident(child.source_name)} AS c WHERE {inner}"
-                )
-        clauses = []
-        for pk, selects in branches.items():
-            left = column_list(pk, alias) if len(pk) == 1 else f"({column_list(pk, alias)})"
-            clauses.append(f"{left} IN ({' UNION ALL '.join(selects)})")
-        return "(" + " OR ".join(clauses) + ")" if clauses else None
+        closure = self.closure_sql(tp, params)
+        if closure is None:
+            return window
+        return f"({column_list(source_key_columns(tp), alias)}) IN ({closure})"
 
     def phases(self, tp: TablePlan) -> list[Predicate]:
         """The table's selection as passes over its key range: the window first, then the closure.
 
         Keeping the closure out of the window pass keeps each window batch a plain range scan; the
-        closure pass then reads only out-of-window rows that a child needs (usually few).
+        closure pass then reads only out-of-window rows that a selected row needs (usually few).
         """
-        if self.only_keys is not None or self.selected(tp, Params()) == "true":
+        if self.only_keys is not None or self.in_window(tp, Params()) == "true":
             return [lambda params: self.selected(tp, params)]
-        if self.referenced(tp, Params()) is None:
+        if self.closure_sql(tp, Params()) is None:
             return [lambda params: self.in_window(tp, params)]
-        return [
-            lambda params: self.in_window(tp, params),
-            lambda params: f"NOT {self.in_window(tp, params)} AND {self.referenced(tp, params)}",
-        ]
+        keys = column_list(source_key_columns(tp))
+
+        def closure_pass(params: Params) -> str:
+            return f"NOT {self.in_window(tp, params)} AND ({keys}) IN ({self.closure_sql(tp, params)})"
+
+        return [lambda params: self.in_window(tp, params), closure_pass]
+
+    def closure_sql(self, tp: TablePlan, params: Params) -> str | None:
+        """The keys of ``tp``'s source rows in the window or needed by a selected row; None if none can be.
+
+        One ``WITH RECURSIVE`` query over the source: a CTE per table that (transitively) points at
+        ``tp``, each holding that table's selected rows — its window, plus the rows its selected
+        children point at — children before parents, so a chain of any length is followed once per
+        link. A table's references to itself are followed by the CTE's recursive term (a reply, its
+        parent, the parent's parent…). Links between CTEs are equi-joins the planner hashes, and the
+        caller uses the result as a semi-join: every table is read once per query, whatever the depth.
+        A link that closes a cycle between tables is followed one step, from its child's window.
+        """
+        root = self._tables.get(tp.name, tp)
+        order = self._descendants(root)
+        if not self._incoming(root):
+            return None
+        names = {t.name: f"sel_{i}" for i, t in enumerate(order)}
+        ctes = [f"{names[t.name]} AS ({self._selected_rows(t, params, names, root)})" for t in order]
+        keys = column_list(source_key_columns(root))
+        return f"WITH RECURSIVE {', '.join(ctes)} SELECT {keys} FROM {names[root.name]}"
+
+    # ------------------------------------------------------------------------------------ closure
+
+    def _incoming(self, parent: TablePlan) -> list[_Edge]:
+        """Every foreign key of a planned table that points at ``parent`` with all its columns copied."""
+        edges = []
+        for child in self.plan.tables:
+            child_cols = {c.target: c.source for c in child.columns}
+            parent_cols = {c.target: c.source for c in parent.columns}
+            for link in links(child):
+                if link.parent != parent.name:
+                    continue
+                if not all(c in child_cols for c in link.columns):
+                    continue
+                if not all(c in parent_cols for c in link.parent_columns):
+                    continue
+                edges.append(
+                    _Edge(
+                        child=child,
+                        fk=tuple(child_cols[c] for c in link.columns),
+                        parent=parent,
+                        referenced=tuple(parent_cols[c] for c in link.parent_columns),
+                        deferred=link in child.deferred and child.name != parent.name,
+                    )
+                )
+        return edges
+
+    def _followed(self, parent: TablePlan) -> list[_Edge]:
+        """Edges whose child's whole selection feeds ``parent``: neither self-references nor cycle links."""
+        return [e for e in self._incoming(parent) if e.child.name != parent.name and not e.deferred]
+
+    def _descendants(self, root: TablePlan) -> list[TablePlan]:
+        """``root`` and every table whose rows lead to it through followed edges, children first."""
+        order: list[TablePlan] = []
+        placed: set[str] = set()
+
+        def visit(table: TablePlan, path: frozenset[str]) -> None:
+            for edge in self._followed(table):
+                if edge.child.name not in placed and edge.child.name not in path:
+                    visit(edge.child, path | {table.name})
+            if table.name not in placed:
+                placed.add(table.name)
+                order.append(table)
+
+        visit(root, frozenset())
+        return order
+
+    def _carried(self, table: TablePlan, names: dict[str, str], root: TablePlan) -> list[str]:
+        """The source columns a table's CTE keeps: its key if it is the root, the columns its links use."""
+        columns = list(source_key_columns(table)) if table.name == root.name else []
+        for edge in self._incoming(table):
+            if edge.child.name in names or edge.deferred:
+                columns += edge.referenced
+        for parent_name in names:
+            for edge in self._incoming(self._tables.get(parent_name, root)):
+                if edge.child.name == table.name and not edge.deferred:
+                    columns += edge.fk
+        return list(dict.fromkeys(columns))
+
+    def _selected_rows(self, table: TablePlan, params: Params, names: dict[str, str], root: TablePlan) -> str:
+        """The CTE body of one table: window, rows its selected children need, then its self-references."""
+        cols = self._carried(table, names, root)
+        rel = table_ident(table.source_name)
+        out = column_list(cols, "x.")
+        branches = [f"SELECT {out} FROM {rel} AS x WHERE {self.in_window(table, params, 'x.')}"]
+        for edge in self._incoming(table):
+            if edge.child.name == table.name:
+                continue
+            on = f"({column_list(edge.referenced, 'x.')}) = ({column_list(edge.fk, 'c.')})"
+            if edge.deferred:
+                child = table_ident(edge.child.source_name)
+                window = self.in_window(edge.child, params, "c.")
+                branches.append(f"SELECT {out} FROM {rel} AS x JOIN {child} AS c ON {on} WHERE {window}")
+            elif edge.child.name in names:
+                branches.append(f"SELECT {out} FROM {rel} AS x JOIN {names[edge.child.name]} AS c ON {on}")
+        selves = [e for e in self._incoming(table) if e.child.name == table.name]
+        if selves:
+            on = " OR ".join(
+                f"({column_list(e.referenced, 'x.')}) = ({column_list(e.fk, 's.')})" for e in selves
+            )
+            branches.append(f"SELECT {out} FROM {rel} AS x JOIN {names[table.name]} AS s ON {on}")
+        return " UNION ".join(branches)

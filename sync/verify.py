@@ -124,8 +124,10 @@ async def _check_table(
     while chunk := await cursor.fetch(CHUNK):
         keys = [r["k"] for r in chunk]
         source_rows += len(keys)
-        if len(tp.primary_key) == 1:
-            missing += await _absent(tconn, name, tp.primary_key[0], owners if has_map else [], keys)
+        if len(tp.row_key) == 1:
+            # A natural key is the target's own value: it never goes through the id map.
+            mapped = owners if has_map and tp.key != "natural" else []
+            missing += await _absent(tconn, name, tp.row_key[0], mapped, keys)
     orphans = 0
     for link in tp.parents:
         present = " AND ".join(f"c.{ident(col)} IS NOT NULL" for col in link.columns)

@@ -1,8 +1,8 @@
 """Sequences: moved forward past the keys a run copied, never backwards.
 
-A ``remap`` table's key sequence first moves past every source key, so that a fresh key handed to a
-colliding row is never a key the source uses too; after the tables, every sequence owned by a copied
-column moves to at least the column's maximum.
+A table that gives colliding rows fresh keys first moves its key sequence past every source key plus a
+margin, so that a fresh key is never a key the source uses, nor one it will issue soon; after the
+tables, every sequence owned by a copied column moves to at least the column's maximum.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncpg
 
 from sync.plan import Plan, TablePlan
-from sync.selection import source_key_columns
+from sync.plan.model import INTEGER_TYPE_NAMES
+from sync.selection import source_columns
 from sync.sqltext import ident, table_ident
 
 
@@ -27,23 +28,29 @@ async def advance_sequence(conn: asyncpg.Connection, sequence: str, value_sql: s
     )
 
 
-async def advance_past_source(sconn: asyncpg.Connection, tconn: asyncpg.Connection, tp: TablePlan) -> None:
-    """Move a single-column key's sequence past both the source's and the target's highest key."""
+async def advance_past_source(sconn: asyncpg.Connection, tconn: asyncpg.Connection, tp: TablePlan) -> int:
+    """Where fresh keys for the table's colliding rows start; its sequence moves there (never back).
+
+    That is the source's highest key plus the plan's margin (capped at the key type's largest value):
+    production keeps issuing keys just past its highest, so a key taken closer would collide again
+    with production's next rows at every catch-up.
+    """
     key = tp.primary_key[0]
-    sequence = tp.sequences.get(key)
-    if sequence is None:
-        return
     source_max = await sconn.fetchval(
-        f"SELECT max({ident(source_key_columns(tp)[0])})::text FROM {table_ident(tp.source_name)}"
+        f"SELECT coalesce(max({ident(source_columns(tp, [key])[0])}), 0)::bigint "
+        f"FROM {table_ident(tp.source_name)}"
     )
-    if source_max is None:
-        return
-    await advance_sequence(
-        tconn,
-        sequence,
-        f"GREATEST($2::text::bigint, (SELECT max({ident(key)}) FROM {table_ident(tp.name)}))",
-        source_max,
-    )
+    largest = INTEGER_TYPE_NAMES.get(tp.target_types[key], 2**63 - 1)
+    floor = min(int(source_max) + tp.key_margin, largest - 1)
+    sequence = tp.sequences.get(key)
+    if sequence is not None:
+        await advance_sequence(
+            tconn,
+            sequence,
+            f"GREATEST($2::bigint, (SELECT max({ident(key)}) FROM {table_ident(tp.name)}))",
+            floor,
+        )
+    return floor
 
 
 async def move_sequences(conn: asyncpg.Connection, plan: Plan) -> int:

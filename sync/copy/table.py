@@ -96,6 +96,7 @@ class TableCopy:
         self.source_pk = source_key_columns(tp)
         self.src_types = {c.source: c.source_type for c in tp.columns}
         self.phase: Predicate = lambda params: "true"
+        self.key_floor: int | None = None
         self._sconn: asyncpg.Connection | None = None
         self._tconn: asyncpg.Connection | None = None
 
@@ -214,10 +215,12 @@ class TableCopy:
     # ---------------------------------------------------------------------------------- reading
 
     async def _prepare(self) -> None:
-        """Decide the staging format, and move a remap table's sequence past every source key."""
+        """Decide the staging format; for a table that allocates keys, where its fresh keys start."""
         await self.stage.choose_format(self.tconn)
-        if self.tp.key == "remap" and len(self.tp.primary_key) == 1:
-            await self._with_retries(lambda: advance_past_source(self.sconn, self.tconn, self.tp))
+        if self.tp.allocates_keys:
+            self.key_floor = await self._with_retries(
+                lambda: advance_past_source(self.sconn, self.tconn, self.tp)
+            )
 
     def _in_range(self, params: Params, after: Sequence[str] | None, upto: Sequence[str] | None) -> str:
         """The current pass's rows with keys in (after, upto]; the keys bound as parameters."""
@@ -317,4 +320,4 @@ class TableCopy:
         """Land the staged rows, inside the caller's transaction."""
         if staged == 0:
             return Written()
-        return await apply_staged(self.tconn, self.tp, self.ctx.plan, self.ctx.run_id)
+        return await apply_staged(self.tconn, self.tp, self.ctx.plan, self.ctx.run_id, self.key_floor)

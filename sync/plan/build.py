@@ -123,7 +123,7 @@ class _Planner:
         columns = self._columns(name, rule, src, tgt)
         copied = {c.target for c in columns}
         target_only = self._target_only(name, rule, src, tgt, copied)
-        key, match_on, natural = self._key(name, rule, tgt, copied)
+        key, match_on, natural = self._key(name, rule, src, tgt, copied)
         since = self._since(name, rule, src)
         policy = rule.policy or ConflictPolicy.SOURCE_WINS
         if policy == ConflictPolicy.NEWEST_WINS and "updated_at" not in copied:
@@ -142,7 +142,7 @@ class _Planner:
             )
         if key is None:
             return None
-        return TablePlan(
+        table_plan = TablePlan(
             name=name,
             source_name=src.name,
             key=key,
@@ -167,7 +167,15 @@ class _Planner:
             triggers=list(tgt.triggers),
             trigger_mode=trigger_mode,
             sequences=dict(tgt.sequences),
+            key_margin=self.mapping.sync.key_margin,
         )
+        if table_plan.allocates_keys:
+            self.notes.append(
+                f"{name}: a row whose key {table_plan.primary_key[0]} is taken by another target row gets "
+                f"a new key past production's highest plus {table_plan.key_margin:,} (key_margin under "
+                f"[sync]), out of the way of the keys production issues next"
+            )
+        return table_plan
 
     def _check_rule_columns(self, name: str, rule: TableRule, src: Table, tgt: Table) -> None:
         """Every column a mapping entry names must exist where the entry says it does."""
@@ -307,7 +315,7 @@ class _Planner:
         return target_only
 
     def _key(
-        self, name: str, rule: TableRule, tgt: Table, copied: set[str]
+        self, name: str, rule: TableRule, src: Table, tgt: Table, copied: set[str]
     ) -> tuple[KeyStrategy | None, tuple[str, ...], tuple[str, ...]]:
         header = table_header(name)
         pk = tgt.primary_key
@@ -332,6 +340,7 @@ class _Planner:
                     f"so it cannot identify a row: choose unique columns under {header}"
                 )
             self._require_copied(name, "natural", natural, copied)
+            self._require_not_null(name, rule, natural, src, tgt)
             return key, (), natural
         if not pk:
             self.problems.append(
@@ -358,6 +367,26 @@ class _Planner:
             )
         self._require_copied(name, "match_on", match_on, copied)
         return key, match_on, natural
+
+    def _require_not_null(
+        self, name: str, rule: TableRule, natural: Iterable[str], src: Table, tgt: Table
+    ) -> None:
+        """A natural key column must refuse NULL on both sides: a NULL matches nothing and pages nowhere."""
+        renamed = {new: old for old, new in rule.rename.items()}
+        for column in natural:
+            source_column = src.columns.get(renamed.get(column, column))
+            target_column = tgt.columns.get(column)
+            nullable = [
+                side
+                for side, col in (("source", source_column), ("target", target_column))
+                if col is not None and col.nullable
+            ]
+            if nullable:
+                self.problems.append(
+                    f"{name}.{column} is in natural but accepts NULL in {' and '.join(nullable)}, so a row "
+                    f"with NULL there cannot be matched: make it NOT NULL or choose other columns under "
+                    f"{table_header(name)}"
+                )
 
     def _default_match_on(self, tgt: Table, copied: set[str]) -> list[str]:
         columns = ["created_at"] if "created_at" in copied else []

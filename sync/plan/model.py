@@ -12,6 +12,8 @@ from sync.catalog import Trigger
 from sync.modes import AuthMode, ConflictPolicy, KeyStrategy, TriggerMode
 
 AUTH_USERS = "auth.users"
+INTEGER_TYPE_NAMES = {"smallint": 2**15 - 1, "integer": 2**31 - 1, "bigint": 2**63 - 1}
+"""Integer key types as ``format_type`` names them, with their largest value."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,30 @@ class TablePlan:
     trigger_mode: TriggerMode
     sequences: dict[str, str]
     """Target column → its sequence (quoted SQL text), to move past the copied keys."""
+    key_margin: int = 0
+    """New keys for colliding rows start this far past the source's highest key (production's room)."""
+
+    @property
+    def patched_later(self) -> list[ParentLink]:
+        """Links inserted as NULL and set by the second pass: cycle breakers, and nullable references
+        to the table itself (a reply may come before its parent in key order, or in another batch)."""
+        own = [link for link in self.parents if link.parent == self.name and link.nullable]
+        return list(dict.fromkeys([*self.deferred, *own]))
+
+    @property
+    def row_key(self) -> tuple[str, ...]:
+        """The columns that identify a row across both sides: the natural key, else the primary key.
+
+        Rows are paged, matched, checkpointed and quarantined by it.
+        """
+        return self.natural if self.key == "natural" else self.primary_key
+
+    @property
+    def allocates_keys(self) -> bool:
+        """Whether a colliding row gets a fresh key: a single copied integer key, remapped or natural."""
+        if len(self.primary_key) != 1 or self.key not in ("remap", "natural"):
+            return False
+        return self.target_types.get(self.primary_key[0]) in INTEGER_TYPE_NAMES
 
     @property
     def staged_types(self) -> dict[str, str]:
