@@ -131,7 +131,8 @@ def test_remapped_keys_stay_out_of_the_way_of_the_keys_production_issues_next(ma
     assert fetch(target.url, moved) == [(3,)]
     new_requests = """
         INSERT INTO requests (owner_id, amount, created_at, updated_at)
-            SELECT '00000000-0000-0000-0000-000000000003', 1000 + g, now(), now() FROM generate_series(1, 5) g;
+            SELECT '00000000-0000-0000-0000-000000000003', 1000 + g, now(), now()
+            FROM generate_series(1, 5) g;
     """
     for _ in range(2):
         # Production keeps issuing keys from its own sequence (31.., then 36..) between catch-ups.
