@@ -110,7 +110,7 @@ class Selection:
         window = self.in_window(tp, params, alias)
         if window == "true":
             return "true"
-        closure = self.closure_sql(tp, params)
+        closure = self.closure_sql(tp, params, with_window=True)
         if closure is None:
             return window
         return f"({column_list(source_key_columns(tp), alias)}) IN ({closure})"
@@ -132,8 +132,9 @@ class Selection:
 
         return [lambda params: self.in_window(tp, params), closure_pass]
 
-    def closure_sql(self, tp: TablePlan, params: Params) -> str | None:
-        """The keys of ``tp``'s source rows in the window or needed by a selected row; None if none can be.
+    def closure_sql(self, tp: TablePlan, params: Params, with_window: bool = False) -> str | None:
+        """The keys of ``tp``'s source rows a selected row needs (and, ``with_window``, its window's);
+        None when no copied row can point at ``tp``.
 
         One ``WITH RECURSIVE`` query over the source: a CTE per table that (transitively) points at
         ``tp``, each holding that table's selected rows — its window, plus the rows its selected
@@ -148,7 +149,9 @@ class Selection:
         if not self._incoming(root):
             return None
         names = {t.name: f"sel_{i}" for i, t in enumerate(order)}
-        ctes = [f"{names[t.name]} AS ({self._selected_rows(t, params, names, root)})" for t in order]
+        ctes = [
+            f"{names[t.name]} AS ({self._selected_rows(t, params, names, root, with_window)})" for t in order
+        ]
         keys = column_list(source_key_columns(root))
         return f"WITH RECURSIVE {', '.join(ctes)} SELECT {keys} FROM {names[root.name]}"
 
@@ -210,12 +213,20 @@ class Selection:
                     columns += edge.fk
         return list(dict.fromkeys(columns))
 
-    def _selected_rows(self, table: TablePlan, params: Params, names: dict[str, str], root: TablePlan) -> str:
-        """The CTE body of one table: window, rows its selected children need, then its self-references."""
+    def _selected_rows(
+        self, table: TablePlan, params: Params, names: dict[str, str], root: TablePlan, with_window: bool
+    ) -> str:
+        """The CTE body of one table: window, rows its selected children need, then its self-references.
+
+        The root's own window is left out unless asked for, or needed to start its self-references.
+        """
         cols = self._carried(table, names, root)
         rel = table_ident(table.source_name)
         out = column_list(cols, "x.")
-        branches = [f"SELECT {out} FROM {rel} AS x WHERE {self.in_window(table, params, 'x.')}"]
+        selves = [e for e in self._incoming(table) if e.child.name == table.name]
+        branches = []
+        if table.name != root.name or with_window or selves:
+            branches.append(f"SELECT {out} FROM {rel} AS x WHERE {self.in_window(table, params, 'x.')}")
         for edge in self._incoming(table):
             if edge.child.name == table.name:
                 continue
@@ -226,7 +237,6 @@ class Selection:
                 branches.append(f"SELECT {out} FROM {rel} AS x JOIN {child} AS c ON {on} WHERE {window}")
             elif edge.child.name in names:
                 branches.append(f"SELECT {out} FROM {rel} AS x JOIN {names[edge.child.name]} AS c ON {on}")
-        selves = [e for e in self._incoming(table) if e.child.name == table.name]
         if selves:
             on = " OR ".join(
                 f"({column_list(e.referenced, 'x.')}) = ({column_list(e.fk, 's.')})" for e in selves

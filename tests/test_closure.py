@@ -127,3 +127,10 @@ def test_a_new_row_at_the_end_of_a_chain_of_four_tables_brings_every_missing_anc
         ("sub-project", uid(21)),
     ]
     assert fetch(target.url, "SELECT name FROM tasks") == [("new task",)]
+    # A catch-up: a new task on the unrelated project brings its team and organisation too.
+    execute(source.url, f"INSERT INTO tasks VALUES ('{uid(32)}', '{uid(23)}', 'later task', now())")
+    catch_up = run(source, target, since=None, batch_size=1)
+    assert catch_up.exit_code == 0, catch_up.to_json()
+    for table in ("orgs", "teams", "projects", "tasks"):
+        everything = f"SELECT * FROM {table} ORDER BY id"
+        assert fetch(target.url, everything) == fetch(source.url, everything)

@@ -50,6 +50,14 @@ def test_a_natural_key_row_whose_key_another_target_row_holds_gets_a_new_key_nev
     again = run(source, target, mapping)
     assert sum(t.written for t in again.tables) == 0
     assert fetch(target.url, "SELECT count(*) FROM tags") == [(3,)]
+    # A catch-up: development took key 3 for "purple", production for "yellow".
+    execute(target.url, "INSERT INTO tags VALUES (3, 'purple', 'p', now())")
+    execute(source.url, "INSERT INTO tags VALUES (3, 'yellow', 'y', now())")
+    catch_up = run(source, target, mapping, since=None)
+    assert catch_up.exit_code == 0, catch_up.to_json()
+    rows = dict(fetch(target.url, "SELECT name, id FROM tags"))
+    assert rows["purple"] == 3 and rows["yellow"] > 3 + 100
+    assert len(rows) == 5
 
 
 SETTINGS = """
