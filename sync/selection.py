@@ -228,15 +228,23 @@ class Selection:
         if table.name != root.name or with_window or selves:
             branches.append(f"SELECT {out} FROM {rel} AS x WHERE {self.in_window(table, params, 'x.')}")
         for edge in self._incoming(table):
-            if edge.child.name == table.name:
+            if edge.child.name == table.name or not (edge.deferred or edge.child.name in names):
                 continue
-            on = f"({column_list(edge.referenced, 'x.')}) = ({column_list(edge.fk, 'c.')})"
             if edge.deferred:
                 child = table_ident(edge.child.source_name)
                 window = self.in_window(edge.child, params, "c.")
+            else:
+                child, window = names[edge.child.name], "true"
+            by_referenced = dict(zip(edge.referenced, edge.fk, strict=True))
+            if set(cols) <= set(by_referenced):
+                # The child's columns are all this table keeps: no need to read the table here (the
+                # caller's semi-join meets the rows that exist).
+                picked = ", ".join(f"c.{ident(by_referenced[c])} AS {ident(c)}" for c in cols)
+                present = " AND ".join(f"c.{ident(by_referenced[c])} IS NOT NULL" for c in cols)
+                branches.append(f"SELECT {picked} FROM {child} AS c WHERE {window} AND {present}")
+            else:
+                on = f"({column_list(edge.referenced, 'x.')}) = ({column_list(edge.fk, 'c.')})"
                 branches.append(f"SELECT {out} FROM {rel} AS x JOIN {child} AS c ON {on} WHERE {window}")
-            elif edge.child.name in names:
-                branches.append(f"SELECT {out} FROM {rel} AS x JOIN {names[edge.child.name]} AS c ON {on}")
         if selves:
             on = " OR ".join(
                 f"({column_list(e.referenced, 'x.')}) = ({column_list(e.fk, 's.')})" for e in selves
