@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from queries import execute, fetch
 from test_copy import run, seed_parent_child
+
+from sync.connect import Endpoint, Side
+from sync.mapping import Mapping
+from sync.run import load_plan
+
+
+def as_mapping(rules: dict) -> Mapping:
+    return Mapping.model_validate(rules)
+
 
 TAGS = """
 CREATE TABLE tags (id integer PRIMARY KEY, name text NOT NULL UNIQUE, color text,
@@ -132,6 +143,17 @@ REMAP = {
 def test_remapped_keys_stay_out_of_the_way_of_the_keys_production_issues_next(make_db):
     source, target = make_db(), make_db()
     seed_parent_child(source, target)  # development's 3 test requests took production's ids 11..13
+    plan = asyncio.run(
+        load_plan(
+            Endpoint.parse(Side.SOURCE, source.url),
+            Endpoint.parse(Side.TARGET, target.url),
+            as_mapping(REMAP),
+        )
+    )
+    assert (
+        "public.requests: a row whose key id is taken by another target row gets a new key past "
+        "production's highest plus 1,000 (key_margin under [sync])" in " ".join(plan.notes)
+    )
     first = run(source, target, REMAP)
     assert {t.table: t.remapped for t in first.tables}["public.requests"] == 3
     # Production's requests 11..13 moved past production's highest key (30) plus the margin.
