@@ -28,8 +28,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# make bench SCALE=100 ROUNDS=1: another scale, a quicker look.
+SCALE ?= 10
+ROUNDS ?= 3
 bench: $(STAMP)
-	$(PY) -m bench
+	$(PY) -m bench --scale $(SCALE) --rounds $(ROUNDS)
 
 db-stop: $(STAMP)
 	$(PY) -m devkit.embedded stop

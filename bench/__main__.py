@@ -1,10 +1,17 @@
-"""``make bench``: the seed scenario at a scale, synced end to end, timed; pg_dump for comparison.
+"""``make bench``: the seed scenario at a scale, synced end to end, beside the baselines it is judged by.
 
-    python -m bench [--scale 10] [--jobs 4] [--batch-size 5000]
+    python -m bench [--scale 10] [--rounds 3] [--jobs 4] [--batch-size 5000]
+    make bench SCALE=100 ROUNDS=1
 
-Prints the full run (rows/s per table, total time, the tool's peak memory), a catch-up with 50 new
-and 20 edited production rows, a no-op catch-up, and the time of ``pg_dump --data-only`` of the same
-tables piped into ``psql`` (into an empty copy of production's schema) on the same server.
+Each round starts from fresh copies of the same production and development databases and measures, in
+an order that alternates between rounds: the full run (``--since 2024-11-18``, wall time with start-up,
+the auth import's users/s, each table's rows/s, peak RSS), a no-op catch-up, a catch-up after 0.1 % of
+production's users and rows changed; ``pg_dump --data-only`` of the same six tables piped into ``psql``
+of an empty production schema; and a plain binary ``COPY`` of the users and identities the run creates
+into the target's own auth tables (the floor of the auth import). Medians over the rounds, the ratios the
+performance budget speaks of, and every round's figures go to ``bench/results.json``.
+
+Runs on the server ``DATABASE_URL`` names (a superuser URL) or on the project's embedded one.
 """
 
 from __future__ import annotations
@@ -12,149 +19,223 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
-from devkit import SQL_DIR, testbed
-from devkit.embedded import binaries_dir, ensure_server
+from bench.measure import SyncRun, auth_copy_floor, change_rows, pg_dump_seconds, sync_cli
+from devkit import testbed
+from devkit.embedded import Server, ensure_server
 
-TABLES = ("public.profiles", "public.financing_requests", "public.bank_profiles", "public.documents")
+RESULTS = Path(__file__).parent / "results.json"
+SINCE = "2024-11-18"
 
 
-def sync_cli(*args: str) -> tuple[dict, float, int]:
-    """Run ``python -m sync`` in a child process; return its JSON report, seconds and its own peak RSS (KiB).
-
-    The peak comes from ``wait4`` for that child alone. This process stays small (the scenario is built
-    by another child), because Linux carries a parent's high-water mark into the children it forks.
-    """
+def scenario_templates(server: Server, scale: int) -> tuple[testbed.Database, testbed.Database]:
+    """Production and development at ``scale`` as templates, rebuilt only when the generator changed."""
+    digest = testbed.fingerprint(Path("devkit"), str(scale))
+    names = (f"bench_tpl_source_{scale}", f"bench_tpl_target_{scale}")
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = ANY(%s)",
+            (list(names),),
+        ).fetchall()
+    if sorted(rows) == sorted((n, digest) for n in names):
+        return testbed.database(server, names[0]), testbed.database(server, names[1])
+    template = testbed.supabase_template(server)
+    for name in names:
+        testbed.drop_database(server, name)
+    source, target = (testbed.create_database(server, n, template=template.name) for n in names)
     started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "sync", *args, "--json"], stdout=out, stderr=err, text=True
-        )
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        seconds = time.perf_counter() - started
-        out.seek(0)
-        err.seek(0)
-        if child.returncode not in (0, 3):
-            raise SystemExit(f"sync {' '.join(args[:1])} failed ({child.returncode}): {err.read().strip()}")
-        return json.loads(out.read()), seconds, usage.ru_maxrss
+    demo = ["demo", "--source", source.url, "--target", target.url, "--scale", str(scale), "--no-sync"]
+    subprocess.run(
+        [sys.executable, "-m", "sync", *demo],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    print(f"scenario at scale {scale} built in {time.perf_counter() - started:.1f} s")
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        for name in names:
+            conn.execute(
+                sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(digest))
+            )
+            conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE true").format(sql.Identifier(name)))
+    return source, target
 
 
-def pg_dump_seconds(server, source: testbed.Database) -> float:
-    """``pg_dump --data-only`` of the users and app tables piped into ``psql`` of an empty production schema.
+def fresh(server: Server, name: str, template: str | None) -> testbed.Database:
+    """A new database ``name`` (dropped first if left over), a copy of ``template`` or Supabase-shaped."""
+    testbed.drop_database(server, name)
+    return testbed.create_database(server, name, template=template)
 
-    The auth tables go too, so the copy is the same work the sync does (and the foreign keys hold).
-    """
-    empty = testbed.create_database(server, f"bench_dump_{os.getpid()}", template=None)
+
+def measure_sync(source: testbed.Database, target: testbed.Database, common: list[str]) -> dict:
+    """The full run, a no-op catch-up, and a catch-up after 0.1 % of production changed."""
+    full = sync_cli("run", "--since", SINCE, *common)
+    noop = sync_cli("run", *common)
+    edited = change_rows(source)
+    small = sync_cli("run", *common)
+    auth = full.report.get("auth") or {}
+    return {
+        "full_s": full.seconds,
+        "peak_mib": max(r.peak_kib for r in (full, noop, small)) / 1024,
+        "auth_s": auth.get("seconds", 0.0),
+        "auth_created": auth.get("created", 0),
+        "tables": {t["table"]: {"rows": t["read"], "seconds": t["seconds"]} for t in full.report["tables"]},
+        "noop_s": noop.seconds,
+        "noop_written": _written(noop),
+        "changed_rows": edited,
+        "catch_up_s": small.seconds,
+        "catch_up_written": _written(small),
+    }
+
+
+def _written(run: SyncRun) -> int:
+    return sum(t["inserted"] + t["updated"] for t in run.report["tables"])
+
+
+def one_round(server: Server, scale: int, number: int, common_args: list[str]) -> dict:
+    """Every measurement once, on fresh copies; odd rounds take the baselines first."""
+    src_tpl, tgt_tpl = scenario_templates(server, scale)
+    tag = f"{scale}_{os.getpid()}"
+    created: list[str] = []
+
+    def copy_of(kind: str, template: str | None) -> testbed.Database:
+        db = fresh(server, f"bench_{kind}_{tag}", template)
+        created.append(db.name)
+        return db
+
+    result: dict = {}
     try:
-        with psycopg.connect(empty.url) as conn:
-            conn.execute((SQL_DIR / "scenario" / "production.sql").read_text())  # type: ignore[arg-type]
-        bindir = binaries_dir()
-        tables = ("auth.users", "auth.identities", *TABLES)
-        dump = [str(bindir / "pg_dump"), "--data-only", *[f"--table={t}" for t in tables], source.admin_url]
-        load = [str(bindir / "psql"), "--quiet", "-v", "ON_ERROR_STOP=1", empty.admin_url]
-        started = time.perf_counter()
-        producer = subprocess.Popen(dump, stdout=subprocess.PIPE)
-        assert producer.stdout is not None
-        consumer = subprocess.Popen(
-            load, stdin=producer.stdout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        producer.stdout.close()  # so pg_dump gets SIGPIPE if psql stops early
-        _, load_errors = consumer.communicate()
-        producer.wait()
-        if producer.returncode or consumer.returncode:
-            raise SystemExit(f"pg_dump | psql failed: {load_errors.strip()}")
-        return time.perf_counter() - started
+        source = copy_of("source", src_tpl.name)
+        steps = ["sync", "dump", "floor"]
+        if number % 2:
+            steps.reverse()
+        for step in steps:
+            if step == "sync":
+                target = copy_of("target", tgt_tpl.name)
+                common = ["--source", source.url, "--target", target.url, *common_args]
+                result.update(measure_sync(source, target, common))
+            elif step == "dump":
+                result["pg_dump_s"] = pg_dump_seconds(src_tpl, copy_of("dump", None))
+            else:
+                seconds, users, identities = auth_copy_floor(src_tpl, copy_of("floor", tgt_tpl.name))
+                result.update(floor_s=seconds, floor_users=users, floor_identities=identities)
     finally:
-        testbed.drop_database(server, empty.name)
+        for name in created:
+            testbed.drop_database(server, name)
+    return result
+
+
+def summarise(rounds: list[dict]) -> dict:
+    """Medians over the rounds, and the ratios the performance budget is stated in."""
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in rounds)
+
+    tables = {}
+    for name in rounds[0]["tables"]:
+        rates = [r["tables"][name]["rows"] / max(r["tables"][name]["seconds"], 1e-9) for r in rounds]
+        tables[name] = {"rows": rounds[0]["tables"][name]["rows"], "rows_per_s": statistics.median(rates)}
+    s = {k: med(k) for k in rounds[0] if k != "tables"}
+    s["tables"] = tables
+    s["auth_users_per_s"] = s["auth_created"] / s["auth_s"] if s["auth_s"] else 0.0
+    s["floor_users_per_s"] = s["floor_users"] / s["floor_s"] if s["floor_s"] else 0.0
+    s["ratios"] = {
+        "full_vs_pg_dump": s["full_s"] / s["pg_dump_s"],
+        "auth_vs_copy_floor": s["auth_s"] / s["floor_s"],
+        "noop_vs_pg_dump": s["noop_s"] / s["pg_dump_s"],
+        "catch_up_vs_full": s["catch_up_s"] / s["full_s"],
+    }
+    return s
+
+
+def print_summary(s: dict, scale: int, rounds: int) -> None:
+    """The medians as a table, each figure beside its baseline and the budget's target."""
+    r = s["ratios"]
+    noop_budget = 1.5 if scale >= 100 else 1.0
+    print(f"\nscale {scale}, median of {rounds} interleaved round(s)")
+    lines = [
+        (
+            "full run (wall, start-up incl.)",
+            f"{s['full_s']:.2f} s",
+            f"{r['full_vs_pg_dump']:.2f}× pg_dump",
+            "≤ 1.5×",
+        ),
+        (
+            f"auth import ({s['auth_created']:.0f} users created)",
+            f"{s['auth_s']:.2f} s  {s['auth_users_per_s']:,.0f} users/s",
+            f"{r['auth_vs_copy_floor']:.2f}× COPY floor",
+            "≤ 1.3×",
+        ),
+        (
+            f"COPY floor ({s['floor_users']:.0f} users, {s['floor_identities']:.0f} identities)",
+            f"{s['floor_s']:.2f} s  {s['floor_users_per_s']:,.0f} users/s",
+            "",
+            "",
+        ),
+        (
+            "no-op catch-up",
+            f"{s['noop_s']:.2f} s",
+            f"{r['noop_vs_pg_dump']:.2f}× pg_dump",
+            f"< {noop_budget} s",
+        ),
+        (
+            f"catch-up after 0.1 % ({s['changed_rows']:.0f} rows edited)",
+            f"{s['catch_up_s']:.2f} s",
+            f"{r['catch_up_vs_full'] * 100:.1f} % of full run",
+            "< 5 %",
+        ),
+        ("peak RSS of sync", f"{s['peak_mib']:.0f} MiB", "", "< 256 MiB"),
+        ("pg_dump --data-only | psql, six tables", f"{s['pg_dump_s']:.2f} s", "1.00×", ""),
+    ]
+    for what, value, ratio, budget in lines:
+        print(f"  {what:<46} {value:>26}  {ratio:>22}  {budget}")
+    for name, t in s["tables"].items():
+        print(f"  {name:<46} {t['rows']:>10} rows {t['rows_per_s']:>10,.0f} rows/s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scale", type=int, default=10)
+    parser.add_argument("--scale", type=int, default=int(os.environ.get("SCALE") or 10))
+    parser.add_argument("--rounds", type=int, default=int(os.environ.get("ROUNDS") or 3))
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=5000)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON results go")
     args = parser.parse_args()
+    if args.scale < 1 or args.rounds < 1:
+        parser.error("--scale and --rounds must be at least 1")
 
     server = ensure_server()
-    template = testbed.supabase_template(server)
-    names = (f"bench_source_{args.scale}", f"bench_target_{args.scale}")
-    for name in names:
-        testbed.drop_database(server, name)
-    source, target = (testbed.create_database(server, n, template=template.name) for n in names)
-    started = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sync",
-            "demo",
-            "--source",
-            source.url,
-            "--target",
-            target.url,
-            "--scale",
-            str(args.scale),
-            "--no-sync",
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    print(f"scenario at scale {args.scale} built in {time.perf_counter() - started:.1f} s")
-
     common = [
-        "--source",
-        source.url,
-        "--target",
-        target.url,
         "--jobs",
         str(args.jobs),
         "--batch-size",
         str(args.batch_size),
         "--mapping",
-        str(Path("mappings/sync.toml")),
+        "mappings/sync.toml",
     ]
-    full, seconds, peak = sync_cli("run", "--since", "2024-11-18", *common)
-    print(f"\nfull run: {seconds:.1f} s wall, peak memory {peak / 1024:.0f} MiB")
-    users = full.get("auth") or {}
-    print(f"  auth: {users.get('created', 0)} users created in {users.get('seconds', 0):.1f} s")
-    total = 0
-    for table in full["tables"]:
-        rate = table["read"] / table["seconds"] if table["seconds"] else 0
-        total += table["read"]
+    rounds = []
+    for number in range(args.rounds):
+        rounds.append(one_round(server, args.scale, number, common))
+        r = rounds[-1]
         print(
-            f"  {table['table']:<28} {table['read']:>8} rows  {table['seconds']:6.2f} s  {rate:9.0f} rows/s"
+            f"round {number + 1}: full {r['full_s']:.2f} s, pg_dump {r['pg_dump_s']:.2f} s, "
+            f"auth {r['auth_s']:.2f} s, floor {r['floor_s']:.2f} s, no-op {r['noop_s']:.2f} s, "
+            f"catch-up {r['catch_up_s']:.2f} s, peak {r['peak_mib']:.0f} MiB"
         )
-    print(f"  all tables: {total} rows")
-
-    with psycopg.connect(source.url) as conn:
-        conn.execute(
-            "INSERT INTO public.financing_requests (profile_id, amount, term_months, status, created_at, "
-            "updated_at) SELECT id, 1000, 12, 'draft', now(), now() FROM public.profiles "
-            "ORDER BY id LIMIT 50"
-        )
-        conn.execute(
-            "UPDATE public.bank_profiles SET monthly_income = monthly_income + 1, updated_at = now() "
-            "WHERE id IN (SELECT id FROM public.bank_profiles ORDER BY id LIMIT 20)"
-        )
-    catch_up, seconds, _ = sync_cli("run", *common)
-    written = sum(t["inserted"] + t["updated"] for t in catch_up["tables"])
-    print(f"\ncatch-up (50 new, 20 edited): {seconds:.1f} s wall, {written} rows written")
-    noop, seconds, _ = sync_cli("run", *common)
-    written = sum(t["inserted"] + t["updated"] for t in noop["tables"])
-    print(f"no-op catch-up: {seconds:.1f} s wall, {written} rows written")
-
-    dump = pg_dump_seconds(server, source)
-    print(f"\npg_dump --data-only | psql of the same tables: {dump:.1f} s")
+    summary = summarise(rounds)
+    print_summary(summary, args.scale, args.rounds)
+    payload = {"scale": args.scale, "rounds": rounds, "median": summary, "server_version": server.version}
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"\nwritten to {args.out}")
 
 
 if __name__ == "__main__":
