@@ -13,6 +13,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -21,6 +22,7 @@ import pytest
 
 from sync.state import ensure_state
 from sync.storage import (
+    BucketRule,
     ColumnRule,
     StorageApi,
     StorageReport,
@@ -360,3 +362,23 @@ async def test_a_run_killed_mid_upload_resumes_without_sending_again_what_landed
         assert await target.get(path) == data, path
     assert set(target.server.committed.values()) == {1}
     assert report.copied_total.objects == 16 - len(landed) and report.present_total.objects == len(landed)
+
+
+async def test_a_whole_bucket_brings_the_objects_updated_in_the_window(projects) -> None:
+    source, target = projects
+    await source.bucket("avatars", public=True)
+    for name in ("a/1.png", "b/2.png", "old/3.png"):
+        await source.put(name, content(len(name), 500), mime="image/png", bucket="avatars")
+    # An avatar last changed long before the window (the server stamps uploads with now()).
+    await source.conn.execute("UPDATE storage.objects SET updated_at = '2024-01-01' WHERE name = 'old/3.png'")
+    rules = StorageRules(buckets=(BucketRule("avatars"),))
+    since = datetime(2024, 11, 18, tzinfo=UTC)
+
+    async with source.api("source") as sapi, target.api("target") as tapi:
+        report = await copy_storage(
+            source.conn, target.conn, sapi, tapi, rules, since=since, run_id=1, settings=FAST
+        )
+
+    assert report.copied_total.objects == 2 and report.created_buckets == ["avatars"]
+    assert await target.names("avatars") == ["a/1.png", "b/2.png"]
+    assert await target.conn.fetchval("SELECT public FROM storage.buckets WHERE id = 'avatars'")
