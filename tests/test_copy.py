@@ -379,3 +379,31 @@ def test_a_row_with_the_same_natural_key_adopts_the_targets_key_and_its_children
     assert fetch(target.url, "SELECT table_name, source_key, target_key, reason FROM _sync.id_map") == [
         ("public.tags", "2", "7", "natural")
     ]
+
+
+def test_small_batches_cut_each_pass_at_keyset_boundaries_and_every_row_lands_once(make_db):
+    source, target = make_db(), make_db()
+    for db in (source, target):
+        execute(db.url, PARENT_CHILD)
+    # 10 old owners that only the closure brings, 23 in-window ones; 3 requests per owner, all new.
+    execute(
+        source.url,
+        """
+        INSERT INTO owners SELECT ('00000000-0000-0000-0000-' || lpad(g::text, 12, '0'))::uuid,
+            'owner ' || g, CASE WHEN g <= 10 THEN '2023-01-01' ELSE '2024-12-01' END::timestamptz,
+            CASE WHEN g <= 10 THEN '2023-01-01' ELSE '2024-12-01' END::timestamptz
+        FROM generate_series(1, 33) g;
+        INSERT INTO requests (owner_id, amount, created_at, updated_at)
+            SELECT o.id, n, '2024-12-02', '2024-12-02' FROM owners AS o, generate_series(1, 3) AS n;
+    """,
+    )
+    report = run(source, target, batch_size=4)
+    assert report.exit_code == 0
+    results = {t.table: t for t in report.tables}
+    owners, requests = results["public.owners"], results["public.requests"]
+    assert (owners.read, owners.inserted) == (33, 33)
+    assert (requests.read, requests.inserted) == (99, 99)
+    # Batches of 4 in key order (numeric, not the text the boundaries travel as): owners' window has 23
+    # rows (6 batches) and its closure 10 (3); requests' window 99 (25), its closure one empty range.
+    assert (owners.batches, requests.batches) == (6 + 3, 25 + 1)
+    assert fetch(target.url, "SELECT count(*), count(DISTINCT owner_id) FROM requests") == [(99, 33)]

@@ -1,7 +1,7 @@
 """One table's copy: batch by batch over the source key range, from its checkpoint, with retries.
 
 Each pass of the selection (the window, then the closure) walks the source's primary key in batches:
-the next batch boundary is read from the source, the batch is staged and applied in ONE target
+the batch boundaries are read from the source once per pass, each batch is staged and applied in ONE target
 transaction that also advances the table's checkpoint. Data and checkpoint commit together, so a
 crash never loses or duplicates a batch, and a rerun resumes after the last committed key. Transient
 failures (a lost connection, a serialization failure) reconnect and retry the step; a batch the
@@ -120,15 +120,13 @@ class TableCopy:
                     continue
                 self.phase = phase
                 last_key = start.key if number == start.phase else None
-                while True:
-                    boundary = await self._with_retries(lambda lk=last_key: self._next_boundary(lk))
+                boundaries = await self._with_retries(lambda lk=last_key: self._boundaries(lk))
+                for boundary in [*boundaries, None]:
                     # The last batch of a pass records the start of the next one.
                     after = Position(number, boundary) if boundary is not None else Position(number + 1, None)
                     await self._with_retries(
                         lambda lk=last_key, b=boundary, a=after: self._copy_range(lk, b, a)
                     )
-                    if boundary is None:
-                        break
                     last_key = boundary
             await self._with_retries(self._mark_done)
         finally:
@@ -256,18 +254,25 @@ class TableCopy:
             )
         )
 
-    async def _next_boundary(self, after: list[str] | None) -> list[str] | None:
-        """The last key of the next batch, or None when the rest fits in one batch."""
+    async def _boundaries(self, after: list[str] | None) -> list[list[str]]:
+        """The last key of every full batch of the pass after ``after``, from one ordered scan.
+
+        Read once per pass (never an ``OFFSET`` scan per batch): the batches are the ranges between
+        consecutive boundaries, then everything after the last one, so a row that appears after this
+        read still falls in a range and is copied.
+        """
         params = Params()
         where = self._in_range(params, after, None)
-        offset = params.bind(self.ctx.batch_size - 1, "bigint")
+        size = params.bind(self.ctx.batch_size, "bigint")
+        keys = column_list(self.source_pk)
         texts = ", ".join(f"{ident(c)}::text" for c in self.source_pk)
-        row = await self.sconn.fetchrow(
-            f"SELECT {texts} FROM {table_ident(self.tp.source_name)} WHERE {where} "
-            f"ORDER BY {column_list(self.source_pk)} OFFSET {offset} LIMIT 1",
+        rows = await self.sconn.fetch(
+            f"SELECT {texts} FROM (SELECT {keys}, row_number() OVER (ORDER BY {keys}) AS _n "
+            f"FROM {table_ident(self.tp.source_name)} WHERE {where}) AS s "
+            f"WHERE s._n % {size} = 0 ORDER BY s._n",
             *params.values,
         )
-        return list(row.values()) if row is not None else None
+        return [list(row.values()) for row in rows]
 
     # ---------------------------------------------------------------------------------- writing
 
