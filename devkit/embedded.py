@@ -81,7 +81,16 @@ def ensure_server() -> Server:
     if url:
         return Server(url=url, version=_probe(url, "DATABASE_URL"), started_here=False)
     bindir, major = _binaries()
-    return _LocalCluster(bindir, PROJECT_ROOT / ".pg" / str(major)).ensure_running()
+    return LocalCluster(bindir, PROJECT_ROOT / ".pg" / str(major)).ensure_running()
+
+
+def dedicated_cluster(name: str) -> LocalCluster:
+    """A server of its own under ``.pg/<major>-<name>/`` for a test that stops and restarts it.
+
+    Not started: call ``ensure_running()``. The servers other tests share are never touched.
+    """
+    bindir, major = _binaries()
+    return LocalCluster(bindir, PROJECT_ROOT / ".pg" / f"{major}-{name}")
 
 
 def stop_server() -> bool:
@@ -89,9 +98,9 @@ def stop_server() -> bool:
     stopped = False
     for data in sorted((PROJECT_ROOT / ".pg").glob("*/data")):
         if (data / "postmaster.pid").exists():
-            bindir = SYSTEM_PG15 if data.parent.name == "15" else _wheel_bindir()
+            bindir = SYSTEM_PG15 if data.parent.name.split("-")[0] == "15" else _wheel_bindir()
             if bindir is not None:
-                _LocalCluster(bindir, data.parent).stop()
+                LocalCluster(bindir, data.parent).stop()
                 stopped = True
     return stopped
 
@@ -147,7 +156,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class _LocalCluster:
+class LocalCluster:
     """One data folder run by one set of binaries."""
 
     def __init__(self, bindir: Path, home: Path) -> None:
@@ -169,7 +178,12 @@ class _LocalCluster:
         return Server(url=url, version=_probe(url, f"the project's server in {self.data}"), started_here=True)
 
     def stop(self) -> None:
+        """Stop the server the way a restart or failover does: open sessions are cut (fast mode)."""
         self._run([self.bindir / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop"], check=False)
+
+    def start(self, port: int) -> None:
+        """Start the stopped server again on ``port`` (its clients' URLs stay valid)."""
+        self._start(port)
 
     def _check_ownership(self) -> None:
         expected = self.runas.pw_uid if self.runas else os.geteuid()
@@ -233,8 +247,8 @@ class _LocalCluster:
             pass
         return port
 
-    def _start(self) -> int:
-        port = _free_port()
+    def _start(self, port: int | None = None) -> int:
+        port = port or _free_port()
         result = self._run(
             [
                 self.bindir / "pg_ctl",

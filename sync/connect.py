@@ -20,6 +20,7 @@ import asyncpg
 import psycopg
 
 from sync.errors import ConnectError
+from sync.retry import CONNECT_ATTEMPTS, CONNECT_MAX_WAIT, is_transient_connect_error, retrying
 
 # Hosted projects cancel statements after two minutes; batches stay well under it, but catalog and
 # count queries on big tables should not die of it either.
@@ -140,7 +141,7 @@ async def connect(endpoint: Endpoint, *, application_name: str = "sync") -> asyn
         kwargs["statement_cache_size"] = 0
         kwargs["server_settings"] = {}
     try:
-        conn = await asyncpg.connect(**kwargs)
+        conn = await _connect_retrying(endpoint, kwargs)
     except asyncpg.InvalidPasswordError:
         raise ConnectError(
             f"The {endpoint.side} database refused the login for user "
@@ -166,6 +167,17 @@ async def connect(endpoint: Endpoint, *, application_name: str = "sync") -> asyn
     if endpoint.mode is not PoolMode.TRANSACTION:
         await conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
     return conn
+
+
+async def _connect_retrying(endpoint: Endpoint, kwargs: dict[str, Any]) -> asyncpg.Connection:
+    """``asyncpg.connect``, tried again while the server restarts or fails over (also at start)."""
+    connecting = retrying(
+        is_transient_connect_error,
+        attempts=CONNECT_ATTEMPTS,
+        max_wait=CONNECT_MAX_WAIT,
+        what=f"connecting to the {endpoint.side} ({endpoint})",
+    )
+    return await connecting(asyncpg.connect, **kwargs)
 
 
 def _oserror_text(exc: BaseException) -> str:

@@ -46,3 +46,7 @@ class PlanError(UsageError):
 
 class LockedError(SyncError):
     """Another run holds the target's run lock."""
+
+
+class LockLostError(SyncError):
+    """The run lock's connection ended and the lock could not be taken again: the run stopped writing."""

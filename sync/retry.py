@@ -12,8 +12,10 @@ and each retry is logged with what failed.
 
 from __future__ import annotations
 
+import errno
 import logging
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Sequence
 
 import asyncpg
 from tenacity import (
@@ -41,10 +43,18 @@ TRANSIENT_SQLSTATES = frozenset(
     }
 )
 QUERY_CANCELED = "57014"
+LOCK_NOT_AVAILABLE = "55P03"
+
+LOCK_TIMEOUT_S = 3
+"""How long one statement waits for a lock another session holds before it is reported and retried."""
 
 DEFAULT_ATTEMPTS = 6
 DEFAULT_INITIAL_WAIT = 0.5
 DEFAULT_MAX_WAIT = 30.0
+
+# Connecting to a server that restarts or fails over: about 15 s of tries before giving up.
+CONNECT_ATTEMPTS = 10
+CONNECT_MAX_WAIT = 4.0
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
@@ -69,6 +79,24 @@ def is_transient_db_error(exc: BaseException) -> bool:
     if sqlstate.startswith("08") or sqlstate in TRANSIENT_SQLSTATES:
         return True
     return sqlstate == QUERY_CANCELED and "timeout" in str(exc).lower()
+
+
+def is_transient_connect_error(exc: BaseException) -> bool:
+    """True when a new connection failed because the server is restarting, failing over or full.
+
+    Connection refused, "the database system is starting up" / "is shutting down" (57P03), too many
+    connections, a connection cut during the handshake. A name that does not resolve, a refused login
+    or a server that does not answer at all (the connect timeout) are not: retrying cannot cure them.
+    """
+    if isinstance(exc, (socket.gaierror, TimeoutError)):
+        return False
+    if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
+        # asyncpg tries each address of a host and reports them together in a plain OSError.
+        return "Connect call failed" in str(exc) or exc.errno in (
+            errno.ECONNREFUSED,
+            errno.ECONNRESET,
+        )
+    return is_transient_db_error(exc)
 
 
 def retrying(
@@ -113,6 +141,34 @@ def retrying(
         before_sleep=log_retry,
         reraise=True,
     )
+
+
+async def bound_lock_waits(conn: asyncpg.Connection, *, local: bool) -> None:
+    """Make ``conn`` give up on a lock after LOCK_TIMEOUT_S (55P03, then retried with backoff).
+
+    ``local``: for the current transaction only (what a transaction-mode pooler allows), else for
+    the session.
+    """
+    await conn.execute("SELECT set_config('lock_timeout', $1, $2)", f"{LOCK_TIMEOUT_S}s", local)
+
+
+async def lock_wait_line(conn: asyncpg.Connection, tables: Sequence[str], waited: float) -> str:
+    """Who holds the lock a statement on ``tables`` gave up waiting for, in one line for the log."""
+    try:
+        holder = await conn.fetchrow(
+            "SELECT format('%I.%I', n.nspname, c.relname) AS name, l.pid FROM pg_locks AS l "
+            "JOIN pg_class AS c ON c.oid = l.relation JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+            "WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid() "
+            "AND l.relation IN (SELECT to_regclass(t) FROM unnest($1::text[]) AS t) "
+            "AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock') "
+            "ORDER BY l.mode = 'AccessExclusiveLock' DESC LIMIT 1",
+            list(tables),
+        )
+    except (asyncpg.PostgresError, asyncpg.InterfaceError):
+        holder = None  # the connection went too: the retry reconnects
+    if holder is None:
+        return f"waiting for a lock on {tables[0]} held by another session ({waited:.0f} s)"
+    return f"waiting for a lock on {holder['name']} held by pid {holder['pid']} ({waited:.0f} s)"
 
 
 def _describe(exc: BaseException | None) -> str:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -23,15 +23,18 @@ from sync.auth import AdminApi, AuthOptions, AuthReport, import_users
 from sync.auth.columns import USERS_TABLE
 from sync.catalog import read_catalog
 from sync.connect import Endpoint, connect
-from sync.errors import EXIT_OK, EXIT_QUARANTINED, PlanError
+from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, PlanError
 from sync.mapping import Mapping
 from sync.plan import Plan, TablePlan, build_plan, check_casts
+from sync.retry import is_transient_db_error, retrying
 from sync.snapshot import SourceSnapshot
-from sync.state import RunLock, begin_run, catch_up_since, ensure_state, finish_run, record_high_water
+from sync.state import RunLock, WriteGuard, begin_run, catch_up_since, finish_run, record_high_water
 from sync.storage import StorageReport
 from sync.storage.stage import StorageStage
 
 log = logging.getLogger("sync")
+
+T = TypeVar("T")
 
 AuthStage = Callable[["RunContext"], Awaitable[AuthReport]]
 
@@ -64,6 +67,8 @@ class RunContext:
     only_keys: dict[str, list[str]] | None = None
     auth_since: datetime | None = None
     """Set on catch-up runs: only users changed since then need the auth stage."""
+    guard: WriteGuard | None = None
+    """The run lock's check, made in every write transaction before it commits."""
 
 
 class RunReport(BaseModel):
@@ -132,6 +137,7 @@ def auth_import(options: AuthOptions, admin_api: AdminApi | None = None) -> Auth
             run_id=ctx.run_id,
             changed_since=ctx.auth_since,
             snapshot=ctx.snapshot,
+            guard=ctx.guard,
             only_ids=None if ctx.only_keys is None else [UUID(k) for k in ctx.only_keys.get(USERS_TABLE, [])],
         )
 
@@ -172,14 +178,14 @@ async def run_sync(
     """
     started = time.perf_counter()
     lock = RunLock(target)
-    plan = await load_plan(source, target, mapping)
+    plan = await retrying(what="reading both catalogs")(load_plan, source, target, mapping)
     if storage_stage is not None:
         storage_stage.check(plan, mapping)
     await lock.acquire()
     tconn = await connect(target, application_name="sync run")
+    bookkeeping = RunConnection(target, tconn)
     snapshot = SourceSnapshot(source)
     try:
-        await ensure_state(tconn)
         since = options.since
         mark = await catch_up_since(tconn, options.overlap)
         catch_up = since is None and mark is not None and not options.restart and not options.retry_quarantine
@@ -212,29 +218,72 @@ async def run_sync(
             since,
             only_keys,
             auth_since=since if catch_up else None,
+            guard=lock.confirm,
         )
         try:
             if auth_stage is not None and not options.skip_auth and _users_to_import(only_keys):
                 report.auth = await auth_stage(ctx)
             report.tables = await copy_tables(ctx, options, progress)
             await patch_deferred(ctx, options)
-            report.sequences_moved = await table_copy.move_sequences(tconn, plan)
+            report.sequences_moved = await bookkeeping.call(lambda c: table_copy.move_sequences(c, plan))
             if storage_stage is not None:
-                report.storage = await storage_stage.run(source, tconn, plan, mapping, since, run.id)
+                report.storage = await storage_stage.run(
+                    source, await bookkeeping.alive(), plan, mapping, since, run.id
+                )
+        except LockLostError:
+            raise  # the run is no longer this process's to record
         except (Exception, asyncio.CancelledError) as exc:
             status = (
                 "interrupted" if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)) else "failed"
             )
-            await asyncio.shield(finish_run(tconn, run.id, status, report.counts()))
+            await asyncio.shield(bookkeeping.call(lambda c: finish_run(c, run.id, status, report.counts())))
             raise
         report.seconds = time.perf_counter() - started
         status = "quarantined" if report.quarantined else "succeeded"
-        await finish_run(tconn, run.id, status, report.counts())
+
+        async def close_run(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                await lock.confirm(conn)
+                await finish_run(conn, run.id, status, report.counts())
+
+        await bookkeeping.call(close_run)
         return report
     finally:
         await snapshot.close()
-        await tconn.close()
+        await bookkeeping.close()
         await lock.release()
+
+
+class RunConnection:
+    """The run's own target connection (its record, the sequences), opened again after it was lost."""
+
+    def __init__(self, target: Endpoint, conn: asyncpg.Connection) -> None:
+        self.target = target
+        self.conn = conn
+
+    async def call(self, step: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """``step(conn)``, retried on a fresh connection when a restart or failover cut the last one."""
+
+        async def attempt() -> T:
+            conn = await self.alive()
+            try:
+                return await step(conn)
+            except Exception as exc:
+                if is_transient_db_error(exc):
+                    self.conn.terminate()
+                raise
+
+        return await retrying(what="the run's own record")(attempt)
+
+    async def alive(self) -> asyncpg.Connection:
+        """The connection, opened again when it was closed."""
+        if self.conn.is_closed():
+            self.conn = await connect(self.target, application_name="sync run")
+        return self.conn
+
+    async def close(self) -> None:
+        if not self.conn.is_closed():
+            await self.conn.close()
 
 
 def _users_to_import(only_keys: dict[str, list[str]] | None) -> bool:
@@ -251,7 +300,9 @@ async def run_auth_only(
     snapshot = SourceSnapshot(source)
     try:
         await snapshot.open()
-        return await import_users(source, target, options, admin_api=admin_api, snapshot=snapshot)
+        return await import_users(
+            source, target, options, admin_api=admin_api, snapshot=snapshot, guard=lock.confirm
+        )
     finally:
         await snapshot.close()
         await lock.release()
@@ -284,9 +335,15 @@ async def copy_tables(
         async with slots:
             return await table_copy.TableCopy(copy_ctx, tp).run()
 
-    async with asyncio.TaskGroup() as group:
-        for tp in ctx.plan.tables:  # parents first, so every awaited parent task exists already
-            tasks[tp.name] = group.create_task(one(tp))
+    try:
+        async with asyncio.TaskGroup() as group:
+            for tp in ctx.plan.tables:  # parents first, so every awaited parent task exists already
+                tasks[tp.name] = group.create_task(one(tp))
+    except ExceptionGroup as failures:
+        lost = failures.subgroup(LockLostError)
+        if lost is not None:  # one clear line, not one per table
+            raise lost.exceptions[0] from None
+        raise
     return [tasks[t.name].result() for t in ctx.plan.tables]
 
 
@@ -302,6 +359,7 @@ def _copy_context(
         batch_size=options.batch_size or ctx.mapping.sync.batch_size,
         progress=progress,
         only_keys=ctx.only_keys,
+        guard=ctx.guard,
     )
 
 

@@ -9,9 +9,12 @@ the target (reads may still use the transaction pooler).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,11 +22,15 @@ from typing import Any
 import asyncpg
 
 from sync.connect import Endpoint, PoolMode, connect
-from sync.errors import LockedError, UsageError
+from sync.errors import LockedError, LockLostError, UsageError, first_line
 from sync.resources import sql_dir
+from sync.retry import retrying
 
-STATE_VERSION = 2
+log = logging.getLogger("sync")
+
+STATE_VERSION = 3
 LOCK_KEY = 0x53594E43  # "SYNC"
+FENCE_KEY = 0x53594E44  # writers hold it shared: a new holder of LOCK_KEY waits for them to end
 
 
 async def ensure_state(conn: asyncpg.Connection) -> None:
@@ -37,52 +44,159 @@ async def ensure_state(conn: asyncpg.Connection) -> None:
         await conn.execute((sql_dir() / "state.sql").read_text())
 
 
+WriteGuard = Callable[[asyncpg.Connection], Awaitable[None]]
+"""Called inside a writer's transaction before it commits; raises when the run may no longer write."""
+
+
 class RunLock:
-    """The target's run lock, held on its own connection for the life of a run."""
+    """The target's run lock, held on its own connection for the life of a run, and watched.
+
+    Taking it bumps ``_sync.lock_epoch`` and first waits for the writes of an earlier holder still in
+    flight (they hold the fence key shared, see :meth:`confirm`). When the lock's connection dies, the
+    lock is taken again at once, and again before any batch commits: only when nobody else took it in
+    between (the epoch has not moved). Otherwise the run stops with :class:`LockLostError` before it
+    writes anything more, so two runs never write to one target at the same time.
+    """
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.conn: asyncpg.Connection | None = None
+        self.epoch: int | None = None
+        self.pid: int | None = None
+        self._retaking = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
 
     async def acquire(self) -> None:
-        """Take the lock or raise LockedError naming the run that holds it; writes nothing."""
+        """Take the lock or raise LockedError naming the run that holds it; writes nothing when refused."""
         if self.endpoint.mode is PoolMode.TRANSACTION:
             raise UsageError(
                 "The target URL goes through a transaction-mode pooler (port 6543), which cannot hold the "
                 "run lock: use the direct URL or the session pooler (port 5432) for --target."
             )
-        self.conn = await connect(self.endpoint, application_name="sync lock")
-        if await self.conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
-            return
-        holder = await self.conn.fetchrow(
-            "SELECT a.pid, a.client_addr::text AS addr, a.backend_start FROM pg_locks AS l "
-            "JOIN pg_stat_activity AS a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.objid = $1 AND l.granted LIMIT 1",
-            LOCK_KEY,
-        )
-        running = (
-            await self.conn.fetchrow(
-                "SELECT id, started_at, options->>'host' AS host, options->>'pid' AS pid FROM _sync.runs "
-                "WHERE status = 'running' ORDER BY id DESC LIMIT 1"
-            )
-            if await self.conn.fetchval("SELECT to_regclass('_sync.runs') IS NOT NULL")
-            else None
-        )
-        await self.release()
-        who = (
-            f"run {running['id']} (started {running['started_at']:%Y-%m-%d %H:%M:%S %Z} by pid "
-            f"{running['pid']} on {running['host']})"
-            if running
-            else "another run"
-        )
-        backend = f", target backend pid {holder['pid']}" if holder else ""
-        raise LockedError(f"Another sync is running on this target: {who}{backend}. Wait for it to finish.")
+        conn = await connect(self.endpoint, application_name="sync lock")
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
+            message = await _holder_message(conn)
+            await conn.close()
+            raise LockedError(message)
+        await ensure_state(conn)
+        # An earlier holder whose connection died may still be committing a batch: let it finish.
+        await conn.execute("SELECT pg_advisory_lock($1)", FENCE_KEY)
+        await conn.execute("SELECT pg_advisory_unlock($1)", FENCE_KEY)
+        await self._hold(conn)
+
+    async def confirm(self, conn: asyncpg.Connection) -> None:
+        """Inside a writer's transaction on ``conn``, before it commits: prove the run still holds the lock.
+
+        The transaction takes the fence key shared, so a run that takes the lock after ours was lost
+        waits for it to end. A lock whose connection died is taken again here; LockLostError when
+        another run has it or had it meanwhile.
+        """
+        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", FENCE_KEY)
+        for _ in range(2):
+            pid = self.pid
+            if pid is not None and await conn.fetchval(_HELD, LOCK_KEY, pid):
+                return
+            await self.retake(pid)
+        raise LockLostError(_LOST)
+
+    async def retake(self, lost_pid: int | None) -> None:
+        """Take the lock again after the connection that held it (``lost_pid``) died."""
+        async with self._retaking:
+            if self.pid != lost_pid:
+                return  # another writer of this run took it again already
+            await self._drop()
+            log.warning("the run lock's connection was lost; taking the lock again")
+            async for attempt in retrying(what="taking the run lock again"):
+                with attempt:
+                    conn = await connect(self.endpoint, application_name="sync lock")
+                    try:
+                        await self._retake_on(conn)
+                    except BaseException:
+                        conn.terminate()
+                        raise
+            log.warning("the run lock is held again (target backend pid %s)", self.pid)
+
+    async def _retake_on(self, conn: asyncpg.Connection) -> None:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
+            raise LockLostError(_LOST)
+        if await conn.fetchval("SELECT epoch FROM _sync.lock_epoch") != self.epoch:
+            raise LockLostError(_LOST)  # another run held it meanwhile
+        await self._hold(conn)
+
+    async def _hold(self, conn: asyncpg.Connection) -> None:
+        self.epoch = await conn.fetchval("UPDATE _sync.lock_epoch SET epoch = epoch + 1 RETURNING epoch")
+        self.pid = conn.get_server_pid()
+        self.conn = conn
+        conn.add_termination_listener(self._lost)
+
+    def _lost(self, conn: asyncpg.Connection) -> None:
+        """The lock's connection ended: take the lock again now rather than at the next commit."""
+        if conn is self.conn and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._retake_soon(conn.get_server_pid()))
+
+    async def _retake_soon(self, lost_pid: int) -> None:
+        try:
+            await self.retake(lost_pid)
+        except Exception as exc:  # the next commit meets the same failure and stops the run
+            log.warning("the run lock could not be taken again: %s", first_line(exc))
+        finally:
+            self._watcher = None
+
+    async def _drop(self) -> None:
+        conn, self.conn, self.pid = self.conn, None, None
+        if conn is not None:
+            conn.remove_termination_listener(self._lost)
+            if not conn.is_closed():
+                conn.terminate()
 
     async def release(self) -> None:
         """Drop the lock (closing its connection drops it too)."""
-        if self.conn is not None and not self.conn.is_closed():
-            await self.conn.close()
-        self.conn = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        conn, self.conn, self.pid = self.conn, None, None
+        if conn is not None:
+            conn.remove_termination_listener(self._lost)
+            if not conn.is_closed():
+                await conn.close()
+
+
+_LOST = (
+    "The run lock was lost (its connection to the target ended) and another sync took it: this run "
+    "stopped without writing more; run the same command again once that one has finished to resume."
+)
+
+# Whether backend ``$2`` holds the run lock ``$1`` in this database.
+_HELD = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $2 "
+    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "AND classid = 0 AND objid = $1 AND objsubid = 1)"
+)
+
+
+async def _holder_message(conn: asyncpg.Connection) -> str:
+    """Who holds the run lock, in one sentence."""
+    holder = await conn.fetchrow(
+        "SELECT a.pid FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.objid = $1 AND l.objsubid = 1 AND l.granted LIMIT 1",
+        LOCK_KEY,
+    )
+    running = (
+        await conn.fetchrow(
+            "SELECT id, started_at, options->>'host' AS host, options->>'pid' AS pid FROM _sync.runs "
+            "WHERE status = 'running' ORDER BY id DESC LIMIT 1"
+        )
+        if await conn.fetchval("SELECT to_regclass('_sync.runs') IS NOT NULL")
+        else None
+    )
+    who = (
+        f"run {running['id']} (started {running['started_at']:%Y-%m-%d %H:%M:%S %Z} by pid "
+        f"{running['pid']} on {running['host']})"
+        if running
+        else "another run"
+    )
+    backend = f", target backend pid {holder['pid']}" if holder else ""
+    return f"Another sync is running on this target: {who}{backend}. Wait for it to finish."
 
 
 @dataclass(frozen=True)

@@ -75,4 +75,4 @@ def test_a_data_folder_owned_by_someone_else_is_refused(tmp_path: Path):
     os.chown(home, 54321, 54321)
     bindir = embedded._wheel_bindir() or embedded.SYSTEM_PG15
     with pytest.raises(embedded.EmbeddedError, match=r"belongs to .*not to the user this server runs as"):
-        embedded._LocalCluster(bindir, home).ensure_running()
+        embedded.LocalCluster(bindir, home).ensure_running()

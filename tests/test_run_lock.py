@@ -4,17 +4,19 @@ takes the run lock, so two writers never work on one target."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import psycopg
 from click.testing import CliRunner
 from queries import SEED_MAPPING, execute, fetch, seed_run_args
+from test_resume import content, finish, start, wait_until
 
 from sync.auth import AuthOptions, import_users
 from sync.cli import main
 from sync.connect import Endpoint, Side
 from sync.snapshot import SourceSnapshot
-from sync.state import LOCK_KEY
+from sync.state import FENCE_KEY, LOCK_KEY
 
 
 def cli(*args: str):
@@ -118,3 +120,93 @@ def test_quarantine_retry_takes_the_lock_and_reimports_only_the_quarantined_user
     # Nothing left in quarantine: a retry reads no user at all.
     idle = json.loads(cli(*retry).stdout)
     assert idle["auth"] is None and idle["exit_code"] == 0
+
+
+# ----------------------------------------------------------------------------- a lock that is lost
+
+MID_TABLE = "SELECT EXISTS (SELECT 1 FROM _sync.checkpoints WHERE rows_done > 0 AND NOT done)"
+LOCK_BACKEND = (
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+    "WHERE application_name = 'sync lock' AND datname = current_database()"
+)
+RUN = ("--since", "2024-11-18", "--batch-size", "20", "--jobs", "1")
+
+
+def reference_content(source, make_db, seed_templates) -> dict[str, str]:
+    """What the target holds after one uninterrupted run."""
+    reference = make_db(seed_templates[1])
+    code, _, err = finish(start(source, reference, "--since", "2024-11-18", "--quiet"))
+    assert code == 0, err
+    return content(reference.url)
+
+
+def test_a_run_whose_lock_connection_dies_takes_it_again_and_a_second_run_never_works_beside_it(
+    seed_dbs, make_db, seed_templates
+):
+    source, target = seed_dbs
+    expected = reference_content(source, make_db, seed_templates)
+    first = start(source, target, *RUN)
+    assert wait_until(target.url, MID_TABLE, first)
+    assert fetch(target.admin_url, LOCK_BACKEND) == [(True,)]
+    second_code, _, second_err = finish(start(source, target, "--since", "2024-11-18", "--quiet"))
+    code, _, err = finish(first)
+
+    assert code == 0, err
+    assert "the run lock's connection was lost; taking the lock again" in err
+    assert "the run lock is held again" in err
+    assert second_code == 1 and "Another sync is running on this target" in second_err
+    assert content(target.url) == expected
+
+
+def test_when_another_run_took_the_lost_lock_the_first_stops_at_once_and_writes_nothing_more(
+    seed_dbs, make_db, seed_templates
+):
+    source, target = seed_dbs
+    expected = reference_content(source, make_db, seed_templates)
+    first = start(source, target, *RUN)
+    assert wait_until(target.url, MID_TABLE, first)
+    with psycopg.connect(target.admin_url, autocommit=True) as other:
+        # Another run takes the lock the moment the first one's connection ends, as `sync run` does:
+        # it bumps the epoch and waits for the first run's batch in flight.
+        other.execute(LOCK_BACKEND)
+        other.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        other.execute("UPDATE _sync.lock_epoch SET epoch = epoch + 1")
+        other.execute("SELECT pg_advisory_lock(%s), pg_advisory_unlock(%s)", (FENCE_KEY, FENCE_KEY))
+        landed = content(target.url), fetch(target.url, "SELECT sum(rows_done) FROM _sync.checkpoints")
+        code, _, err = finish(first)
+        assert code == 1
+        assert "The run lock was lost" in err and "Traceback" not in err
+        after = content(target.url), fetch(target.url, "SELECT sum(rows_done) FROM _sync.checkpoints")
+        assert after == landed, "the first run wrote nothing once the other held the lock"
+    code, _, err = finish(start(source, target, "--since", "2024-11-18", "--quiet"))
+    assert code == 0, err
+    assert content(target.url) == expected
+
+
+# ------------------------------------------------------------------- another session's table lock
+
+
+def test_a_table_locked_by_another_session_is_waited_for_with_a_report_and_then_copied(
+    seed_dbs, make_db, seed_templates
+):
+    source, target = seed_dbs
+    expected = reference_content(source, make_db, seed_templates)
+    run = start(source, target, "--since", "2024-11-18", "--batch-size", "200", "--quiet")
+    assert wait_until(target.url, "SELECT EXISTS (SELECT 1 FROM _sync.checkpoints)", run)
+    with psycopg.connect(target.admin_url) as locker:
+        # A migration holds public.documents; the run gets there while it does.
+        locker.execute("LOCK TABLE public.documents IN ACCESS EXCLUSIVE MODE")
+        waiting = (
+            "SELECT EXISTS (SELECT 1 FROM pg_locks AS l JOIN pg_stat_activity AS a USING (pid) "
+            "WHERE NOT l.granted AND l.relation = 'public.documents'::regclass "
+            "AND a.application_name LIKE 'sync %')"
+        )
+        assert wait_until(target.admin_url, waiting, run, timeout=120)
+        time.sleep(10)
+        locker.rollback()
+        holder = locker.info.backend_pid
+    code, _, err = finish(run)
+    assert code == 0, err
+    assert f"waiting for a lock on public.documents held by pid {holder} (3 s)" in err
+    assert f"waiting for a lock on public.documents held by pid {holder} (6 s)" in err
+    assert content(target.url) == expected

@@ -97,7 +97,7 @@ from sync.auth.report import AuthReport
 from sync.connect import Endpoint, connect
 from sync.errors import UsageError
 from sync.snapshot import SourceSnapshot as RunSnapshot
-from sync.state import ensure_state
+from sync.state import WriteGuard, ensure_state
 
 __all__ = [
     "STRING_COLUMNS",
@@ -127,13 +127,15 @@ async def import_users(
     changed_since: datetime | None = None,
     snapshot: RunSnapshot | None = None,
     only_ids: Sequence[UUID] | None = None,
+    guard: WriteGuard | None = None,
 ) -> AuthReport:
     """Bring every source auth user onto the target (rules in the package docstring); return the report.
 
     ``changed_since`` limits a catch-up to the users created, changed or signed in since then (every
     other user was brought over by an earlier run); ``only_ids`` to these users (a quarantine retry).
     ``snapshot`` is the run's exported source snapshot: the users are read inside it, at the same
-    instant as the table rows. Without it the import reads a snapshot of its own.
+    instant as the table rows. Without it the import reads a snapshot of its own. ``guard`` runs in
+    every write transaction before it commits (the run lock's check).
 
     ``direct`` needs ``target``. ``admin-api`` needs ``admin_api`` and, when ``target`` is given too,
     writes there what the API cannot carry, the id map and the quarantine. Raises UsageError before
@@ -149,7 +151,7 @@ async def import_users(
         await check_privileges(source_conn, "source", SOURCE_PRIVILEGES)
         if target is not None:
             target_conn = await connect(target)
-            writer = TargetWriter(target, target_conn, options, run_id, report)
+            writer = TargetWriter(target, target_conn, options, run_id, report, guard)
             hint = ", or use --auth-mode admin-api" if options.mode is AuthMode.DIRECT else ""
             await check_privileges(target_conn, "target", TARGET_PRIVILEGES, hint)
             if options.triggers is TriggerMode.SKIP:

@@ -51,6 +51,7 @@ from sync.connect import Endpoint, connect
 from sync.errors import SyncError, UsageError
 from sync.retry import is_transient_db_error, retrying
 from sync.sqltext import ident
+from sync.state import WriteGuard
 
 # What a created user gets when production's row has no audience or role (as a signup would write).
 _STAGED_DEFAULTS = {"aud": DEFAULT_AUD, "role": DEFAULT_ROLE}
@@ -116,8 +117,10 @@ class TargetWriter:
         options: AuthOptions,
         run_id: int | None,
         report: AuthReport,
+        guard: WriteGuard | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.guard = guard
         self.conn = conn
         self.options = options
         self.run_id = run_id
@@ -207,6 +210,8 @@ class TargetWriter:
         conn = self.conn
         result = BatchResult()
         async with conn.transaction():
+            if self.guard is not None:
+                await self.guard(conn)
             if self.options.triggers is TriggerMode.SKIP:
                 # A literal SET LOCAL: hosted Supabase allows it to postgres only in this form.
                 await conn.execute("SET LOCAL session_replication_role = replica")
@@ -248,6 +253,8 @@ class TargetWriter:
         self.report.quarantined += 1
         self.report.quarantine.append(QuarantinedUser(user_id, row.get("email"), error, sqlstate))
         async with self.conn.transaction():
+            if self.guard is not None:
+                await self.guard(self.conn)
             await self.conn.execute(
                 QUARANTINE, self.run_id, USERS_TABLE, str(user_id), _row_json(row), error, sqlstate
             )

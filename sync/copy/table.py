@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,17 +22,25 @@ from typing import Any
 import asyncpg
 from pydantic import BaseModel, field_serializer
 
-from sync.connect import Endpoint, connect
+from sync.connect import Endpoint, PoolMode, connect
 from sync.copy.apply import Written, apply_staged
 from sync.copy.quarantine import is_data_error, isolate_refused, quarantine_row
 from sync.copy.sequences import advance_past_source
 from sync.copy.stage import Stage
 from sync.errors import first_line
 from sync.plan import Plan, TablePlan
-from sync.retry import is_transient_db_error, retrying
+from sync.retry import (
+    LOCK_NOT_AVAILABLE,
+    LOCK_TIMEOUT_S,
+    bound_lock_waits,
+    is_transient_db_error,
+    lock_wait_line,
+    retrying,
+)
 from sync.selection import Predicate, Selection, source_key_columns
 from sync.snapshot import SourceSnapshot
 from sync.sqltext import Params, column_list, ident, row_of, table_ident
+from sync.state import WriteGuard
 
 log = logging.getLogger("sync")
 
@@ -81,6 +90,8 @@ class CopyContext:
     progress: Progress | None = None
     only_keys: dict[str, list[str]] | None = None
     """When set, copy only these source keys per table (``sync quarantine retry``)."""
+    guard: WriteGuard | None = None
+    """Proves the run still holds its lock, inside every write transaction before it commits."""
 
 
 class TableCopy:
@@ -99,6 +110,7 @@ class TableCopy:
         self.key_floor: int | None = None
         self._sconn: asyncpg.Connection | None = None
         self._tconn: asyncpg.Connection | None = None
+        self._lock_waited = 0.0
 
     # -------------------------------------------------------------------------------- lifecycle
 
@@ -137,6 +149,8 @@ class TableCopy:
     async def _connect(self) -> None:
         await self._close()
         self._tconn = await connect(self.ctx.target, application_name=f"sync {self.tp.name}")
+        if self.ctx.target.mode is not PoolMode.TRANSACTION:
+            await bound_lock_waits(self._tconn, local=False)
         self._sconn = await self.ctx.source.reader()
 
     async def _close(self) -> None:
@@ -155,7 +169,11 @@ class TableCopy:
             if lost:
                 # The driver saw the connection drop between statements: a retry like any other.
                 self.result.retries += 1
-                log.warning("%s: %s connection lost; reconnecting", self.tp.name, " and ".join(lost))
+                log.warning(
+                    "%s: %s connection lost; reconnecting",
+                    self.tp.name,
+                    " and ".join(lost),
+                )
             if lost or self._tconn is None or self._sconn is None:
                 await self._connect()
             try:
@@ -163,10 +181,28 @@ class TableCopy:
             except BaseException as exc:
                 if is_transient_db_error(exc):
                     self.result.retries += 1
+                    if getattr(exc, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+                        await self._report_lock_wait()
                     await self._close()
                 raise
 
         return await retrying(what=f"copy of {self.tp.name}")(attempt)
+
+    async def _report_lock_wait(self) -> None:
+        """Say whose lock the step gave up waiting for; it is retried with backoff, so waits are bounded."""
+        self._lock_waited += LOCK_TIMEOUT_S
+        tables = [self.tp.name, *(link.parent for link in self.tp.parents)]
+        log.warning("%s", await lock_wait_line(self.tconn, tables, self._lock_waited))
+
+    @asynccontextmanager
+    async def _writing(self) -> AsyncIterator[None]:
+        """A target transaction that commits only while the run holds its lock; lock waits are bounded."""
+        async with self.tconn.transaction():
+            if self.ctx.target.mode is PoolMode.TRANSACTION:
+                await bound_lock_waits(self.tconn, local=True)
+            if self.ctx.guard is not None:
+                await self.ctx.guard(self.tconn)
+            yield
 
     @property
     def sconn(self) -> asyncpg.Connection:
@@ -250,7 +286,8 @@ class TableCopy:
         selected = self.selection.selected(self.tp, params)
         return int(
             await self.sconn.fetchval(
-                f"SELECT count(*) FROM {table_ident(self.tp.source_name)} WHERE {selected}", *params.values
+                f"SELECT count(*) FROM {table_ident(self.tp.source_name)} WHERE {selected}",
+                *params.values,
             )
         )
 
@@ -279,7 +316,7 @@ class TableCopy:
     async def _copy_range(self, after: list[str] | None, upto: list[str] | None, position: Position) -> None:
         """Copy the rows in (after, upto]; split and quarantine if the target refuses some."""
         try:
-            async with self.tconn.transaction():
+            async with self._writing():
                 count = await self.stage.stream(self.sconn, self.tconn, *self._select(after, upto))
                 written = await self._apply(count)
                 await self._advance_checkpoint(position, count)
@@ -289,11 +326,15 @@ class TableCopy:
         except Exception as exc:
             if not is_data_error(exc):
                 raise
-            log.info("%s: batch refused (%s); isolating the rows", self.tp.name, first_line(exc))
+            log.info(
+                "%s: batch refused (%s); isolating the rows",
+                self.tp.name,
+                first_line(exc),
+            )
             query, args = self._select(after, upto)
             records = list(await self.sconn.fetch(query, *args))
             await isolate_refused(records, self._land, self._quarantine)
-            async with self.tconn.transaction():
+            async with self._writing():
                 await self._advance_checkpoint(position, len(records))
             self.result.batches += 1
             self._report(len(records))
@@ -311,15 +352,21 @@ class TableCopy:
 
     async def _land(self, records: list[asyncpg.Record]) -> None:
         """Stage and apply rows already read, in one transaction of their own."""
-        async with self.tconn.transaction():
+        async with self._writing():
             await self.stage.load(self.tconn, records)
             written = await self._apply(len(records))
         self._count(written)
 
     async def _quarantine(self, record: asyncpg.Record, exc: BaseException) -> None:
-        await quarantine_row(self.tconn, self.ctx.run_id, self.tp.name, record, exc)
+        async with self._writing():
+            await quarantine_row(self.tconn, self.ctx.run_id, self.tp.name, record, exc)
         self.result.quarantined += 1
-        log.warning("%s: row %s quarantined: %s", self.tp.name, record["_source_key"], first_line(exc))
+        log.warning(
+            "%s: row %s quarantined: %s",
+            self.tp.name,
+            record["_source_key"],
+            first_line(exc),
+        )
 
     async def _apply(self, staged: int) -> Written:
         """Land the staged rows, inside the caller's transaction."""

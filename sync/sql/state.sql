@@ -80,4 +80,13 @@ CREATE TABLE IF NOT EXISTS _sync.storage_objects (
     PRIMARY KEY (bucket, target_path)
 );
 
-INSERT INTO _sync.schema_version (version) VALUES (1), (2) ON CONFLICT DO NOTHING;
+-- Bumped by every run that takes the run lock: a run whose lock connection died takes the lock again
+-- only if nobody took it in between (the value is still its own). A row, not a sequence: a sequence
+-- read back after a crash or failover may have jumped ahead.
+CREATE TABLE IF NOT EXISTS _sync.lock_epoch (
+    one   boolean PRIMARY KEY DEFAULT true CHECK (one),
+    epoch bigint NOT NULL DEFAULT 0
+);
+INSERT INTO _sync.lock_epoch DEFAULT VALUES ON CONFLICT DO NOTHING;
+
+INSERT INTO _sync.schema_version (version) VALUES (1), (2), (3) ON CONFLICT DO NOTHING;
