@@ -421,15 +421,21 @@ def status_command(target: str | None, show: bool, as_json: bool) -> None:
     "--since",
     type=Instant(),
     metavar="DATE",
-    help="Check the rows changed since this instant (default: whole tables).",
+    help="Check only the rows in this window (since-column at or after it; default: everything "
+    "production holds).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON (the VerifyReport model).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the checks as JSON (the VerifyReport model), every key."
+)
 def verify_command(
     source: str | None, target: str | None, mapping_path: Path | None, since: datetime | None, as_json: bool
 ) -> None:
-    """Check that every production row and user is on the target, and that every user can log in.
+    """Prove the target holds production's users and rows, equal on the common columns.
 
-    Reads both databases, writes nothing. Exit 0 when every check passes, 1 otherwise.
+    Compares in the databases (hash aggregates per key bucket, then only the differing buckets row by
+    row) and names every row missing, different (with its columns), deleted in production, quarantined
+    or orphaned, and every user the Auth server could not load or sign in. Reads both databases,
+    writes nothing. Exit 0 when everything in scope is equal, 4 otherwise, 2 when refused.
     """
     endpoints = _endpoints(source, target)
     try:
@@ -442,7 +448,7 @@ def verify_command(
         click.echo(report.model_dump_json(indent=2))
     else:
         render.verify(report)
-    sys.exit(0 if report.ok else EXIT_FAILED)
+    sys.exit(report.exit_code)
 
 
 async def _verify(

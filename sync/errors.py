@@ -6,6 +6,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_QUARANTINED = 3
+EXIT_DIFFERENT = 4
+"""``sync verify``/``cutover``: something in scope is missing, different, deleted or not landed."""
 
 
 def first_line(exc: BaseException) -> str:

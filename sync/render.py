@@ -209,29 +209,49 @@ def status(report: StatusReport) -> None:
         say(f"  {q.table} {q.source_key}: {q.error}")
 
 
-def verify(report: VerifyReport) -> None:
-    """The verify checks: users, then every table's missing rows and orphans, then the verdict."""
-    u = report.users
-    say(
-        f"users: {u.source_users:,} in production; missing on target {u.missing}, other password hash "
-        f"{u.other_hash}, not loadable by the Auth server {u.unloadable}, e-mail users without an e-mail "
-        f"identity {u.without_email_identity}",
-        None if not (u.missing or u.other_hash or u.unloadable) else "red",
-    )
-    for example in u.examples:
-        say(f"  {example}")
-    for t in report.tables:
-        examples = f" (e.g. {', '.join(t.missing_examples)})" if t.missing_examples else ""
-        say(
-            f"{t.table}: {t.source_rows:,} production rows checked, missing {t.missing}, "
-            f"orphans {t.orphans}{examples}",
-            None if t.missing == 0 and t.orphans == 0 else "red",
+def verify(report: VerifyReport, shown: int = 20) -> None:
+    """Per table (users first) the counts, then each problem with its first keys, then the verdict."""
+    table = Table(title="Verify" + (f" (rows since {report.since.isoformat()})" if report.since else ""))
+    for column in (
+        "table",
+        "in scope",
+        "equal",
+        "missing",
+        "different",
+        "prod. deleted",
+        "quarantined",
+        "orphans",
+    ):
+        table.add_column(column, justify="left" if column == "table" else "right", no_wrap=True)
+    for c in report.checks:
+        table.add_row(
+            c.table,
+            f"{c.in_scope:,}",
+            f"{c.equal:,}",
+            *(f"{n:,}" for n in (len(c.missing), len(c.different), len(c.production_deletes))),
+            f"{len(c.quarantined):,}",
+            f"{c.orphans:,}",
+            style=None if c.ok else "red",
         )
+    console.print(table)
+    for c in report.checks:
+        groups = {
+            "missing on the target": c.missing,
+            "different": [f"{d.key} ({', '.join(d.columns)})" for d in c.different],
+            "only on the target, deleted in production": c.production_deletes,
+            "quarantined, not landed": c.quarantined,
+        }
+        for problem, keys in groups.items():
+            if keys:
+                more = f" … and {len(keys) - shown:,} more (--json lists all)" if len(keys) > shown else ""
+                say(f"{c.table}: {len(keys):,} {problem}: {', '.join(keys[:shown])}{more}", "red")
+        if c.orphans:
+            say(f"{c.table}: {c.orphans:,} row(s) point at a parent the target lacks", "red")
     if report.files is not None:
         say(report.files.line(), None if report.files.ok else "red")
         for example in report.files.examples:
             say(f"  {example}")
     say(
-        "verified: nothing missing" if report.ok else "verification found problems",
+        "verified: everything in scope is equal" if report.ok else "verification found differences (exit 4)",
         None if report.ok else "red",
     )

@@ -95,11 +95,14 @@ class Selection:
         self.only_keys = only_keys  # when set: exactly these source keys per table (a quarantine retry)
         self._tables = {t.name: t for t in plan.tables}
 
-    def in_window(self, tp: TablePlan, params: Params, alias: str = "") -> str:
-        """True for rows whose since-column is in the window (NULL since-columns count as in it)."""
+    def in_window(self, tp: TablePlan, params: Params, alias: str = "", column: str | None = None) -> str:
+        """True for rows whose since-column is in the window (NULL since-columns count as in it).
+
+        ``column`` names the since-column when it is not the source's (the target's copy of it).
+        """
         if self.only_keys is not None or self.since is None or tp.since is None:
             return "true"
-        col = f"{alias}{ident(tp.since)}"
+        col = f"{alias}{ident(column or tp.since)}"
         return f"({col} >= {params.bind(self.since, 'timestamptz')} OR {col} IS NULL)"
 
     def selected(self, tp: TablePlan, params: Params, alias: str = "") -> str:

@@ -139,15 +139,33 @@ def assert_nothing_the_auth_server_scans_is_null(target: Database) -> None:
     assert sql(target, "SELECT count(*) FROM auth.users WHERE phone = '' OR email = ''") == [(0,)]
 
 
-def assert_every_email_user_has_an_email_identity(seed: scenario.Scenario, target: Database) -> None:
-    targets = [str(t) for t in resolve(target).values()]
-    lacking = sql(
-        target,
-        "SELECT u.id FROM auth.users AS u WHERE u.id = ANY(%s::uuid[]) AND u.email IS NOT NULL "
-        "AND NOT EXISTS (SELECT FROM auth.identities AS i WHERE i.user_id = u.id AND i.provider = 'email')",
-        targets,
-    )
-    assert lacking == []
+def assert_identities_as_production_has_them(
+    seed: scenario.Scenario, target: Database, *, exact: bool = True
+) -> None:
+    """Each production user's target user has production's identities: no more (unless not ``exact``),
+    no fewer.
+
+    E-mail and phone identities are named by provider alone (their provider_id is the user's own id).
+    """
+
+    def name(provider: str, provider_id: str) -> str:
+        return provider if provider in ("email", "phone") else f"{provider}:{provider_id}"
+
+    wanted: dict[uuid.UUID, set[str]] = {u["id"]: set() for u in seed.production.users}
+    for i in seed.production.identities:
+        wanted[i["user_id"]].add(name(i["provider"], i["provider_id"]))
+    held: dict[uuid.UUID, set[str]] = {}
+    for user_id, provider, provider_id in sql(
+        target, "SELECT user_id, provider, provider_id FROM auth.identities"
+    ):
+        held.setdefault(user_id, set()).add(name(provider, provider_id))
+    resolved = resolve(target)
+    # A person who signed up again on the target keeps the identities of that sign-up too.
+    if exact:
+        assert {u: held.get(resolved[u], set()) for u in wanted if resolved[u] == u} == {
+            u: ids for u, ids in wanted.items() if resolved[u] == u
+        }
+    assert all(wanted[u] <= held.get(resolved[u], set()) for u in wanted)
     # The e-mail identities point at their user the way the Auth server writes them.
     wrong = sql(
         target,
@@ -218,7 +236,7 @@ async def test_every_production_user_lands_once_and_signs_in_with_the_production
     assert_sample_logs_in_with_production_password(seed, target)
     assert_nothing_the_auth_server_scans_is_null(target)
     assert sql(target, "SELECT count(*) FROM auth.users WHERE email <> lower(email)") == [(0,)]
-    assert_every_email_user_has_an_email_identity(seed, target)
+    assert_identities_as_production_has_them(seed, target)
     assert any("MFA" in line or "sessions" in line for line in report.not_copied)
 
 
@@ -245,6 +263,38 @@ async def test_oauth_and_phone_identities_arrive_with_their_subjects(
         target_id = resolved[identity["user_id"]]
         user_id, data = landed[(str(target_id), "phone")]
         assert user_id == target_id and data["sub"] == str(target_id)
+
+
+async def test_a_google_only_user_gets_no_email_identity_and_a_reregistered_user_keeps_its_subject(
+    seed_dbs: tuple[Database, Database], seed: scenario.Scenario
+) -> None:
+    source, target = seed_dbs
+    google = next(
+        u["id"]
+        for u in new_production_users(seed)
+        if any(i["user_id"] == u["id"] and i["provider"] == "google" for i in seed.production.identities)
+    )
+    # Signed up with Google only: no password, no e-mail identity, as the Auth server leaves such a user.
+    sql(source, "UPDATE auth.users SET encrypted_password = '' WHERE id = %s", google)
+    sql(source, "DELETE FROM auth.identities WHERE user_id = %s AND provider <> 'google'", google)
+    email = seed.reregistered_emails[0]
+    sql(
+        source,
+        "UPDATE auth.users SET raw_user_meta_data = raw_user_meta_data "
+        "|| jsonb_build_object('sub', id::text) "
+        "WHERE lower(email) = lower(%s)",
+        email,
+    )
+    await run_direct(source, target)
+
+    assert sql(target, "SELECT provider FROM auth.identities WHERE user_id = %s", google) == [("google",)]
+    [(production_id,)] = sql(source, "SELECT id::text FROM auth.users WHERE lower(email) = lower(%s)", email)
+    [(target_id, subject)] = sql(
+        target,
+        "SELECT id::text, raw_user_meta_data ->> 'sub' FROM auth.users WHERE lower(email) = lower(%s)",
+        email,
+    )
+    assert target_id != production_id and subject == target_id
 
 
 async def test_a_second_run_creates_nothing_and_changes_nothing(
@@ -314,7 +364,7 @@ async def test_skipping_triggers_needs_a_role_allowed_to_and_then_no_trigger_fir
     assert sql(target, "SELECT count(*) FROM auth.users WHERE id = %s", refused["id"]) == [(1,)]
     assert sql(target, "SELECT count(*) FROM public.profiles") == profiles, "the signup trigger did not fire"
     assert_every_production_user_has_one_target_user(seed, target)
-    assert_every_email_user_has_an_email_identity(seed, target)
+    assert_identities_as_production_has_them(seed, target)
 
 
 async def test_a_role_without_insert_on_auth_users_gets_one_clear_line_and_nothing_is_written(

@@ -26,7 +26,6 @@ from sync.auth.columns import (
     table_columns,
 )
 from sync.auth.direct_sql import (
-    ADD_EMAIL_IDENTITIES,
     INSERT_IDENTITIES,
     MAP_IDS,
     MISSING_USERS,
@@ -100,7 +99,6 @@ class BatchResult:
     created: int = 0
     updated: set[UUID] = field(default_factory=set)
     identities: int = 0
-    email_identities: int = 0
 
 
 class TargetWriter:
@@ -173,8 +171,7 @@ class TargetWriter:
     def _count(self, batch: Sequence[StagedUser], result: BatchResult) -> None:
         report = self.report
         report.created += result.created
-        report.identities_created += result.identities + result.email_identities
-        report.email_identities_added += result.email_identities
+        report.identities_created += result.identities
         for user in batch:
             kind = user.match.kind
             if kind is MatchKind.NEW:
@@ -234,7 +231,6 @@ class TargetWriter:
             await conn.execute(self._restore_users, "restore")
             result.identities = _rowcount(await conn.execute(INSERT_IDENTITIES))
             await conn.execute(RESTORE_IDENTITIES)
-            result.email_identities = _rowcount(await conn.execute(ADD_EMAIL_IDENTITIES))
             await conn.execute(MAP_IDS, self.run_id, USERS_TABLE)
             await conn.execute(UNMAP_IDS, USERS_TABLE)
             await conn.execute(RESOLVE_QUARANTINE, USERS_TABLE)

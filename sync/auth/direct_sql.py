@@ -89,7 +89,11 @@ UPDATE_EXPRESSIONS: dict[str, str] = {
     "phone_confirmed_at": "coalesce(s.phone_confirmed_at, t.phone_confirmed_at)",
     "last_sign_in_at": "greatest(s.last_sign_in_at, t.last_sign_in_at)",
     "raw_app_meta_data": "coalesce(" + _object("raw_app_meta_data") + ", t.raw_app_meta_data)",
-    "raw_user_meta_data": "coalesce(" + _object("raw_user_meta_data") + ", t.raw_user_meta_data)",
+    # A user who signed up again on the target keeps its own id as ``sub``, not production's.
+    "raw_user_meta_data": "coalesce(CASE WHEN s.target_id <> s.source_id AND "
+    + _object("raw_user_meta_data")
+    + " ->> 'sub' = s.source_id::text THEN jsonb_set(s.raw_user_meta_data, ARRAY['sub'], "
+    "to_jsonb(s.target_id::text)) ELSE " + _object("raw_user_meta_data") + " END, t.raw_user_meta_data)",
     "banned_until": "s.banned_until",
     "deleted_at": "s.deleted_at",
     "is_anonymous": "coalesce(s.is_anonymous, t.is_anonymous)",
@@ -146,19 +150,6 @@ WHERE n.action = 'restore' AND x.provider = n.provider AND x.provider_id = n.pro
   AND x.user_id = n.target_id
   AND ROW(x.identity_data, x.last_sign_in_at, x.created_at, x.updated_at)
       IS DISTINCT FROM ROW(n.data, n.last_sign_in_at, n.created_at, n.updated_at)
-"""
-
-# Password login does not need it, but unlinking, admin e-mail changes and OAuth linking do.
-ADD_EMAIL_IDENTITIES = """
-INSERT INTO auth.identities (provider_id, user_id, identity_data, provider, created_at, updated_at)
-SELECT t.id::text, t.id,
-       jsonb_build_object('sub', t.id::text, 'email', lower(t.email),
-                          'email_verified', t.email_confirmed_at IS NOT NULL, 'phone_verified', false),
-       'email', coalesce(t.created_at, now()), coalesce(t.updated_at, t.created_at, now())
-FROM _sync_stage_users AS s
-JOIN auth.users AS t ON t.id = s.target_id
-WHERE t.email IS NOT NULL AND NOT t.is_sso_user AND t.deleted_at IS NULL
-  AND NOT EXISTS (SELECT FROM auth.identities AS x WHERE x.provider = 'email' AND x.provider_id = t.id::text)
 """
 
 # $1: the run id, $2: the ``table_name`` of users; the statements below take that name as $1.

@@ -1,0 +1,153 @@
+"""Equality of two row sets that live in different databases, computed in the databases.
+
+Each side describes its rows as a :class:`Relation`: a key and named columns, all as text in one
+canonical form (the source's key space, the target's type text). Rows are spread over buckets by a
+hash of their key; each side returns one line per bucket (row count and the sum of 64-bit row hashes),
+which is one scan per side. Only the buckets whose lines differ are read again, row by row (a second
+scan, reading only those buckets' rows), and their rows are compared column by column. An equal table
+therefore costs one aggregate scan on each side; a difference costs the rows of its bucket.
+
+Buckets hash the key with md5, which every server computes alike, so source and target agree on them
+whatever their versions; :func:`bucket_of` computes the same number in Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from sync.sqltext import Params
+
+ROWS_PER_BUCKET = 32
+MAX_BUCKETS = 1 << 16
+BUCKETS_PER_READ = 512
+"""Differing buckets read back per statement, so a target that lacks everything is read in slices."""
+
+
+@dataclass
+class Relation:
+    """One side's rows: ``key`` and each column are SQL text expressions over ``from_sql``.
+
+    ``params`` holds the values the expressions bind. ``where`` keeps the rows in scope.
+    """
+
+    from_sql: str
+    key: str
+    columns: list[tuple[str, str]]
+    where: str = "true"
+    params: Params = field(default_factory=Params)
+
+    def rows_sql(self) -> str:
+        """Each row in scope as ``k`` and ``c0``, ``c1``, … (text)."""
+        cols = ", ".join(f"({expr})::text AS c{i}" for i, (_, expr) in enumerate(self.columns))
+        return f"SELECT ({self.key})::text AS k, {cols} FROM {self.from_sql} WHERE {self.where}"
+
+
+@dataclass
+class Comparison:
+    """How the source's rows compare with the target's, keys in the source's key space."""
+
+    in_scope: int = 0
+    missing: list[str] = field(default_factory=list)
+    different: dict[str, list[str]] = field(default_factory=dict)
+    """Key → the names of the columns whose values differ."""
+    only_on_target: list[str] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)
+    """Source keys the caller said are not landed (quarantined): never counted equal."""
+
+
+Matcher = Callable[[str | None, str | None], bool]
+"""Whether a target value (second) stands for the source's (first), for a column compared loosely."""
+
+
+def _same(source: str | None, target: str | None) -> bool:
+    return source == target
+
+
+_EXACT: Mapping[str, Matcher] = {}
+
+
+def bucket_count(estimated_rows: float) -> int:
+    """How many buckets a table of about ``estimated_rows`` rows is spread over."""
+    return max(1, min(MAX_BUCKETS, int(max(estimated_rows, 0)) // ROWS_PER_BUCKET))
+
+
+def bucket_of(key: str, buckets: int) -> int:
+    """The bucket of a key, exactly as :func:`_bucket_sql` computes it in the database."""
+    return int(hashlib.md5(key.encode()).hexdigest()[:8], 16) % buckets
+
+
+def _bucket_sql(key: str, buckets: int) -> str:
+    return f"((('x' || left(md5({key}), 8))::bit(32)::bigint % {int(buckets)})::int)"
+
+
+def _row_hash_sql(count: int) -> str:
+    fields = ", ".join(["k", *(f"c{i}" for i in range(count))])
+    return f"('x' || left(md5(ROW({fields})::text), 16))::bit(64)::bigint"
+
+
+async def _bucket_sums(conn: asyncpg.Connection, rel: Relation, buckets: int) -> dict[int, tuple[int, str]]:
+    sql = (
+        f"SELECT {_bucket_sql('q.k', buckets)} AS b, count(*) AS n, "
+        f"sum({_row_hash_sql(len(rel.columns))})::text AS s FROM ({rel.rows_sql()}) AS q GROUP BY 1"
+    )
+    return {r["b"]: (r["n"], r["s"]) for r in await conn.fetch(sql, *rel.params.values)}
+
+
+async def _rows_in(conn: asyncpg.Connection, rel: Relation, buckets: int, wanted: Sequence[int]) -> dict:
+    slot = f"${len(rel.params.values) + 1}::int[]"
+    sql = f"SELECT * FROM ({rel.rows_sql()}) AS q WHERE {_bucket_sql('q.k', buckets)} = ANY({slot})"
+    rows: dict[str, list[str | None]] = {}
+    for r in await conn.fetch(sql, *rel.params.values, list(wanted)):
+        rows[r["k"]] = [r[f"c{i}"] for i in range(len(rel.columns))]
+    return rows
+
+
+async def compare(
+    sconn: asyncpg.Connection,
+    tconn: asyncpg.Connection,
+    source: Relation,
+    target: Relation,
+    *,
+    buckets: int,
+    held: Iterable[str] = (),
+    matchers: Mapping[str, Matcher] = _EXACT,
+) -> Comparison:
+    """Compare ``source`` with ``target`` row by row, reading back only the buckets that differ.
+
+    ``held`` keys (quarantined rows) are reported as held whatever the target holds under them.
+    ``matchers`` say, per column name, when a target value stands for the source's (default: equal).
+    """
+    names = [name for name, _ in source.columns]
+    held = set(held)
+    src, tgt = await _bucket_sums(sconn, source, buckets), await _bucket_sums(tconn, target, buckets)
+    result = Comparison(in_scope=sum(n for n, _ in src.values()))
+    differing = {b for b in src.keys() | tgt.keys() if src.get(b) != tgt.get(b)}
+    differing |= {bucket_of(k, buckets) for k in held}
+    ordered = sorted(differing)
+    for start in range(0, len(ordered), BUCKETS_PER_READ):
+        wanted = ordered[start : start + BUCKETS_PER_READ]
+        srows, trows = (
+            await _rows_in(sconn, source, buckets, wanted),
+            await _rows_in(tconn, target, buckets, wanted),
+        )
+        for key, values in srows.items():
+            if key in held:
+                result.held.append(key)
+            elif key not in trows:
+                result.missing.append(key)
+            else:
+                cols = [
+                    names[i]
+                    for i, (s, t) in enumerate(zip(values, trows[key], strict=True))
+                    if s != t and not matchers.get(names[i], _same)(s, t)
+                ]
+                if cols:
+                    result.different[key] = cols
+        result.only_on_target += [k for k in trows if k not in srows]
+    for keys in (result.missing, result.held, result.only_on_target):
+        keys.sort()
+    return result

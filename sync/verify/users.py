@@ -1,0 +1,115 @@
+"""Auth users on both sides, as the rows :mod:`sync.verify.compare` compares.
+
+A production user must have exactly one target user (same id, or the one ``_sync.id_map`` names) with
+the production password hash, the same confirmation state, the identities production has (e-mail,
+phone, OAuth: no more, no fewer), and a shape the Auth server loads (reference/supabase-auth.md §2.2:
+no NULL in the columns it scans as strings, the nil instance id, an audience, a lower-case e-mail).
+The shape columns are constants on the source side, so a target user the server cannot load differs
+from production in the column that names the problem.
+"""
+
+from __future__ import annotations
+
+from sync.auth.columns import STRING_COLUMNS, USERS_TABLE
+from sync.sqltext import Params, ident
+from sync.verify.compare import Relation
+
+PASSWORD = "encrypted_password"
+
+# One text per user: its identities' providers, with the provider's own id for OAuth ones (e-mail and
+# phone identities carry the user's id, which a mapped user does not share with production).
+_IDENTITIES = (
+    "LEFT JOIN (SELECT user_id, string_agg(provider || CASE WHEN provider IN ('email', 'phone') "
+    "THEN '' ELSE ':' || provider_id END, ' ' ORDER BY provider, provider_id) AS list "
+    "FROM auth.identities GROUP BY user_id) AS i ON i.user_id = u.id"
+)
+
+_SHAPE = {
+    "string columns set": " AND ".join(
+        f"u.{ident(c)} IS NOT NULL"
+        for c in (*STRING_COLUMNS, "email_change_confirm_status", "created_at", "updated_at")
+    ),
+    "nil instance_id": "u.instance_id IS NOT DISTINCT FROM '00000000-0000-0000-0000-000000000000'::uuid",
+    "lower-case e-mail": "u.email IS NOT DISTINCT FROM lower(u.email)",
+}
+"""What the Auth server needs to find and load a user (true on the target when it holds)."""
+
+
+def _common(password: str, confirmed: str, identities: str) -> list[tuple[str, str]]:
+    return [
+        ("email", "lower(trim(u.email))"),
+        (PASSWORD, password),
+        ("email confirmed", confirmed.format("email_confirmed_at")),
+        ("phone confirmed", confirmed.format("phone_confirmed_at")),
+        ("identities", identities),
+    ]
+
+
+def _unless_unset(source: str | None, target: str | None) -> bool:
+    """A NULL on the source side (no hash, not confirmed) never erases what the target holds."""
+    return source is None or source == target
+
+
+def _identities(source: str | None, target: str | None) -> bool:
+    """Equal sets; a user who signed up again on the target (``~``) may also keep its own identities."""
+    if target is not None and target.startswith("~"):
+        return set((source or "").split()) <= set(target[1:].split())
+    return source == target
+
+
+MATCHERS = {
+    PASSWORD: _unless_unset,
+    "email confirmed": _unless_unset,
+    "phone confirmed": _unless_unset,
+    "identities": _identities,
+}
+
+
+def source_users() -> Relation:
+    """Every production user. An empty production hash matches any target hash (it never erases one)."""
+    shape = [(name, "true") for name in _SHAPE]
+    return Relation(
+        f"auth.users AS u {_IDENTITIES}",
+        "u.id::text",
+        [
+            *_common(
+                f"nullif(u.{ident(PASSWORD)}, '')",
+                "CASE WHEN u.{} IS NOT NULL THEN true END",
+                "coalesce(i.list, '')",
+            ),
+            *shape,
+        ],
+    )
+
+
+def target_users(has_map: bool) -> Relation:
+    """The target's users under production ids (a mapped user under the production id it stands for)."""
+    shape = [(name, expr) for name, expr in _SHAPE.items()]
+    confirmed = "u.{} IS NOT NULL"
+    if not has_map:
+        return Relation(
+            f"auth.users AS u {_IDENTITIES}",
+            "u.id::text",
+            [*_common(f"u.{ident(PASSWORD)}", confirmed, "coalesce(i.list, '')"), *shape],
+        )
+    params = Params()
+    owned = params.bind(USERS_TABLE, "text")
+    entries = f"(SELECT source_key, target_key FROM _sync.id_map WHERE table_name = {owned})"
+    joins = (
+        f"LEFT JOIN {entries} AS r ON r.target_key = u.id::text "
+        f"LEFT JOIN {entries} AS f ON f.source_key = u.id::text AND r.source_key IS NULL"
+    )
+    return Relation(
+        f"auth.users AS u {_IDENTITIES} {joins}",
+        "coalesce(r.source_key, u.id::text)",
+        [
+            *_common(
+                f"u.{ident(PASSWORD)}",
+                confirmed,
+                "CASE WHEN r.source_key IS NOT NULL THEN '~' ELSE '' END || coalesce(i.list, '')",
+            ),
+            *shape,
+        ],
+        "f.source_key IS NULL",
+        params,
+    )
