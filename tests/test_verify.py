@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 from click.testing import CliRunner
 from queries import SEED_MAPPING, execute, fetch, seed_run_args
 
 from sync.cli import main
-from sync.errors import EXIT_DIFFERENT, EXIT_OK
+from sync.errors import EXIT_DIFFERENT, EXIT_OK, EXIT_USAGE
 
 
 def verify(source, target, *extra: str) -> tuple[int, dict]:
@@ -249,3 +250,23 @@ def test_a_missing_oauth_identity_and_an_extra_identity_are_named(synced):
     assert code == EXIT_DIFFERENT
     different = {d["key"]: d["columns"] for d in check(report, "auth.users")["different"]}
     assert different == {google: ["identities"], plain: ["identities"]}
+
+
+def test_a_source_role_that_row_level_security_limits_is_refused_before_comparing(synced):
+    source, target = synced
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    execute(
+        source.admin_url,
+        f"CREATE ROLE {role} LOGIN PASSWORD 'reader'; GRANT USAGE ON SCHEMA auth, public TO {role}; "
+        f"GRANT SELECT ON ALL TABLES IN SCHEMA auth, public TO {role}",
+    )
+    try:
+        limited = source.url.replace("postgres:postgres@", f"{role}:reader@", 1)
+        result = CliRunner().invoke(
+            main,
+            ["verify", "--source", limited, "--target", target.url, "--mapping", str(SEED_MAPPING)],
+        )
+        assert result.exit_code == EXIT_USAGE
+        assert "Row level security hides rows of" in result.output and "public.profiles" in result.output
+    finally:
+        execute(source.admin_url, f"DROP OWNED BY {role}; DROP ROLE {role}")

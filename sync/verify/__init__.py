@@ -16,7 +16,7 @@ import asyncpg
 from pydantic import BaseModel
 
 from sync.connect import Endpoint, connect
-from sync.errors import EXIT_DIFFERENT, EXIT_OK
+from sync.errors import EXIT_DIFFERENT, EXIT_OK, UsageError
 from sync.plan import Plan, TablePlan
 from sync.sqltext import Params, ident, table_ident
 from sync.storage.check import StorageCheck, check_storage
@@ -92,6 +92,7 @@ async def verify(
                 sconn.transaction(isolation="repeatable_read", readonly=True),
                 tconn.transaction(readonly=True),
             ):
+                await _refuse_hidden_rows(sconn, [tp.source_name for tp in plan.tables])
                 await tables.share_output_settings(sconn, tconn)
                 state = await _state(tconn)
                 checked_users = None
@@ -104,6 +105,28 @@ async def verify(
             await tconn.close()
     finally:
         await sconn.close()
+
+
+_HIDDEN = """
+SELECT x.name FROM unnest($1::text[]) AS x(name) JOIN pg_class AS c ON c.oid = to_regclass(x.name)
+WHERE c.relrowsecurity AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
+  AND NOT (SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user)
+ORDER BY 1
+"""
+
+
+async def _refuse_hidden_rows(sconn: asyncpg.Connection, names: list[str]) -> None:
+    """UsageError (exit 2) when row level security hides rows of a compared table from the source role.
+
+    Compared to what such a role sees, a target would look equal while production rows are missing.
+    """
+    hidden = [r["name"] for r in await sconn.fetch(_HIDDEN, [*names, users.USERS_TABLE, "auth.identities"])]
+    if hidden:
+        user = await sconn.fetchval("SELECT current_user")
+        raise UsageError(
+            f"Row level security hides rows of {', '.join(hidden)} from the source role {user!r}, so "
+            "nothing was compared: connect as the project's postgres role (it bypasses RLS)."
+        )
 
 
 class _State(BaseModel):
