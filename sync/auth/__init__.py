@@ -82,10 +82,10 @@ import asyncio
 import time
 from collections.abc import Sequence
 from datetime import datetime
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from sync.auth.admin_api import AdminApiCreator, HolderLookup
-from sync.auth.admin_api_errors import is_transient_api_error, retry_after
 from sync.auth.admin_api_user import create_attributes
 from sync.auth.columns import STRING_COLUMNS
 from sync.auth.direct import TargetWriter
@@ -98,6 +98,10 @@ from sync.connect import Endpoint, connect
 from sync.errors import UsageError
 from sync.snapshot import SourceSnapshot as RunSnapshot
 from sync.state import WriteGuard, ensure_state
+
+if TYPE_CHECKING:
+    from sync.auth.admin_api import AdminApiCreator, HolderLookup
+    from sync.auth.admin_api_errors import is_transient_api_error, retry_after
 
 __all__ = [
     "STRING_COLUMNS",
@@ -161,6 +165,9 @@ async def import_users(
         run = UserImport(options, report, writer, changed_since, only_ids)
         if admin_api is not None and options.mode is AuthMode.ADMIN_API:
             holder = _database_holder(writer) if writer is not None else None
+            # Imported here: the supabase client is loaded only when this mode is used (see __getattr__).
+            from sync.auth.admin_api import AdminApiCreator
+
             async with AdminApiCreator(admin_api, options, run.claimed, holder) as api:
                 run.api = api
                 await run.run(source_conn)
@@ -201,3 +208,19 @@ def _database_holder(writer: TargetWriter) -> HolderLookup:
             return await writer.conn.fetchval("SELECT id FROM auth.users WHERE phone = $1", value)
 
     return holder
+
+
+# The admin API's client (the ``supabase`` package) is a third of the tool's start-up: it is imported when
+# the admin-api mode is used, not by every command.
+_LAZY = {
+    "AdminApiCreator": "sync.auth.admin_api",
+    "is_transient_api_error": "sync.auth.admin_api_errors",
+    "retry_after": "sync.auth.admin_api_errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The admin API's public names, imported on first use."""
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

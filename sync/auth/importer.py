@@ -6,12 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from uuid import UUID
 
 import asyncpg
 
-from sync.auth.admin_api import AdminApiCreator, ApiOutcome
 from sync.auth.admin_api_user import api_refusal, uncarried
 from sync.auth.direct import StagedUser, TargetWriter
 from sync.auth.match import (
@@ -27,6 +26,9 @@ from sync.auth.match import (
 from sync.auth.options import AuthOptions, ConflictPolicy
 from sync.auth.report import AuthReport, QuarantinedUser, UserNote, direct_notes
 from sync.auth.source import read_only_snapshot
+
+if TYPE_CHECKING:
+    from sync.auth.admin_api import AdminApiCreator
 
 
 class UserImport:
@@ -108,6 +110,8 @@ class UserImport:
         self, rows: Sequence[asyncpg.Record], identities: Mapping[UUID, list[asyncpg.Record]]
     ) -> None:
         assert self.api is not None
+        from sync.auth.admin_api import ApiOutcome  # loaded with the admin API only
+
         to_create: list[tuple[asyncpg.Record, UserMatch]] = []
         staged: list[StagedUser] = []
         for row in rows:
