@@ -21,6 +21,7 @@ from sync.auth import AdminApi, AuthOptions
 from sync.connect import Endpoint, Side, redact
 from sync.errors import EXIT_FAILED, EXIT_USAGE, SyncError
 from sync.mapping import Mapping, load_mapping
+from sync.modes import DeleteMode
 from sync.preview import preview
 from sync.progress import RunProgress
 from sync.resources import example_mapping
@@ -263,6 +264,15 @@ def _run_pipeline(source: Endpoint, target: Endpoint, work: Callable[[], Awaitab
     metavar="SECONDS",
     help="Catch-up runs re-read this much before the last run's high-water mark.",
 )
+@click.option(
+    "--deletes",
+    type=click.Choice([m.value for m in DeleteMode]),
+    default=DeleteMode.REPORT.value,
+    show_default=True,
+    help="Rows and users production deleted after they reached the target: report them only, apply "
+    "(delete them on the target; never a development row), or soft (as apply, but users are banned and "
+    "marked deleted as the Auth server's soft delete does).",
+)
 @click.option("--auth-only", is_flag=True, help="Run only the auth import; copy no table rows.")
 @click.option("--skip-auth", is_flag=True, help="Copy table rows only (the users were imported already).")
 @click.option(
@@ -326,6 +336,7 @@ def run_command(
     since: datetime | None,
     restart: bool,
     overlap: int,
+    deletes: str,
     auth_only: bool,
     skip_auth: bool,
     auth_mode: str | None,
@@ -372,6 +383,7 @@ def run_command(
         batch_size=batch_size,
         jobs=jobs,
         skip_auth=skip_auth,
+        deletes=DeleteMode(deletes),
     )
 
     access = (source_supabase_url, source_service_role_key, supabase_url, service_role_key)

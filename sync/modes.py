@@ -42,3 +42,14 @@ class TriggerMode(StrEnum):
 
     FIRE = "fire"
     SKIP = "skip"
+
+
+class DeleteMode(StrEnum):
+    """What a run does with production deletes (rows and users production no longer has)."""
+
+    REPORT = "report"
+    """Count and name them; change nothing."""
+    APPLY = "apply"
+    """Delete them on the target (users with their identities)."""
+    SOFT = "soft"
+    """As apply, but users are marked deleted and banned, as the Auth server's soft delete does."""

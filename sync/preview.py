@@ -57,7 +57,7 @@ async def preview(
         async with _failures_named(target):
             problems += await check_casts(tgt, plan.tables)
         tables = [TableReport.of(p) for p in plan.tables]
-        users, files = None, []
+        users, files, since_notes = None, [], []
         try:
             rules = storage_rules(plan, mapping)
         except PlanError as exc:
@@ -73,6 +73,8 @@ async def preview(
             if rules:
                 async with _failures_named(target):
                     files = (await survey_storage(src, tgt, rules, since=since, plan=plan)).plan_lines()
+            async with _failures_named(source):
+                since_notes = await unmaintained_since_columns(src, plan.tables)
         return PlanReport(
             source=str(source),
             target=str(target),
@@ -85,10 +87,45 @@ async def preview(
             users=users,
             auth_triggers=[TriggerReport.of(t) for t in plan.auth_triggers],
             notes=plan.notes,
-            warnings=plan.warnings + connection_warnings(source, target),
+            warnings=plan.warnings + since_notes + connection_warnings(source, target),
             errors=problems,
             files=files,
         )
+
+
+# A BEFORE UPDATE row trigger whose function (or arguments, as moddatetime takes them) names the column.
+_MAINTAINED = """
+SELECT EXISTS (
+    SELECT FROM pg_trigger AS t JOIN pg_proc AS f ON f.oid = t.tgfoid
+    WHERE t.tgrelid = $1::regclass AND NOT t.tgisinternal AND t.tgenabled <> 'D'
+      AND t.tgtype & 1 <> 0 AND t.tgtype & 2 <> 0 AND t.tgtype & 16 <> 0
+      AND (position(lower($2) IN lower(f.prosrc)) > 0 OR position(convert_to($2, 'UTF8') IN t.tgargs) > 0)
+)
+"""
+
+
+async def unmaintained_since_columns(conn: asyncpg.Connection, tables: Sequence[TablePlan]) -> list[str]:
+    """A warning per table whose since-column nothing on the source keeps current.
+
+    Catch-ups find edits by transaction id whatever the column says; the first run's window has only
+    the column, so there an edit of an older row that does not move it is left out.
+    """
+    warnings = []
+    for tp in tables:
+        if tp.since is None:
+            continue
+        if tp.since == "created_at":
+            why = "it is created_at, which edits never move"
+        elif not await conn.fetchval(_MAINTAINED, tp.source_name, tp.since):
+            why = "no trigger on the source sets it on update"
+        else:
+            continue
+        warnings.append(
+            f"{tp.name}: since-column {tp.since} is not maintained ({why}): the first run's window misses "
+            "older rows edited since --since without touching it (catch-ups find edits by transaction); "
+            "use an earlier --since, or a since-column a trigger keeps current"
+        )
+    return warnings
 
 
 def connection_warnings(source: Endpoint, target: Endpoint) -> list[str]:

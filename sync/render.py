@@ -15,6 +15,7 @@ from rich.text import Text
 
 if TYPE_CHECKING:
     from sync.auth import AuthReport
+    from sync.deletes import DeletesReport
     from sync.plan import PlanReport
     from sync.run import RunReport
     from sync.status import StatusReport
@@ -162,6 +163,8 @@ def run(report: RunReport) -> None:
     if report.storage is not None:
         for number, line in enumerate(report.storage.lines()):
             say(line, "red" if number and "Quarantined" in line else None)
+    if report.deletes is not None:
+        deletes(report.deletes)
     say(f"Sequences moved forward: {report.sequences_moved}. Done in {report.seconds:.1f} s.")
     if report.quarantined:
         say(
@@ -169,6 +172,20 @@ def run(report: RunReport) -> None:
             "after fixing the cause, `sync quarantine retry`.",
             "red",
         )
+
+
+def deletes(report: DeletesReport) -> None:
+    """Production deletes per table and for users; ``--deletes report`` changes nothing."""
+    lines = report.lines()
+    if not lines:
+        say("production deletes: none")
+        return
+    changed = "" if report.mode == "report" else f" ({report.mode})"
+    say(f"production deletes{changed}:", "yellow")
+    for line in lines:
+        say(f"  - {line}", "yellow")
+    if report.mode == "report":
+        say("  nothing was deleted: `--deletes apply` (or `soft` for users) removes them", "yellow")
 
 
 def quarantine_retry(report: RunReport) -> None:

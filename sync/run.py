@@ -23,12 +23,23 @@ from sync.auth import AdminApi, AuthOptions, AuthReport, import_users
 from sync.auth.columns import USERS_TABLE
 from sync.catalog import read_catalog
 from sync.connect import Endpoint, connect
+from sync.deletes import DeletesReport, find_deletes
 from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, PlanError
 from sync.mapping import Mapping
+from sync.modes import DeleteMode
 from sync.plan import Plan, TablePlan, build_plan, check_casts
 from sync.retry import is_transient_db_error, retrying
+from sync.selection import Changes
 from sync.snapshot import SourceSnapshot
-from sync.state import RunLock, WriteGuard, begin_run, catch_up_since, finish_run, record_high_water
+from sync.state import (
+    RunLock,
+    WriteGuard,
+    begin_run,
+    catch_up_since,
+    catch_up_xmin,
+    finish_run,
+    record_high_water,
+)
 from sync.storage import StorageReport
 from sync.storage.stage import StorageStage
 
@@ -50,6 +61,8 @@ class RunOptions:
     jobs: int | None = None
     skip_auth: bool = False
     retry_quarantine: bool = False
+    deletes: DeleteMode = DeleteMode.REPORT
+    """Production deletes: only reported, or applied on the target (users deleted, or soft-deleted)."""
     """Re-attempt only the rows in quarantine (after the cause was fixed); no window, no catch-up mark."""
 
 
@@ -69,6 +82,10 @@ class RunContext:
     """Set on catch-up runs: only users changed since then need the auth stage."""
     guard: WriteGuard | None = None
     """The run lock's check, made in every write transaction before it commits."""
+    changes: Changes | None = None
+    """Set on catch-up runs: the transactions since the previous run's snapshot, whose writes are read."""
+    deleted_accounts: frozenset[UUID] = frozenset()
+    """Target users whose production account was deleted (and that are still there)."""
 
 
 class RunReport(BaseModel):
@@ -81,6 +98,7 @@ class RunReport(BaseModel):
     tables: list[table_copy.TableResult] = []
     auth: AuthReport | None = None
     storage: StorageReport | None = None
+    deletes: DeletesReport | None = None
     sequences_moved: int = 0
     seconds: float = 0.0
 
@@ -117,6 +135,7 @@ class RunReport(BaseModel):
             "seconds": round(self.seconds, 3),
             "auth": self.auth.model_dump(mode="json") if self.auth else None,
             "tables": [t.model_dump(mode="json") for t in self.tables],
+            "deletes": self.deletes.model_dump(mode="json") if self.deletes else None,
             "sequences_moved": self.sequences_moved,
             "storage": self.storage.counts() if self.storage else None,
         }
@@ -139,6 +158,8 @@ def auth_import(options: AuthOptions, admin_api: AdminApi | None = None) -> Auth
             snapshot=ctx.snapshot,
             guard=ctx.guard,
             only_ids=None if ctx.only_keys is None else [UUID(k) for k in ctx.only_keys.get(USERS_TABLE, [])],
+            changes=ctx.changes,
+            deleted_accounts=ctx.deleted_accounts,
         )
 
     return stage
@@ -188,6 +209,7 @@ async def run_sync(
     try:
         since = options.since
         mark = await catch_up_since(tconn, options.overlap)
+        previous_xmin = await catch_up_xmin(tconn)
         catch_up = since is None and mark is not None and not options.restart and not options.retry_quarantine
         if catch_up:
             since = mark
@@ -203,8 +225,14 @@ async def run_sync(
         if only_keys is not None:
             plan = replace(plan, tables=[t for t in plan.tables if t.name in only_keys])
         await snapshot.open()
+        xids = snapshot.xids
         if snapshot.high_water is not None and not options.retry_quarantine:
-            await record_high_water(tconn, run.id, snapshot.high_water)
+            await record_high_water(tconn, run.id, snapshot.high_water, xids.xmin if xids else None)
+        changes = (
+            Changes(previous_xmin, xids.xmax, await quarantined_keys(tconn))
+            if catch_up and previous_xmin is not None and xids
+            else None
+        )
         report = RunReport(
             run_id=run.id, since=since, high_water=run.high_water or snapshot.high_water, resumed=run.resumed
         )
@@ -219,8 +247,12 @@ async def run_sync(
             only_keys,
             auth_since=since if catch_up else None,
             guard=lock.confirm,
+            changes=changes,
         )
         try:
+            if not options.retry_quarantine:
+                report.deletes, gone = await production_deletes(snapshot, target, plan, options.deletes)
+                ctx.deleted_accounts = frozenset(UUID(k) for k in gone)
             if auth_stage is not None and not options.skip_auth and _users_to_import(only_keys):
                 report.auth = await auth_stage(ctx)
             report.tables = await copy_tables(ctx, options, progress)
@@ -314,7 +346,19 @@ def _describe(options: RunOptions, mapping: Mapping) -> dict[str, Any]:
         "batch_size": options.batch_size or mapping.sync.batch_size,
         "jobs": options.jobs or mapping.sync.jobs,
         "mapping": mapping.origin,
+        "deletes": str(options.deletes),
     }
+
+
+async def production_deletes(
+    snapshot: SourceSnapshot, target: Endpoint, plan: Plan, mode: DeleteMode
+) -> tuple[DeletesReport, set[str]]:
+    """Find (and when asked, apply) production deletes, reading the source in the run's snapshot."""
+    reader = await snapshot.reader()
+    try:
+        return await find_deletes(reader, target, plan.tables, mode=mode)
+    finally:
+        await reader.close()
 
 
 async def copy_tables(
@@ -360,6 +404,7 @@ def _copy_context(
         progress=progress,
         only_keys=ctx.only_keys,
         guard=ctx.guard,
+        changes=ctx.changes,
     )
 
 

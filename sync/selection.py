@@ -1,7 +1,11 @@
 """Which source rows a run moves: the window and the closure, written once as SQL.
 
 The **window** is a table's rows whose since-column is at or after ``--since`` (a NULL since-column
-counts as in it: an unknown date is no reason to leave a row behind). The **closure** adds the rows a
+counts as in it: an unknown date is no reason to leave a row behind). On a catch-up it is also every
+row **changed** since the previous run: whose row version a transaction wrote after that run's
+snapshot (its ``xmin`` at or above the snapshot's xmin). That proof does not depend on the app's
+clock columns: edits that leave ``updated_at`` alone, transactions that commit long after they
+stamped it, and NULL since-columns are all caught. The **closure** adds the rows a
 selected child row points at, through every foreign key between planned tables, recursively. A
 quarantine retry selects exactly the quarantined keys instead.
 
@@ -12,8 +16,8 @@ rows a run is about. Every value (the since instant, the retried keys) is a boun
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sync.plan import ParentLink, Plan, TablePlan
@@ -21,6 +25,39 @@ from sync.sqltext import Params, column_list, ident, table_ident
 
 Predicate = Callable[[Params], str]
 """SQL text of a condition over a source table, its values bound into the statement's parameters."""
+
+
+XID_SPAN = 1 << 32
+"""A row's ``xmin`` is a 32-bit transaction id; the epoch that widens it to 64 bits is not stored."""
+
+
+@dataclass(frozen=True)
+class Changes:
+    """A catch-up's span of transactions: from the previous run's snapshot xmin to this run's xmax.
+
+    ``held`` are the source keys per table (``auth.users`` for users) still in quarantine: an earlier
+    run held them back, so every catch-up reads them again until they land, changed or not.
+    """
+
+    from_xid: int
+    upto_xid: int
+    held: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+    def sql(self, params: Params, alias: str = "") -> str:
+        """True for row versions written by a transaction in the span, or ``true`` when it is unknowable.
+
+        The row's 32-bit ``xmin`` is read as an offset from ``from_xid`` modulo 2^32: every version this
+        snapshot sees was written below ``upto_xid``, and PostgreSQL freezes versions long before they are
+        2^31 transactions old, so an offset within the span means a newer version, and one beyond it an
+        older version (of the previous epoch too) — safe across wraparound. A span of 2^31 or more (or a
+        negative one: another server) cannot be told apart, and then every row counts as changed.
+        """
+        span = self.upto_xid - self.from_xid
+        if not 0 <= span < XID_SPAN // 2:
+            return "true"
+        start = params.bind(self.from_xid % XID_SPAN, "bigint")
+        offset = f"(({alias}xmin::text::bigint - {start} + {XID_SPAN}) % {XID_SPAN})"
+        return f"({offset} < {params.bind(span, 'bigint')})"
 
 
 def source_columns(tp: TablePlan, columns: Sequence[str]) -> list[str]:
@@ -41,6 +78,14 @@ def key_text_sql(tp: TablePlan, alias: str = "") -> str:
     if len(cols) == 1:
         return f"{alias}{ident(cols[0])}::text"
     return f"jsonb_build_array({column_list(cols, alias)})::text"
+
+
+def target_key_sql(tp: TablePlan, alias: str = "") -> str:
+    """SQL (over a target or staged row) giving its key as one text value, as the ledger stores it: the
+    columns a row is known by (its natural key, else its primary key), as :func:`key_text_sql` reads them."""
+    if len(tp.row_key) == 1:
+        return f"{alias}{ident(tp.row_key[0])}::text"
+    return f"jsonb_build_array({column_list(tp.row_key, alias)})::text"
 
 
 def links(tp: TablePlan) -> list[ParentLink]:
@@ -88,22 +133,36 @@ class Selection:
     """The conditions that pick a table's source rows for a run: window, closure, or retried keys."""
 
     def __init__(
-        self, plan: Plan, since: datetime | None, only_keys: dict[str, list[str]] | None = None
+        self,
+        plan: Plan,
+        since: datetime | None,
+        only_keys: dict[str, list[str]] | None = None,
+        changes: Changes | None = None,
     ) -> None:
         self.plan = plan
         self.since = since
         self.only_keys = only_keys  # when set: exactly these source keys per table (a quarantine retry)
         self._tables = {t.name: t for t in plan.tables}
+        self.changes = changes  # on a catch-up: the transactions since the previous run's snapshot
 
     def in_window(self, tp: TablePlan, params: Params, alias: str = "", column: str | None = None) -> str:
-        """True for rows whose since-column is in the window (NULL since-columns count as in it).
+        """True for rows whose since-column is in the window, or changed since the previous run.
 
-        ``column`` names the since-column when it is not the source's (the target's copy of it).
+        Without a span of transactions (a first run), NULL since-columns count as in the window; on a
+        catch-up a row with a NULL since-column is read when it changed, like any other. ``column``
+        names the since-column when it is not the source's (the target's copy of it).
         """
-        if self.only_keys is not None or self.since is None or tp.since is None:
+        if self.only_keys is not None or self.since is None:
             return "true"
+        changed = self.changes.sql(params, alias) if self.changes is not None else None
+        held = self.changes.held.get(tp.name) if self.changes is not None else None
+        if changed is not None and held:
+            changed = f"({changed} OR {key_text_sql(tp, alias)} = ANY({params.bind(list(held), 'text[]')}))"
+        if tp.since is None:
+            return changed or "true"
         col = f"{alias}{ident(column or tp.since)}"
-        return f"({col} >= {params.bind(self.since, 'timestamptz')} OR {col} IS NULL)"
+        recent = f"{col} >= {params.bind(self.since, 'timestamptz')}"
+        return f"({recent} OR {changed or f'{col} IS NULL'})"
 
     def selected(self, tp: TablePlan, params: Params, alias: str = "") -> str:
         """In the window, or needed by a selected row through a foreign key (the closure)."""

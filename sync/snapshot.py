@@ -10,6 +10,7 @@ transaction per batch (said in the plan and the run's log).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
@@ -17,6 +18,24 @@ import asyncpg
 from sync.connect import Endpoint, PoolMode, connect
 
 log = logging.getLogger("sync")
+
+# The transaction's snapshot (in REPEATABLE READ, the exported one) as 64-bit transaction ids.
+_XIDS = (
+    "pg_snapshot_xmin(pg_current_snapshot())::text::bigint, "
+    "pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+)
+
+
+@dataclass(frozen=True)
+class XidRange:
+    """A snapshot's bounds as 64-bit transaction ids (epoch included, so they never wrap around).
+
+    Every transaction that committed after the snapshot was taken, or was still running then, has an
+    id at or above ``xmin``; every row version the snapshot sees was written below ``xmax``.
+    """
+
+    xmin: int
+    xmax: int
 
 
 class SourceSnapshot:
@@ -26,6 +45,8 @@ class SourceSnapshot:
         self.endpoint = endpoint
         self.snapshot_id: str | None = None
         self.high_water: datetime | None = None
+        self.xids: XidRange | None = None
+        """The snapshot's xmin and xmax (64-bit): what a later catch-up reads from, and this one up to."""
         self._coordinator: asyncpg.Connection | None = None
         self._tx: asyncpg.transaction.Transaction | None = None
 
@@ -33,14 +54,19 @@ class SourceSnapshot:
         """Export the snapshot (where the connection can hold one) and read the source's clock."""
         conn = await connect(self.endpoint, application_name="sync coordinator")
         if self.endpoint.mode is PoolMode.TRANSACTION:
-            self.high_water = await conn.fetchval("SELECT now()")
+            # Reads come later than this snapshot, so its xmin is still a safe mark for the next run.
+            self.high_water, *xids = await conn.fetchrow(f"SELECT now(), {_XIDS}")
+            self.xids = XidRange(*xids)
             await conn.close()
             log.info("source is behind a transaction pooler: no shared snapshot, reads are per batch")
             return self
         self._coordinator = conn
         self._tx = conn.transaction(isolation="repeatable_read", readonly=True)
         await self._tx.start()
-        self.snapshot_id, self.high_water = await conn.fetchrow("SELECT pg_export_snapshot(), now()")
+        self.snapshot_id, self.high_water, *xids = await conn.fetchrow(
+            f"SELECT pg_export_snapshot(), now(), {_XIDS}"
+        )
+        self.xids = XidRange(*xids)
         return self
 
     @property

@@ -28,7 +28,7 @@ from sync.retry import retrying
 
 log = logging.getLogger("sync")
 
-STATE_VERSION = 3
+STATE_VERSION = 4
 LOCK_KEY = 0x53594E43  # "SYNC"
 FENCE_KEY = 0x53594E44  # writers hold it shared: a new holder of LOCK_KEY waits for them to end
 
@@ -263,10 +263,24 @@ async def catch_up_since(conn: asyncpg.Connection, overlap: timedelta) -> dateti
     return mark - overlap if mark is not None else None
 
 
-async def record_high_water(conn: asyncpg.Connection, run_id: int, high_water: datetime) -> None:
-    """Keep the first high-water mark of a run: a resumed run keeps the earlier (safer) one."""
+async def catch_up_xmin(conn: asyncpg.Connection) -> int | None:
+    """The last successful run's source snapshot xmin: a catch-up reads every row version newer."""
+    return await conn.fetchval(
+        "SELECT snapshot_xmin FROM _sync.runs WHERE status IN ('succeeded', 'quarantined') "
+        "AND high_water IS NOT NULL AND NOT options ? 'retry' ORDER BY id DESC LIMIT 1"
+    )
+
+
+async def record_high_water(
+    conn: asyncpg.Connection, run_id: int, high_water: datetime, snapshot_xmin: int | None = None
+) -> None:
+    """Keep the first high-water mark and snapshot xmin of a run: a resumed run keeps the earlier (safer)."""
     await conn.execute(
-        "UPDATE _sync.runs SET high_water = coalesce(high_water, $2) WHERE id = $1", run_id, high_water
+        "UPDATE _sync.runs SET high_water = coalesce(high_water, $2), "
+        "snapshot_xmin = coalesce(snapshot_xmin, $3) WHERE id = $1",
+        run_id,
+        high_water,
+        snapshot_xmin,
     )
 
 

@@ -80,7 +80,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
@@ -96,6 +96,7 @@ from sync.auth.preflight import SOURCE_PRIVILEGES, TARGET_PRIVILEGES, check_priv
 from sync.auth.report import AuthReport
 from sync.connect import Endpoint, connect
 from sync.errors import UsageError
+from sync.selection import Changes
 from sync.snapshot import SourceSnapshot as RunSnapshot
 from sync.state import WriteGuard, ensure_state
 
@@ -132,6 +133,8 @@ async def import_users(
     snapshot: RunSnapshot | None = None,
     only_ids: Sequence[UUID] | None = None,
     guard: WriteGuard | None = None,
+    changes: Changes | None = None,
+    deleted_accounts: Collection[UUID] = (),
 ) -> AuthReport:
     """Bring every source auth user onto the target (rules in the package docstring); return the report.
 
@@ -139,7 +142,11 @@ async def import_users(
     other user was brought over by an earlier run); ``only_ids`` to these users (a quarantine retry).
     ``snapshot`` is the run's exported source snapshot: the users are read inside it, at the same
     instant as the table rows. Without it the import reads a snapshot of its own. ``guard`` runs in
-    every write transaction before it commits (the run lock's check).
+    every write transaction before it commits (the run lock's check). ``changes`` adds the users whose
+    row or identities a transaction wrote since the previous run's snapshot, whatever their clock
+    columns say. ``deleted_accounts``: target users whose production account was deleted; no one else
+    is matched to them (a person who signed up again is a new user, held back while the old account is
+    there).
 
     ``direct`` needs ``target``. ``admin-api`` needs ``admin_api`` and, when ``target`` is given too,
     writes there what the API cannot carry, the id map and the quarantine. Raises UsageError before
@@ -162,7 +169,7 @@ async def import_users(
                 await check_trigger_skip(target_conn)
             await ensure_state(target_conn)
             await writer.prepare()
-        run = UserImport(options, report, writer, changed_since, only_ids)
+        run = UserImport(options, report, writer, changed_since, only_ids, changes, deleted_accounts)
         if admin_api is not None and options.mode is AuthMode.ADMIN_API:
             holder = _database_holder(writer) if writer is not None else None
             # Imported here: the supabase client is loaded only when this mode is used (see __getattr__).

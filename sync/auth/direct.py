@@ -27,6 +27,7 @@ from sync.auth.columns import (
 )
 from sync.auth.direct_sql import (
     INSERT_IDENTITIES,
+    LAND_USERS,
     MAP_IDS,
     MISSING_USERS,
     QUARANTINE,
@@ -232,6 +233,7 @@ class TargetWriter:
             result.identities = _rowcount(await conn.execute(INSERT_IDENTITIES))
             await conn.execute(RESTORE_IDENTITIES)
             await conn.execute(MAP_IDS, self.run_id, USERS_TABLE)
+            await conn.execute(LAND_USERS, self.run_id, USERS_TABLE)
             await conn.execute(UNMAP_IDS, USERS_TABLE)
             await conn.execute(RESOLVE_QUARANTINE, USERS_TABLE)
             if self.options.triggers is TriggerMode.SKIP:

@@ -163,6 +163,18 @@ SET target_key = EXCLUDED.target_key, reason = EXCLUDED.reason, run_id = EXCLUDE
 WHERE _sync.id_map.target_key IS DISTINCT FROM EXCLUDED.target_key
 """
 
+# The ledger: every production user this batch wrote or found, with its target user ($1: run id,
+# $2: the ``table_name`` of users), so that a later run knows the target user came from production.
+LAND_USERS = """
+INSERT INTO _sync.landed (table_name, source_key, target_key, run_id)
+SELECT $2::text, s.source_id::text, s.target_id::text, $1
+FROM _sync_stage_users AS s
+WHERE s.target_id IS NOT NULL AND EXISTS (SELECT FROM auth.users AS t WHERE t.id = s.target_id)
+ON CONFLICT (table_name, source_key) DO UPDATE
+SET target_key = EXCLUDED.target_key, run_id = EXCLUDED.run_id
+WHERE _sync.landed.target_key IS DISTINCT FROM EXCLUDED.target_key
+"""
+
 # A user now found by id no longer needs (and must not keep) an older mapping.
 UNMAP_IDS = """
 DELETE FROM _sync.id_map AS m

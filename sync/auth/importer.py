@@ -3,7 +3,7 @@ direct writer or through the admin API, counting and noting what became of each 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal
@@ -26,6 +26,7 @@ from sync.auth.match import (
 from sync.auth.options import AuthOptions, ConflictPolicy
 from sync.auth.report import AuthReport, QuarantinedUser, UserNote, direct_notes
 from sync.auth.source import read_only_snapshot
+from sync.selection import Changes
 
 if TYPE_CHECKING:
     from sync.auth.admin_api import AdminApiCreator
@@ -41,9 +42,13 @@ class UserImport:
         writer: TargetWriter | None,
         changed_since: datetime | None = None,
         only_ids: Sequence[UUID] | None = None,
+        changes: Changes | None = None,
+        deleted_accounts: Collection[UUID] = (),
     ) -> None:
         self.changed_since = changed_since
         self.only_ids = only_ids
+        self.changes = changes
+        self.deleted_accounts = deleted_accounts
         self.options = options
         self.report = report
         self.writer = writer
@@ -52,7 +57,9 @@ class UserImport:
         self.claimed: dict[UUID, UUID] = {}
 
     async def run(self, source_conn: asyncpg.Connection) -> None:
-        async with read_only_snapshot(source_conn, self.changed_since, self.only_ids) as snapshot:
+        async with read_only_snapshot(
+            source_conn, self.changed_since, self.only_ids, self.changes
+        ) as snapshot:
             keys = await snapshot.keys()
             self.report.source_users = len(keys)
             await self._match(keys)
@@ -73,7 +80,7 @@ class UserImport:
         else:
             assert self.api is not None
             target, id_map = await self.api.list_target(), {}
-        for match in match_users(keys, target, id_map):
+        for match in match_users(keys, target, id_map, self.deleted_accounts):
             self.matches[match.source_id] = match
             if match.target_id is not None and match.kind is not MatchKind.NEW:
                 self.claimed[match.target_id] = match.source_id

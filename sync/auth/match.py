@@ -7,7 +7,7 @@ only; one target user for at most one source user) are in the package docstring.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -83,17 +83,26 @@ def match_users(
     source: Sequence[SourceKey],
     target: Iterable[TargetKey],
     id_map: Mapping[UUID, tuple[UUID, str]] | None = None,
+    deleted_accounts: Collection[UUID] = (),
 ) -> list[UserMatch]:
     """Match each source user (given oldest first) to at most one target user, by the package's rules.
 
-    ``id_map`` holds earlier runs' decisions (source id → target id, reason). Returns one
-    :class:`UserMatch` per source user, in the order given.
+    ``id_map`` holds earlier runs' decisions (source id → target id, reason). ``deleted_accounts``
+    are target users whose production account was deleted: a person who signs up again is a new
+    user, so no one is matched to them by e-mail or phone. Returns one :class:`UserMatch` per source
+    user, in the order given.
     """
-    return _Matcher(list(target), id_map or {}).run(source)
+    return _Matcher(list(target), id_map or {}, frozenset(deleted_accounts)).run(source)
 
 
 class _Matcher:
-    def __init__(self, target: list[TargetKey], id_map: Mapping[UUID, tuple[UUID, str]]) -> None:
+    def __init__(
+        self,
+        target: list[TargetKey],
+        id_map: Mapping[UUID, tuple[UUID, str]],
+        deleted_accounts: frozenset[UUID] = frozenset(),
+    ) -> None:
+        self.deleted_accounts = deleted_accounts
         self.by_id = {t.id: t for t in target}
         self.by_email: dict[str, TargetKey] = {}
         # Among case variants of one address, the row stored lower-case wins, then the oldest.
@@ -126,6 +135,17 @@ class _Matcher:
             kind = MatchKind.PHONE if prior[1] == MatchKind.PHONE else MatchKind.EMAIL
             return self._claim(s, self.by_id[prior[0]], kind, "mapping from an earlier run")
         if not s.is_sso_user and not s.deleted:
+            for what, value, index in (("e-mail", s.email, self.by_email), ("phone", s.phone, self.by_phone)):
+                held = index.get(value) if value else None
+                if held is not None and held.id in self.deleted_accounts:
+                    return UserMatch(
+                        s.id,
+                        None,
+                        MatchKind.QUARANTINED,
+                        f"its {what} {value} belongs to target user {held.id}, whose production account "
+                        "was deleted: this is a new account, not that one; `sync run --deletes apply` "
+                        "removes the old account and brings this one",
+                    )
             if s.email and s.email in self.by_email:
                 return self._claim(s, self.by_email[s.email], MatchKind.EMAIL, f"e-mail {s.email}")
             if s.phone and s.phone in self.by_phone:

@@ -18,7 +18,8 @@ from sync.auth.columns import (
     table_columns,
 )
 from sync.auth.match import SourceKey, normal_email, normal_phone
-from sync.sqltext import ident, table_ident
+from sync.selection import Changes
+from sync.sqltext import Params, ident, table_ident
 
 _USERS = table_ident(USERS_TABLE)
 
@@ -35,10 +36,12 @@ class SourceSnapshot:
         conn: asyncpg.Connection,
         changed_since: datetime | None = None,
         only_ids: Sequence[UUID] | None = None,
+        changes: Changes | None = None,
     ) -> None:
         self.conn = conn
         self.changed_since = changed_since
         self.only_ids = only_ids
+        self.changes = changes
         self._user_columns: set[str] = set()
         self._users_query = ""
         self._identities_query = ""
@@ -49,16 +52,28 @@ class SourceSnapshot:
         """Read the live column lists (the Auth version decides them) and build the queries."""
         self._user_columns = await table_columns(self.conn, USERS_TABLE)
         identities = await table_columns(self.conn, IDENTITIES_TABLE)
+        params = Params()
         if self.changed_since is not None:
-            # A catch-up reads only the users created, changed or signed in since the last run's mark.
+            # A catch-up reads only the users created, changed or signed in since the last run's mark,
+            # and those whose row, or one of whose identities, a transaction wrote since its snapshot.
+            mark = params.bind(self.changed_since, "timestamptz")
             stamps = [c for c in ("created_at", "updated_at", "last_sign_in_at") if c in self._user_columns]
-            self._window = " WHERE (" + " OR ".join(f"{ident(c)} >= $1" for c in stamps) + ")"
-            self._params = (self.changed_since,)
+            changed = [f"{ident(c)} >= {mark}" for c in stamps]
+            if self.changes is not None:
+                changed.append(self.changes.sql(params))
+                held = list(self.changes.held.get(USERS_TABLE, []))
+                if held:
+                    changed.append(f"id::text = ANY({params.bind(held, 'text[]')})")
+                changed.append(
+                    f"id IN (SELECT i.user_id FROM {table_ident(IDENTITIES_TABLE)} AS i "
+                    f"WHERE {self.changes.sql(params, 'i.')})"
+                )
+            self._window = " WHERE (" + " OR ".join(changed) + ")"
         if self.only_ids is not None:
             # A quarantine retry reads only the users still in quarantine.
-            self._params = (*self._params, list(self.only_ids))
-            joiner = " AND " if self._window else " WHERE "
-            self._window += f"{joiner}id = ANY(${len(self._params)}::uuid[])"
+            ids = params.bind(list(self.only_ids), "uuid[]")
+            self._window += f"{' AND ' if self._window else ' WHERE '}id = ANY({ids})"
+        self._params = tuple(params.values)
         self._users_query = (
             f"SELECT {select_list(SOURCE_USER_FIELDS, self._user_columns)} FROM {_USERS}{self._window} "
             "ORDER BY created_at, id"
@@ -123,13 +138,14 @@ async def read_only_snapshot(
     conn: asyncpg.Connection,
     changed_since: datetime | None = None,
     only_ids: Sequence[UUID] | None = None,
+    changes: Changes | None = None,
 ) -> AsyncIterator[SourceSnapshot]:
     """A :class:`SourceSnapshot` inside a READ ONLY REPEATABLE READ transaction on ``conn``.
 
     A ``conn`` already in a transaction (a run's reader, joined to the run's exported snapshot) is read
     in that transaction, so users and table rows come from the same instant.
     """
-    snapshot = SourceSnapshot(conn, changed_since, only_ids)
+    snapshot = SourceSnapshot(conn, changed_since, only_ids, changes)
     if conn.is_in_transaction():
         await snapshot.prepare()
         yield snapshot

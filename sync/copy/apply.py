@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from sync.copy.ledger import recognise_landed, record_landed
 from sync.copy.quarantine import RowRejected, resolve_landed
 from sync.copy.stage import STAGE
 from sync.plan import Plan, TablePlan
@@ -48,6 +49,7 @@ async def apply_staged(
     await rewrite_parents(conn, tp, plan)
     if tp.key == "remap" and len(tp.primary_key) == 1:
         await map_own_keys(conn, tp)
+        await recognise_landed(conn, tp)
         written.remapped = await remap_keys(conn, tp, run_id, key_floor)
     elif tp.key == "natural":
         await adopt_natural_keys(conn, tp, run_id)
@@ -55,6 +57,7 @@ async def apply_staged(
     if tp.trigger_mode == "skip":
         await check_references(conn, tp)
     written.inserted, written.updated = await conn.fetchrow(upsert_sql(tp))
+    await record_landed(conn, tp, run_id)
     await resolve_landed(conn, tp.name)
     return written
 

@@ -37,7 +37,7 @@ from sync.retry import (
     lock_wait_line,
     retrying,
 )
-from sync.selection import Predicate, Selection, source_key_columns
+from sync.selection import Changes, Predicate, Selection, source_key_columns
 from sync.snapshot import SourceSnapshot
 from sync.sqltext import Params, column_list, ident, row_of, table_ident
 from sync.state import WriteGuard
@@ -92,6 +92,8 @@ class CopyContext:
     """When set, copy only these source keys per table (``sync quarantine retry``)."""
     guard: WriteGuard | None = None
     """Proves the run still holds its lock, inside every write transaction before it commits."""
+    changes: Changes | None = None
+    """On a catch-up: the transactions since the previous run's snapshot; the rows they wrote are read."""
 
 
 class TableCopy:
@@ -102,7 +104,7 @@ class TableCopy:
         self.tp = tp
         self.result = TableResult(table=tp.name)
         self.checkpoint_name = tp.name
-        self.selection = Selection(ctx.plan, ctx.since, ctx.only_keys)
+        self.selection = Selection(ctx.plan, ctx.since, ctx.only_keys, ctx.changes)
         self.stage = Stage(tp, self.selection)
         self.source_pk = source_key_columns(tp)
         self.src_types = {c.source: c.source_type for c in tp.columns}

@@ -11,7 +11,8 @@ CREATE TABLE IF NOT EXISTS _sync.schema_version (
 );
 
 -- One row per `sync run`. high_water is the source's clock when the run started: the next catch-up
--- reads from there (minus an overlap), never from target data.
+-- reads from there (minus an overlap), never from target data. snapshot_xmin is the 64-bit xmin of
+-- the source snapshot the run read with: the next catch-up also reads every row version newer than it.
 CREATE TABLE IF NOT EXISTS _sync.runs (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     started_at  timestamptz NOT NULL DEFAULT now(),
@@ -79,6 +80,7 @@ CREATE TABLE IF NOT EXISTS _sync.storage_objects (
     landed_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (bucket, target_path)
 );
+ALTER TABLE _sync.runs ADD COLUMN IF NOT EXISTS snapshot_xmin bigint;
 
 -- Bumped by every run that takes the run lock: a run whose lock connection died takes the lock again
 -- only if nobody took it in between (the value is still its own). A row, not a sequence: a sequence
@@ -88,5 +90,17 @@ CREATE TABLE IF NOT EXISTS _sync.lock_epoch (
     epoch bigint NOT NULL DEFAULT 0
 );
 INSERT INTO _sync.lock_epoch DEFAULT VALUES ON CONFLICT DO NOTHING;
+-- The ledger: every row a run landed (source key -> target key, whatever the key strategy), written
+-- in the transaction that wrote the row. A later run recognises the row by it whatever its columns
+-- became, and a landed row that production no longer has is a production delete.
+CREATE TABLE IF NOT EXISTS _sync.landed (
+    table_name text NOT NULL,
+    source_key text NOT NULL,
+    target_key text NOT NULL,
+    run_id     bigint,
+    landed_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_name, source_key)
+);
+CREATE INDEX IF NOT EXISTS landed_target_idx ON _sync.landed (table_name, target_key);
 
-INSERT INTO _sync.schema_version (version) VALUES (1), (2), (3) ON CONFLICT DO NOTHING;
+INSERT INTO _sync.schema_version (version) VALUES (1), (2), (3), (4) ON CONFLICT DO NOTHING;

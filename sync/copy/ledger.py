@@ -1,0 +1,39 @@
+"""The ledger of landed rows: which target row each production row became, whatever the key strategy.
+
+Written in the batch's own transaction, after the upsert, so it never names a row that did not land.
+A later run recognises a row by it before deciding anything from its columns: a production edit of a
+``match_on`` column (a request moved to another user) updates the row it landed as, it never looks
+like a collision and never makes a second copy. Production deletes are found through it too.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from sync.copy.stage import STAGE
+from sync.plan import TablePlan
+from sync.selection import target_key_sql
+from sync.sqltext import ident
+
+
+async def recognise_landed(conn: asyncpg.Connection, tp: TablePlan) -> None:
+    """Give staged rows that landed before the key they landed as (single-column keys), and mark them."""
+    key = tp.primary_key[0]
+    await conn.execute(
+        f"UPDATE {STAGE} AS s SET {ident(key)} = l.target_key::{tp.staged_types[key]}, _mapped = true "
+        f"FROM _sync.landed AS l WHERE l.table_name = $1 AND l.source_key = s._source_key",
+        tp.name,
+    )
+
+
+async def record_landed(conn: asyncpg.Connection, tp: TablePlan, run_id: int) -> None:
+    """Record every staged row (now on the target, under its staged key) in the ledger."""
+    await conn.execute(
+        f"INSERT INTO _sync.landed (table_name, source_key, target_key, run_id) "
+        f"SELECT $1, s._source_key, {target_key_sql(tp, 's.')}, $2 FROM {STAGE} AS s "
+        f"ON CONFLICT (table_name, source_key) DO UPDATE "
+        f"SET target_key = EXCLUDED.target_key, run_id = EXCLUDED.run_id "
+        f"WHERE _sync.landed.target_key IS DISTINCT FROM EXCLUDED.target_key",
+        tp.name,
+        run_id,
+    )

@@ -1,0 +1,197 @@
+"""Catch-up runs find what production changed by transaction, not by the app's clock columns."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import asyncpg
+import psycopg
+from queries import SEED_MAPPING, execute, fetch
+
+from sync.auth import AuthOptions
+from sync.connect import Endpoint, Side
+from sync.mapping import Mapping, load_mapping
+from sync.run import RunOptions, RunReport, auth_import, run_sync
+from sync.selection import XID_SPAN, Changes
+from sync.sqltext import Params
+
+SINCE = datetime(2024, 11, 18, tzinfo=UTC)
+
+NOTES = """
+CREATE TABLE notes (
+    id uuid PRIMARY KEY,
+    body text NOT NULL,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz
+);
+"""
+
+# Three rows dated after --since (one without a date at all), as a first run finds them.
+NOTES_ROWS = """
+INSERT INTO notes VALUES
+    ('00000000-0000-0000-0000-000000000001', 'one', '2024-12-01', '2024-12-01'),
+    ('00000000-0000-0000-0000-000000000002', 'two', '2024-12-01', '2024-12-01'),
+    ('00000000-0000-0000-0000-000000000003', 'undated', '2024-12-01', NULL);
+"""
+
+
+def run(source, target, mapping: Mapping | None = None, auth: bool = False, **options) -> RunReport:
+    return asyncio.run(
+        run_sync(
+            Endpoint.parse(Side.SOURCE, source.url),
+            Endpoint.parse(Side.TARGET, target.url),
+            mapping or Mapping.model_validate({}),
+            RunOptions(**options),
+            auth_stage=auth_import(AuthOptions()) if auth else None,
+        )
+    )
+
+
+def bodies(url: str) -> list[tuple]:
+    return fetch(url, "SELECT id::text, body FROM notes ORDER BY id")
+
+
+def first_run(make_db):
+    source, target = make_db(), make_db()
+    for db in (source, target):
+        execute(db.url, NOTES)
+    execute(source.url, NOTES_ROWS)
+    assert run(source, target, since=SINCE).exit_code == 0
+    assert bodies(target.url) == bodies(source.url)
+    return source, target
+
+
+def read(report: RunReport) -> int:
+    return sum(t.read for t in report.tables)
+
+
+def test_an_edit_that_leaves_updated_at_alone_is_caught(make_db):
+    source, target = first_run(make_db)
+    execute(source.url, "UPDATE notes SET body = 'edited by a script' WHERE body = 'one'")
+    report = run(source, target)
+    assert read(report) == 1, "only the edited row is read"
+    assert bodies(target.url) == bodies(source.url)
+
+
+def test_a_transaction_open_across_a_run_and_committed_later_is_caught_by_the_next(make_db):
+    source, target = first_run(make_db)
+    # The app stamps updated_at with its transaction's start (long before the overlap), and commits
+    # only after a catch-up took its snapshot.
+    late = psycopg.connect(source.url)
+    late.execute("UPDATE notes SET body = 'committed late', updated_at = '2024-12-02' WHERE body = 'two'")
+    try:
+        assert read(run(source, target)) == 0, "the open transaction's edit is not visible yet"
+    finally:
+        late.commit()
+        late.close()
+    run(source, target)
+    assert bodies(target.url) == bodies(source.url)
+
+
+def test_rows_without_a_since_value_are_caught_when_they_change_and_only_then(make_db):
+    source, target = first_run(make_db)
+    assert read(run(source, target)) == 0, "an unchanged undated row is not read again"
+    execute(
+        source.url,
+        """
+        UPDATE notes SET body = 'undated, edited' WHERE updated_at IS NULL;
+        INSERT INTO notes VALUES ('00000000-0000-0000-0000-000000000004', 'new, undated', '2020-01-01', NULL);
+        """,
+    )
+    report = run(source, target)
+    assert (report.tables[0].inserted, report.tables[0].updated) == (1, 1)
+    assert bodies(target.url) == bodies(source.url)
+
+
+def test_a_table_whose_since_column_is_created_at_still_brings_its_edits(make_db):
+    source, target = first_run(make_db)
+    mapping = Mapping.model_validate({"tables": {"public.notes": {"since": "created_at"}}})
+    execute(source.url, "UPDATE notes SET body = 'edited', updated_at = now() WHERE body = 'one'")
+    run(source, target, mapping)
+    assert bodies(target.url) == bodies(source.url)
+
+
+def test_each_run_records_its_snapshots_xmin_as_a_64_bit_id(make_db):
+    source, target = first_run(make_db)
+    recorded, current = (
+        fetch(target.url, "SELECT snapshot_xmin FROM _sync.runs")[0][0],
+        fetch(source.url, "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")[0][0],
+    )
+    assert 0 < recorded <= current
+
+
+def test_the_change_test_holds_across_a_wraparound_of_32_bit_ids(supabase_db):
+    """Seen in SQL: the previous snapshot just below 2^32, rows written before and after the wrap."""
+    changes = Changes(from_xid=XID_SPAN - 10, upto_xid=XID_SPAN + 20)
+    params = Params()
+    test = changes.sql(params, "r.")
+    rows = fetch_values(
+        supabase_db.url,
+        f"SELECT r.xmin::text::bigint, {test} FROM (VALUES "
+        f"('4294967280'::xid), ('4294967290'::xid), ('5'::xid), ('19'::xid), ('21'::xid)) AS r(xmin)",
+        params.values,
+    )
+    assert rows == [(4294967280, False), (4294967290, True), (5, True), (19, True), (21, False)]
+    assert Changes(from_xid=1, upto_xid=XID_SPAN).sql(Params()) == "true", "a span too wide to tell"
+
+
+def fetch_values(url: str, query: str, values: list) -> list[tuple]:
+    """Rows of ``query``, with the engine's ``$n`` parameters."""
+
+    async def go() -> list[tuple]:
+        conn = await asyncpg.connect(url)
+        try:
+            return [tuple(r) for r in await conn.fetch(query, *values)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def test_an_identity_added_to_an_old_user_is_a_change_of_that_user(seed_dbs):
+    source, target = seed_dbs
+    mapping = load_mapping(SEED_MAPPING)
+    assert run(source, target, mapping, auth=True, since=SINCE).exit_code == 0
+    old = fetch(
+        source.url,
+        "SELECT id FROM auth.users WHERE created_at < '2024-01-01' AND updated_at < '2024-01-01' "
+        "AND (last_sign_in_at IS NULL OR last_sign_in_at < '2024-01-01') ORDER BY id LIMIT 1",
+    )[0][0]
+    execute(
+        source.url,
+        "INSERT INTO auth.identities (provider_id, user_id, identity_data, provider, created_at, updated_at) "
+        "VALUES ('google-subject-7', %s, jsonb_build_object('sub', 'google-subject-7'), 'google', "
+        "'2023-06-01', '2023-06-01')",
+        old,
+    )
+    report = run(source, target, mapping, auth=True)
+    assert report.auth is not None and report.auth.source_users == 1
+    assert fetch(
+        target.url, "SELECT count(*) FROM auth.identities WHERE provider_id = 'google-subject-7'"
+    ) == [(1,)]
+
+
+def test_plan_warns_for_each_since_column_nothing_on_the_source_maintains(make_db):
+    from sync.preview import preview
+
+    source, target = make_db(), make_db()
+    for db in (source, target):
+        execute(
+            db.url,
+            NOTES + "CREATE TABLE tags (id uuid PRIMARY KEY, label text, created_at timestamptz NOT NULL);"
+            "CREATE TABLE kept (id uuid PRIMARY KEY, label text, updated_at timestamptz);",
+        )
+    execute(
+        source.url,
+        """
+        CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN NEW.updated_at := now(); RETURN NEW; END $$;
+        CREATE TRIGGER kept_touch BEFORE UPDATE ON kept FOR EACH ROW EXECUTE FUNCTION touch();
+        """,
+    )
+    ends = Endpoint.parse(Side.SOURCE, source.url), Endpoint.parse(Side.TARGET, target.url)
+    report = asyncio.run(preview(*ends, Mapping.model_validate({}), SINCE))
+    unmaintained = sorted(w.split(":")[0] for w in report.warnings if "is not maintained" in w)
+    assert unmaintained == ["public.notes", "public.tags"]
+    assert any("public.tags: since-column created_at" in w for w in report.warnings)

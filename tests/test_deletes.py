@@ -1,0 +1,217 @@
+"""Production deletes and the ledger: a row stays itself, and what production deleted leaves only when asked.
+
+Production and the development copy share four people (created before the copy on 2024-11-18), each
+with a profile and a request; development added a tester of its own and a note (in a table only
+development has) on Carla's profile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+from queries import execute, fetch
+
+from sync.auth import AuthOptions
+from sync.connect import Endpoint, Side
+from sync.mapping import Mapping
+from sync.modes import DeleteMode
+from sync.run import RunOptions, RunReport, auth_import, run_sync
+
+SINCE = datetime(2024, 11, 18, tzinfo=UTC)
+ANA, BETO, CARLA, DIEGO, TESTER, ANA_AGAIN = (f"00000000-0000-4000-8000-00000000000{n}" for n in range(1, 7))
+
+APP = """
+CREATE TABLE public.profiles (
+    id uuid PRIMARY KEY REFERENCES auth.users ON DELETE CASCADE,
+    name text, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL);
+CREATE TABLE public.requests (
+    id bigserial PRIMARY KEY, profile_id uuid NOT NULL REFERENCES public.profiles ON DELETE CASCADE,
+    amount integer, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL);
+"""
+MAPPING = {"tables": {"public.requests": {"key": "remap", "match_on": ["created_at", "profile_id"]}}}
+
+
+def add_user(url: str, user_id: str, email: str, at: str) -> None:
+    """A confirmed e-mail user with its e-mail identity and profile, as the Auth server and app make it."""
+    execute(
+        url,
+        """
+        INSERT INTO auth.users (instance_id, id, aud, role, email, encrypted_password, email_confirmed_at,
+            confirmation_token, recovery_token, email_change_token_new, email_change,
+            email_change_token_current, raw_app_meta_data, raw_user_meta_data, created_at, updated_at)
+        VALUES ('00000000-0000-0000-0000-000000000000', %s, 'authenticated', 'authenticated', %s,
+            '$2b$04$abcdefghijklmnopqrstuu5tWcKdpCD2eOyDrQwF5vOFqOzjvYVJ6', %s, '', '', '', '', '',
+            '{"provider": "email", "providers": ["email"]}', '{}', %s, %s)
+        """,
+        user_id,
+        email,
+        at,
+        at,
+        at,
+    )
+    execute(
+        url,
+        "INSERT INTO auth.identities (provider_id, user_id, identity_data, provider, created_at, updated_at) "
+        "VALUES (%s, %s, jsonb_build_object('sub', %s::text, 'email', %s::text), 'email', %s, %s)",
+        user_id,
+        user_id,
+        user_id,
+        email,
+        at,
+        at,
+    )
+    execute(url, "INSERT INTO public.profiles VALUES (%s, %s, %s, %s)", user_id, email.split("@")[0], at, at)
+
+
+@pytest.fixture
+def pair(make_db):
+    """(production, development): the people both know, and development's own tester and note."""
+    source, target = make_db(), make_db()
+    for db in (source, target):
+        execute(db.url, APP)
+        for n, (user, name) in enumerate(((ANA, "ana"), (BETO, "beto"), (CARLA, "carla"), (DIEGO, "diego"))):
+            add_user(db.url, user, f"{name}@ultima.mx", "2024-10-01")
+            execute(
+                db.url,
+                "INSERT INTO public.requests (id, profile_id, amount, created_at, updated_at) "
+                "VALUES (%s, %s, 100, '2024-10-02', '2024-10-02')",
+                n + 1,
+                user,
+            )
+        execute(db.url, "SELECT setval('public.requests_id_seq', 4)")
+    add_user(target.url, TESTER, "tester@ultima.mx", "2024-11-25")
+    execute(
+        target.url,
+        f"""
+        CREATE TABLE public.notes (id serial PRIMARY KEY, profile_id uuid REFERENCES public.profiles
+            ON DELETE CASCADE, body text);
+        INSERT INTO public.notes (profile_id, body) VALUES ('{CARLA}', 'development''s note');
+        """,
+    )
+    return source, target
+
+
+def run(source, target, deletes: DeleteMode = DeleteMode.REPORT, **options) -> RunReport:
+    return asyncio.run(
+        run_sync(
+            Endpoint.parse(Side.SOURCE, source.url),
+            Endpoint.parse(Side.TARGET, target.url),
+            Mapping.model_validate(MAPPING),
+            RunOptions(deletes=deletes, **options),
+            auth_stage=auth_import(AuthOptions()),
+        )
+    )
+
+
+def found(report: RunReport) -> dict[str, tuple[int, list[str]]]:
+    assert report.deletes is not None
+    rows = [report.deletes.users, *report.deletes.tables]
+    return {d.table: (d.found, d.keys) for d in rows if d is not None and d.found}
+
+
+def production_deletes_ana_carla_and_betos_request(source) -> None:
+    execute(
+        source.url,
+        f"DELETE FROM auth.users WHERE id IN ('{ANA}', '{CARLA}'); DELETE FROM public.requests WHERE id = 2;",
+    )
+
+
+def users(url: str) -> list[str]:
+    return [r[0] for r in fetch(url, "SELECT id::text FROM auth.users ORDER BY id")]
+
+
+def test_production_deletes_are_reported_and_nothing_changes(pair):
+    source, target = pair
+    production_deletes_ana_carla_and_betos_request(source)
+    before = users(target.url), fetch(target.url, "SELECT count(*) FROM public.requests")
+    report = run(source, target, since=SINCE)
+    assert found(report) == {
+        "auth.users": (2, [ANA, CARLA]),
+        "public.profiles": (2, [ANA, CARLA]),
+        "public.requests": (3, ["1", "2", "3"]),
+    }
+    assert (users(target.url), fetch(target.url, "SELECT count(*) FROM public.requests")) == before
+    assert report.exit_code == 0
+
+
+def test_applied_deletes_remove_what_production_deleted_but_never_a_development_row(pair):
+    source, target = pair
+    production_deletes_ana_carla_and_betos_request(source)
+    report = run(source, target, DeleteMode.APPLY, since=SINCE)
+    assert report.deletes is not None and report.deletes.users is not None
+    # Carla's profile holds development's note: it stays, and so does Carla's account.
+    assert (report.deletes.users.deleted, report.deletes.users.held) == (1, 1)
+    profiles = next(d for d in report.deletes.tables if d.table == "public.profiles")
+    assert (profiles.deleted, profiles.held, profiles.held_keys) == (1, 1, [CARLA])
+    assert users(target.url) == [BETO, CARLA, DIEGO, TESTER]
+    assert fetch(target.url, "SELECT count(*) FROM auth.identities WHERE user_id = %s", ANA) == [(0,)]
+    assert fetch(target.url, "SELECT id FROM public.requests ORDER BY id") == [(4,)]
+    assert fetch(target.url, "SELECT body FROM public.notes") == [("development's note",)]
+    again = run(source, target, DeleteMode.APPLY)
+    assert found(again) == {"auth.users": (1, [CARLA]), "public.profiles": (1, [CARLA])}
+
+
+def test_soft_deleted_users_are_banned_and_obfuscated_as_the_auth_server_does(pair):
+    source, target = pair
+    execute(source.url, f"DELETE FROM auth.users WHERE id = '{ANA}'")
+    report = run(source, target, DeleteMode.SOFT, since=SINCE)
+    assert report.deletes is not None and report.deletes.users is not None
+    assert report.deletes.users.deleted == 1
+    ((email, deleted, banned, password, subject),) = fetch(
+        target.url,
+        "SELECT u.email, u.deleted_at IS NOT NULL, u.banned_until > now() + interval '50 years', "
+        "u.encrypted_password, i.provider_id FROM auth.users u JOIN auth.identities i ON i.user_id = u.id "
+        "WHERE u.id = %s",
+        ANA,
+    )
+    assert (deleted, banned, password) == (True, True, "")
+    assert "@" not in email and len(email) == 43
+    assert subject != ANA and len(subject) == 43
+    assert fetch(target.url, "SELECT count(*) FROM public.profiles WHERE id = %s", ANA) == [(0,)]
+
+
+def test_a_person_who_deleted_the_account_and_signed_up_again_is_a_new_user(pair):
+    source, target = pair
+    assert run(source, target, since=SINCE).exit_code == 0
+    execute(source.url, f"DELETE FROM auth.users WHERE id = '{ANA}'")
+    add_user(source.url, ANA_AGAIN, "ana@ultima.mx", "2025-01-10")
+    execute(
+        source.url,
+        "INSERT INTO public.requests (profile_id, amount, created_at, updated_at) "
+        "VALUES (%s, 7, '2025-01-11', '2025-01-11')",
+        ANA_AGAIN,
+    )
+    held = run(source, target)
+    assert held.auth is not None
+    (why,) = [q.error for q in held.auth.quarantine if str(q.source_id) == ANA_AGAIN]
+    assert "deleted" in why and ANA in why
+    assert fetch(target.url, "SELECT count(*) FROM public.requests WHERE profile_id = %s", ANA) == [(1,)]
+    assert fetch(target.url, "SELECT count(*) FROM public.requests WHERE amount = 7") == [(0,)]
+
+    applied = run(source, target, DeleteMode.APPLY)
+    assert applied.exit_code == 0
+    assert ANA not in users(target.url) and ANA_AGAIN in users(target.url)
+    new_request = fetch(target.url, "SELECT profile_id::text FROM public.requests WHERE amount = 7")
+    assert new_request == [(ANA_AGAIN,)]
+    assert fetch(target.url, "SELECT count(*) FROM public.requests WHERE profile_id = %s", ANA) == [(0,)]
+
+
+def test_a_request_moved_to_another_person_after_landing_is_updated_not_duplicated(pair):
+    source, target = pair
+    execute(
+        source.url,
+        f"INSERT INTO public.requests (id, profile_id, amount, created_at, updated_at) "
+        f"VALUES (5, '{BETO}', 500, '2024-12-01', '2024-12-01')",
+    )
+    assert run(source, target, since=SINCE).exit_code == 0
+    assert fetch(target.url, "SELECT profile_id::text FROM public.requests WHERE amount = 500") == [(BETO,)]
+    execute(source.url, f"UPDATE public.requests SET profile_id = '{DIEGO}', updated_at = now() WHERE id = 5")
+    report = run(source, target)
+    assert sum(t.remapped for t in report.tables) == 0
+    assert fetch(target.url, "SELECT id, profile_id::text FROM public.requests WHERE amount = 500") == [
+        (5, DIEGO)
+    ]
+    ledger = "SELECT target_key FROM _sync.landed WHERE table_name = 'public.requests' AND source_key = '5'"
+    assert fetch(target.url, ledger) == [("5",)]
