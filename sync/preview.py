@@ -20,6 +20,7 @@ from sync.auth.match import MatchKind, match_users, read_id_map, read_target_key
 from sync.auth.source import read_source_keys
 from sync.catalog import Catalog, Table, read_catalog
 from sync.connect import Endpoint, PoolMode, connect
+from sync.deletes import DeletesReport, find_deletes
 from sync.errors import PlanError, UsageError
 from sync.mapping import Mapping
 from sync.plan import (
@@ -57,7 +58,7 @@ async def preview(
         async with _failures_named(target):
             problems += await check_casts(tgt, plan.tables)
         tables = [TableReport.of(p) for p in plan.tables]
-        users, files, since_notes = None, [], []
+        users, files, since_notes, deletes = None, [], [], DeletesReport()
         try:
             rules = storage_rules(plan, mapping)
         except PlanError as exc:
@@ -75,6 +76,8 @@ async def preview(
                     files = (await survey_storage(src, tgt, rules, since=since, plan=plan)).plan_lines()
             async with _failures_named(source):
                 since_notes = await unmaintained_since_columns(src, plan.tables)
+            async with _failures_named(target):
+                deletes, _ = await find_deletes(src, target, plan.tables, since)
         return PlanReport(
             source=str(source),
             target=str(target),
@@ -90,6 +93,7 @@ async def preview(
             warnings=plan.warnings + since_notes + connection_warnings(source, target),
             errors=problems,
             files=files,
+            deletes=deletes.lines(),
         )
 
 

@@ -94,6 +94,11 @@ def plan(report: PlanReport) -> None:
     _section("files (Storage)", report.files)
     _section("drift and new columns", report.notes)
     _section("warnings", report.warnings, "yellow")
+    _section(
+        "production deletes (`sync run --deletes apply` removes them; development rows are never touched)",
+        report.deletes,
+        "yellow",
+    )
     _section("errors (nothing can run until they are fixed)", report.errors, "bold red")
 
 
@@ -268,6 +273,8 @@ def verify(report: VerifyReport, shown: int = 20) -> None:
         say(report.files.line(), None if report.files.ok else "red")
         for example in report.files.examples:
             say(f"  {example}")
+    if report.deletes is not None:
+        deletes(report.deletes)
     say(
         "verified: everything in scope is equal" if report.ok else "verification found differences (exit 4)",
         None if report.ok else "red",

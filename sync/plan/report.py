@@ -125,3 +125,5 @@ class PlanReport(BaseModel):
     errors: list[str]
     files: list[str] = []
     """Storage objects per bucket: how many (and how many bytes) a run would copy, and bucket drift."""
+    deletes: list[str] = []
+    """Production deletes per table (and users): rows the target has from production that production lost."""
