@@ -20,7 +20,7 @@ from sync.auth.match import MatchKind, match_users, read_id_map, read_target_key
 from sync.auth.source import read_source_keys
 from sync.catalog import Catalog, Table, read_catalog
 from sync.connect import Endpoint, PoolMode, connect
-from sync.deletes import DeletesReport, find_deletes
+from sync.deletes import DeletesReport
 from sync.errors import PlanError, UsageError
 from sync.mapping import Mapping
 from sync.plan import (
@@ -76,8 +76,6 @@ async def preview(
                     files = (await survey_storage(src, tgt, rules, since=since, plan=plan)).plan_lines()
             async with _failures_named(source):
                 since_notes = await unmaintained_since_columns(src, plan.tables)
-            async with _failures_named(target):
-                deletes, _ = await find_deletes(src, target, plan.tables, since)
         return PlanReport(
             source=str(source),
             target=str(target),
