@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from sync import render
 from sync.auth import AdminApi, AuthOptions
 from sync.connect import Endpoint, Side, redact
-from sync.errors import EXIT_FAILED, EXIT_USAGE, SyncError
+from sync.errors import EXIT_FAILED, EXIT_USAGE, SyncError, cause_of, first_line
 from sync.mapping import Mapping, load_mapping
 from sync.modes import DeleteMode
 from sync.preview import preview
@@ -121,7 +121,7 @@ def demo(source: str | None, target: str | None, scale: int, seed: int | None, n
         f"\n$ sync run --since {scenario.COPY_DATE:%Y-%m-%d} "
         "--source-supabase-url … --supabase-url …  (files through two local Storage APIs)"
     )
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
 
     async def run_with_files() -> RunReport:
         with tempfile.TemporaryDirectory(prefix="sync-demo-storage-") as root:
@@ -238,10 +238,9 @@ def _run_pipeline(source: Endpoint, target: Endpoint, work: Callable[[], Awaitab
         fail("interrupted: every committed batch is kept; run the same command again to resume.", EXIT_FAILED)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, ExceptionGroup) as exc:
         inner = exc.exceptions[0] if isinstance(exc, ExceptionGroup) else exc
-        message = target.redact(source.redact(str(inner).strip() or type(inner).__name__))
-        fail(
-            f"the run failed: {message}; rerun the same command to resume from the checkpoints.", EXIT_FAILED
-        )
+        message = target.redact(source.redact(first_line(inner)))
+        code, advice = cause_of(inner)
+        fail(f"the run failed: {message}; {advice}.", code)
 
 
 @main.command("run")
@@ -365,7 +364,10 @@ def run_command(
     admin_api = _admin_api(mode, supabase_url, service_role_key)
     auth_options = AuthOptions(mode=mode, triggers=mapping.sync.triggers, concurrency=auth_concurrency)
     logging.basicConfig(
-        level=logging.WARNING if quiet or as_json else logging.INFO, format="%(message)s", stream=sys.stderr
+        level=logging.WARNING if quiet or as_json else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+        force=True,
     )
     if auth_only:
         report = _run_pipeline(*endpoints, lambda: run_auth_only(*endpoints, auth_options, admin_api))

@@ -52,3 +52,26 @@ class LockedError(SyncError):
 
 class LockLostError(SyncError):
     """The run lock's connection ended and the lock could not be taken again: the run stopped writing."""
+
+
+# SQLSTATEs that no rerun can fix, with what to change first: a missing privilege, a read-only
+# database, or an object the run needs that is not there (class 42 covers both of the last kind).
+_NOT_TRANSIENT = {
+    "42501": "grant the privilege it names to the role, then run the same command again",
+    "25006": "the database is read-only for this role: connect to the primary as a role that may write",
+    "42": "the database's shape or privileges must change first; `sync plan` lists what the run needs",
+    "3D": "the database does not exist",
+}
+
+
+def cause_of(exc: BaseException) -> tuple[int, str]:
+    """The exit code a database failure deserves and what to do about it.
+
+    EXIT_USAGE when the role or the schema must change first (privileges, read-only, missing objects),
+    EXIT_FAILED when running the same command again can succeed (it resumes from the checkpoints).
+    """
+    sqlstate = str(getattr(exc, "sqlstate", "") or "")
+    for prefix in (sqlstate, sqlstate[:2]):
+        if prefix and prefix in _NOT_TRANSIENT:
+            return EXIT_USAGE, _NOT_TRANSIENT[prefix]
+    return EXIT_FAILED, "rerun the same command to resume from the checkpoints"

@@ -33,6 +33,7 @@ from sync.plan import (
     check_casts,
     draft_plan,
 )
+from sync.preflight import Needs, preflight
 from sync.selection import Selection
 from sync.sqltext import Params, ident
 from sync.storage.rules import storage_rules
@@ -55,6 +56,7 @@ async def preview(
         async with _failures_named(target):
             target_catalog = await read_catalog(tgt, mapping.sync.schemas)
         plan, problems = draft_plan(source_catalog, target_catalog, mapping)
+        checked = await preflight(source, target, plan, Needs())
         async with _failures_named(target):
             problems += await check_casts(tgt, plan.tables)
         tables = [TableReport.of(p) for p in plan.tables]
@@ -81,13 +83,15 @@ async def preview(
             target=str(target),
             source_version=source_catalog.server_version,
             target_version=target_catalog.server_version,
+            source_pool=checked.source.pool_mode,
+            target_pool=checked.target.pool_mode,
             mapping=mapping.origin,
             since=since,
             auth_mode=plan.auth_mode,
             tables=tables,
             users=users,
             auth_triggers=[TriggerReport.of(t) for t in plan.auth_triggers],
-            notes=plan.notes,
+            notes=plan.notes + checked.notes,
             warnings=plan.warnings + since_notes + connection_warnings(source, target),
             errors=problems,
             files=files,

@@ -39,8 +39,8 @@ def say(text: str = "", style: str | None = None) -> None:
 
 def plan(report: PlanReport) -> None:
     """The plan: both sides, the window, tables in copy order, users, triggers, notes and problems."""
-    say(f"source: {report.source} (PostgreSQL {_version(report.source_version)})")
-    say(f"target: {report.target} (PostgreSQL {_version(report.target_version)})")
+    say(f"source: {report.source} (PostgreSQL {_version(report.source_version)}, {report.source_pool})")
+    say(f"target: {report.target} (PostgreSQL {_version(report.target_version)}, {report.target_pool})")
     say(f"mapping: {report.mapping}")
     if report.since is None:
         say("window: whole tables (no --since)")

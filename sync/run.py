@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -24,10 +24,11 @@ from sync.auth.columns import USERS_TABLE
 from sync.catalog import read_catalog
 from sync.connect import Endpoint, connect
 from sync.deletes import DeletesReport, find_deletes
-from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, PlanError
+from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, PlanError, first_line
 from sync.mapping import Mapping
 from sync.modes import DeleteMode
 from sync.plan import Plan, TablePlan, build_plan, check_casts
+from sync.preflight import AuthScope, Check, Needs, preflight
 from sync.retry import is_transient_db_error, retrying
 from sync.selection import Changes
 from sync.snapshot import SourceSnapshot
@@ -192,23 +193,33 @@ async def run_sync(
     auth_stage: AuthStage | None = None,
     progress: table_copy.Progress | None = None,
     storage_stage: StorageStage | None = None,
+    checks: Sequence[Check] = (),
 ) -> RunReport:
     """Run the whole pipeline once; resumable: a rerun continues from the checkpoints.
 
     ``storage_stage`` copies the files the rows reference, after the tables (see sync.storage).
+    Nothing is written before the plan and the preflight (plus ``checks``) pass; a run resumes only
+    runs that read the same source.
     """
     started = time.perf_counter()
     lock = RunLock(target)
     plan = await retrying(what="reading both catalogs")(load_plan, source, target, mapping)
     if storage_stage is not None:
         storage_stage.check(plan, mapping)
+    users = auth_stage is not None and not options.skip_auth
+    checked = await preflight(source, target, plan, Needs(writes=True, auth=users, extra=checks))
+    log.info("source: %s", checked.source.describe(source))
+    log.info("target: %s", checked.target.describe(target))
+    for note in checked.notes:
+        log.info(note)
+    users = users and checked.auth is AuthScope.BOTH
     await lock.acquire()
     tconn = await connect(target, application_name="sync run")
     bookkeeping = RunConnection(target, tconn)
     snapshot = SourceSnapshot(source)
     try:
         since = options.since
-        mark = await catch_up_since(tconn, options.overlap)
+        mark = await catch_up_since(tconn, options.overlap, checked.source_identity)
         previous_xmin = await catch_up_xmin(tconn)
         catch_up = since is None and mark is not None and not options.restart and not options.retry_quarantine
         if catch_up:
@@ -219,6 +230,7 @@ async def run_sync(
             restart=options.restart,
             options=_describe(options, mapping),
             retry=options.retry_quarantine,
+            source=checked.source_identity,
         )
         since = run.since
         only_keys = await quarantined_keys(tconn) if options.retry_quarantine else None
@@ -253,7 +265,7 @@ async def run_sync(
             if not options.retry_quarantine:
                 report.deletes, gone = await production_deletes(snapshot, target, plan, options.deletes)
                 ctx.deleted_accounts = frozenset(UUID(k) for k in gone)
-            if auth_stage is not None and not options.skip_auth and _users_to_import(only_keys):
+            if auth_stage is not None and users and _users_to_import(only_keys):
                 report.auth = await auth_stage(ctx)
             report.tables = await copy_tables(ctx, options, progress)
             await patch_deferred(ctx, options)
@@ -268,7 +280,8 @@ async def run_sync(
             status = (
                 "interrupted" if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)) else "failed"
             )
-            await asyncio.shield(bookkeeping.call(lambda c: finish_run(c, run.id, status, report.counts())))
+            counts = {**report.counts(), "error": failure_line(exc, source, target)}
+            await asyncio.shield(bookkeeping.call(lambda c: finish_run(c, run.id, status, counts)))
             raise
         report.seconds = time.perf_counter() - started
         status = "quarantined" if report.quarantined else "succeeded"
@@ -338,6 +351,11 @@ async def run_auth_only(
     finally:
         await snapshot.close()
         await lock.release()
+
+
+def failure_line(exc: BaseException, source: Endpoint, target: Endpoint) -> str:
+    """The one line a failed run is recorded with (``sync status`` shows it), passwords removed."""
+    return target.redact(source.redact(first_line(exc)))
 
 
 def _describe(options: RunOptions, mapping: Mapping) -> dict[str, Any]:

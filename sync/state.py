@@ -216,14 +216,16 @@ async def begin_run(
     restart: bool,
     options: dict[str, Any],
     retry: bool = False,
+    source: str | None = None,
 ) -> RunRecord:
-    """Resume the unfinished run with the same ``since``, or start a new one.
+    """Resume the unfinished run with the same ``since`` and ``source``, or start a new one.
 
     An unfinished run (crashed, killed, or failed) is continued from its checkpoints unless
     ``restart`` is set or another ``since`` is asked for; then it is marked interrupted. A quarantine
-    retry (``retry``) is a run of its own that neither resumes nor interrupts the others.
+    retry (``retry``) is a run of its own that neither resumes nor interrupts the others. ``source``
+    (the source database's identity) is recorded; another source's unfinished run is left alone.
     """
-    stamp = {**options, "host": socket.gethostname(), "pid": os.getpid()}
+    stamp = {**options, "host": socket.gethostname(), "pid": os.getpid(), "source": source}
     if retry:
         run_id = await conn.fetchval(
             "INSERT INTO _sync.runs (since, options) VALUES (NULL, $1::jsonb) RETURNING id",
@@ -232,7 +234,8 @@ async def begin_run(
         return RunRecord(run_id, None, None, resumed=False)
     unfinished = await conn.fetchrow(
         "SELECT id, since, high_water FROM _sync.runs WHERE status IN ('running', 'failed', 'interrupted') "
-        "AND finished_at IS NULL AND NOT options ? 'retry' ORDER BY id DESC LIMIT 1"
+        "AND finished_at IS NULL AND NOT options ? 'retry' AND " + _SAME_SOURCE + " ORDER BY id DESC LIMIT 1",
+        source,
     )
     if unfinished is not None and not restart and (since is None or since == unfinished["since"]):
         await conn.execute(
@@ -254,11 +257,23 @@ async def begin_run(
     return RunRecord(run_id, since, None, resumed=False)
 
 
-async def catch_up_since(conn: asyncpg.Connection, overlap: timedelta) -> datetime | None:
-    """Where a run without ``--since`` starts: the last successful run's source high-water mark."""
+# A run belongs to the source it read; runs recorded before sources were recorded belong to any.
+_SAME_SOURCE = "($1::text IS NULL OR coalesce(options->>'source', $1::text) = $1::text)"
+
+
+async def catch_up_since(
+    conn: asyncpg.Connection, overlap: timedelta, source: str | None = None
+) -> datetime | None:
+    """Where a run without ``--since`` starts: the last successful run's source high-water mark.
+
+    Only runs that read ``source`` (when given) count: another database's mark says nothing of this one.
+    """
     mark = await conn.fetchval(
         "SELECT high_water FROM _sync.runs WHERE status IN ('succeeded', 'quarantined') "
-        "AND high_water IS NOT NULL AND NOT options ? 'retry' ORDER BY id DESC LIMIT 1"
+        "AND high_water IS NOT NULL AND NOT options ? 'retry' AND "
+        + _SAME_SOURCE
+        + " ORDER BY id DESC LIMIT 1",
+        source,
     )
     return mark - overlap if mark is not None else None
 

@@ -113,6 +113,9 @@ class PlanReport(BaseModel):
     target: str
     source_version: int
     target_version: int
+    source_pool: str = "direct"
+    """How the source is reached: ``direct``, ``session`` or ``transaction`` pooling."""
+    target_pool: str = "direct"
     mapping: str
     since: datetime | None
     """Rows whose since-column is at or after this instant are in the window; None: whole tables."""
