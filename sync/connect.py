@@ -15,11 +15,12 @@ import socket
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlencode
 
 import asyncpg
 import psycopg
 
-from sync.errors import ConnectError
+from sync.errors import ConnectError, first_line
 from sync.retry import CONNECT_ATTEMPTS, CONNECT_MAX_WAIT, is_transient_connect_error, retrying
 
 # Hosted projects cancel statements after two minutes; batches stay well under it, but catalog and
@@ -55,8 +56,10 @@ class Endpoint:
         try:
             params = psycopg.conninfo.conninfo_to_dict(dsn or "")
         except psycopg.ProgrammingError as exc:
+            # libpq quotes the offending token, which may be a piece of the password: never shown.
+            reason = _QUOTED.sub('"…"', redact(first_line(exc), dsn))
             raise ConnectError(
-                f"The {side} DSN is not a valid connection string: {redact(str(exc), dsn)}"
+                f"The {side} DSN is not a valid connection string ({reason}){_ENCODE}"
             ) from None
         for key, env in (
             ("host", "PGHOST"),
@@ -70,6 +73,7 @@ class Endpoint:
                 params[key] = os.environ[env]
         if not params.get("host") and not dsn:
             raise ConnectError(f"No {side} database given: pass --{side} DSN or set SYNC_{side.upper()}_URL.")
+        _check_params(side, params)
         return cls(side=side, params={k: str(v) for k, v in params.items()}, mode=mode or classify(params))
 
     def __str__(self) -> str:
@@ -96,6 +100,63 @@ def classify(params: dict[str, Any]) -> PoolMode:
     if host.endswith(".pooler.supabase.com"):
         return PoolMode.SESSION
     return PoolMode.DIRECT
+
+
+_QUOTED = re.compile(r'"[^"]*"')
+_ENCODE = (
+    ": if the password holds @ # : / ? or %, percent-encode them (@ %40, # %23, : %3A, / %2F, ? %3F, % %25)."
+)
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# libpq parameters asyncpg reads from a DSN's query string, handed over as they are.
+_PASSED_ON = (
+    "sslmode",
+    "sslcert",
+    "sslkey",
+    "sslrootcert",
+    "sslcrl",
+    "sslpassword",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "target_session_attrs",
+    "krbsrvname",
+    "gsslib",
+    "passfile",
+)
+
+
+def _check_params(side: Side, params: dict[str, Any]) -> None:
+    """Refuse, in one line without any of its values, a DSN libpq parsed into something unusable."""
+    ports = str(params.get("port") or "")
+    if ports and not all(p.strip().isdigit() for p in ports.split(",")):
+        raise ConnectError(f"The {side} DSN's port is not a number{_ENCODE}")
+    if "@" in str(params.get("host") or "") or "@" in str(params.get("dbname") or ""):
+        raise ConnectError(f"The {side} DSN has an @ after its user and password{_ENCODE}")
+    if params.get("sslmode") and params["sslmode"] not in SSL_MODES:
+        raise ConnectError(f"The {side} DSN's sslmode must be one of {', '.join(SSL_MODES)}.")
+    if params.get("options") is not None:
+        server_settings(str(params["options"]), side)
+
+
+def server_settings(options: str, side: Side) -> dict[str, str]:
+    """libpq's ``options`` (``-c name=value`` or ``--name=value``, space-separated) as settings."""
+    words = options.replace("\\ ", "\0").split()
+    settings: dict[str, str] = {}
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word == "-c" and index + 1 < len(words):
+            index += 1
+            word = words[index]
+        elif word.startswith("-c") or word.startswith("--"):
+            word = word[2:]
+        else:
+            raise ConnectError(f"The {side} DSN's options must be -c name=value settings.")
+        name, sep, value = word.partition("=")
+        if not sep or not name:
+            raise ConnectError(f"The {side} DSN's options must be -c name=value settings.")
+        settings[name.replace("-", "_")] = value.replace("\0", " ")
+        index += 1
+    return settings
 
 
 # The password of any URL's user-info (scheme://user:password@host), wherever it appears in a text.
@@ -125,17 +186,8 @@ def password_of(dsn: str) -> str | None:
 async def connect(endpoint: Endpoint, *, application_name: str = "sync") -> asyncpg.Connection:
     """Open one asyncpg connection to ``endpoint``; failures become one ConnectError line naming the side."""
     p = endpoint.params
-    kwargs: dict[str, Any] = {
-        "host": p.get("host") or None,
-        "port": int(p["port"]) if p.get("port") else None,
-        "user": p.get("user") or None,
-        "password": p.get("password") or None,
-        "database": p.get("dbname") or None,
-        "timeout": CONNECT_TIMEOUT_S,
-        "server_settings": {"application_name": application_name},
-    }
-    if p.get("sslmode"):
-        kwargs["ssl"] = p["sslmode"]
+    kwargs = connect_arguments(endpoint)
+    kwargs["server_settings"]["application_name"] = application_name
     if endpoint.mode is PoolMode.TRANSACTION:
         # No prepared statements survive a transaction pooler; startup GUCs are unreliable there too.
         kwargs["statement_cache_size"] = 0
@@ -178,6 +230,32 @@ async def _connect_retrying(endpoint: Endpoint, kwargs: dict[str, Any]) -> async
         what=f"connecting to the {endpoint.side} ({endpoint})",
     )
     return await connecting(asyncpg.connect, **kwargs)
+
+
+def connect_arguments(endpoint: Endpoint) -> dict[str, Any]:
+    """asyncpg's arguments for ``endpoint``: every libpq parameter it understands, none lost.
+
+    Host, port, user, password and database go as keywords (hosts and ports may be lists, as in
+    libpq); the TLS and session-targeting parameters go in a DSN's query string, which asyncpg reads
+    by libpq's names; ``options`` becomes server settings; ``connect_timeout`` the timeout.
+    """
+    p = endpoint.params
+    hosts = [h for h in (p.get("host") or "").split(",") if h] or None
+    ports = [int(x) for x in (p.get("port") or "").split(",") if x.strip()] or None
+    passed = {k: p[k] for k in _PASSED_ON if p.get(k)}
+    timeout = p.get("connect_timeout")
+    return {
+        "dsn": "postgresql://?" + urlencode(passed) if passed else None,
+        "host": hosts[0] if hosts and len(hosts) == 1 else hosts,
+        "port": ports[0] if ports and len(ports) == 1 else ports,
+        "user": p.get("user") or None,
+        "password": p.get("password") or None,
+        "database": p.get("dbname") or None,
+        "timeout": float(timeout)
+        if timeout and timeout.isdigit() and int(timeout) > 0
+        else CONNECT_TIMEOUT_S,
+        "server_settings": server_settings(p["options"], endpoint.side) if p.get("options") else {},
+    }
 
 
 def _oserror_text(exc: BaseException) -> str:
