@@ -12,7 +12,7 @@ import asyncio
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlencode
@@ -230,6 +230,28 @@ async def _connect_retrying(endpoint: Endpoint, kwargs: dict[str, Any]) -> async
         what=f"connecting to the {endpoint.side} ({endpoint})",
     )
     return await connecting(asyncpg.connect, **kwargs)
+
+
+async def detect_pool_mode(endpoint: Endpoint) -> Endpoint:
+    """``endpoint`` with the pool mode its connections show, whatever port or host it uses.
+
+    Two connections ask for their backend's pid one after the other: behind a transaction pooler the
+    second lands on the backend the first just gave back, which no session-holding connection can.
+    Both probes run without prepared statements or startup settings, which any pooler accepts.
+    """
+    probe = replace(endpoint, mode=PoolMode.TRANSACTION)
+    first = await connect(probe, application_name="sync probe")
+    try:
+        second = await connect(probe, application_name="sync probe")
+        try:
+            pids = [await conn.fetchval("SELECT pg_backend_pid()") for conn in (first, second)]
+        finally:
+            await second.close()
+    finally:
+        await first.close()
+    if pids[0] == pids[1]:
+        return replace(endpoint, mode=PoolMode.TRANSACTION)
+    return endpoint
 
 
 def connect_arguments(endpoint: Endpoint) -> dict[str, Any]:

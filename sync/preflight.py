@@ -22,7 +22,7 @@ from enum import StrEnum
 
 import asyncpg
 
-from sync.connect import Endpoint, PoolMode, connect
+from sync.connect import Endpoint, PoolMode, connect, detect_pool_mode
 from sync.errors import UsageError
 from sync.plan import AUTH_USERS, Plan
 
@@ -138,6 +138,11 @@ def same_database(source: Server, target: Server, source_at: Endpoint, target_at
     return all(source_at.params.get(k) == target_at.params.get(k) for k in address)
 
 
+async def reach(source: Endpoint, target: Endpoint) -> tuple[Endpoint, Endpoint]:
+    """Both endpoints, each with the pool mode its connections show (a pooler is known by behaviour)."""
+    return await detect_pool_mode(source), await detect_pool_mode(target)
+
+
 async def preflight(source: Endpoint, target: Endpoint, plan: Plan, needs: Needs) -> Preflight:
     """Check both sides for what ``needs`` says the command does; PreflightError (exit 2) when refused."""
     sconn = await connect(source, application_name="sync preflight")
@@ -154,6 +159,7 @@ async def preflight(source: Endpoint, target: Endpoint, plan: Plan, needs: Needs
             users = needs.auth and scope is AuthScope.BOTH
             await _check_source(sconn, src, plan, users)
             if needs.writes:
+                _check_lockable(target)
                 _check_writable(tgt)
                 await _check_target(tconn, tgt, plan, users)
         finally:
@@ -179,6 +185,14 @@ def _auth_scope(source: Server, target: Server, needs: Needs) -> AuthScope:
         "synced; pass --skip-auth to copy table rows only, or point --"
         f"{lacking} at the Supabase project's database."
     )
+
+
+def _check_lockable(target: Endpoint) -> None:
+    if target.mode is PoolMode.TRANSACTION:
+        raise PreflightError(
+            f"The target {target} goes through a transaction-mode pooler, which cannot hold the run lock: "
+            "use the pooler's session port (5432 on Supabase) or the direct URL for --target."
+        )
 
 
 def _check_writable(target: Server) -> None:

@@ -33,7 +33,7 @@ from sync.plan import (
     check_casts,
     draft_plan,
 )
-from sync.preflight import Needs, preflight
+from sync.preflight import Needs, preflight, reach
 from sync.selection import Selection
 from sync.sqltext import Params, ident
 from sync.storage.rules import storage_rules
@@ -48,6 +48,7 @@ async def preview(
     ``since`` starts the window (None: whole tables). Problems that would lose data come back in the
     report's ``errors``; unreachable databases raise ConnectError, refused reads UsageError.
     """
+    source, target = await reach(source, target)
     async with AsyncExitStack() as stack:
         src = await stack.enter_async_context(_reading(source))
         tgt = await stack.enter_async_context(_reading(target))

@@ -28,7 +28,7 @@ from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, PlanError, fir
 from sync.mapping import Mapping
 from sync.modes import DeleteMode
 from sync.plan import Plan, TablePlan, build_plan, check_casts
-from sync.preflight import AuthScope, Check, Needs, preflight
+from sync.preflight import AuthScope, Check, Needs, preflight, reach
 from sync.retry import is_transient_db_error, retrying
 from sync.selection import Changes
 from sync.snapshot import SourceSnapshot
@@ -202,6 +202,7 @@ async def run_sync(
     runs that read the same source.
     """
     started = time.perf_counter()
+    source, target = await reach(source, target)
     lock = RunLock(target)
     plan = await retrying(what="reading both catalogs")(load_plan, source, target, mapping)
     if storage_stage is not None:
