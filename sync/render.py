@@ -13,6 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from sync.status import PROCESS_GONE
+
 if TYPE_CHECKING:
     from sync.auth import AuthReport
     from sync.deletes import DeletesReport
@@ -209,16 +211,19 @@ def status(report: StatusReport) -> None:
         return
     runs = Table(title="Runs")
     for column in ("run", "status", "since", "started", "finished"):
-        runs.add_column(column)
+        runs.add_column(column, no_wrap=True)
     for r in report.runs:
         runs.add_row(
             str(r.id),
-            r.status,
+            r.shown_status,
             f"{r.since:%Y-%m-%d %H:%M:%S%z}" if r.since else "—",
             f"{r.started_at:%Y-%m-%d %H:%M:%S}",
             f"{r.finished_at:%Y-%m-%d %H:%M:%S}" if r.finished_at else "—",
         )
     console.print(runs)
+    for r in report.runs:
+        if r.reason and r.reason != PROCESS_GONE:
+            say(f"run {r.id} {r.status}: {r.reason}", "red")
     if report.progress:
         progress = Table(title=f"Run {report.runs[0].id}: tables")
         for column in ("table", "rows done", "done"):

@@ -9,6 +9,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from sync.connect import Endpoint, connect
+from sync.state import LOCK_KEY
+
+PROCESS_GONE = "process gone"
 
 
 class RunRow(BaseModel):
@@ -21,6 +24,15 @@ class RunRow(BaseModel):
     since: datetime | None
     high_water: datetime | None
     counts: dict[str, Any]
+    reason: str | None = None
+    """Why a failed or interrupted run stopped, in one line."""
+
+    @property
+    def shown_status(self) -> str:
+        """The status as ``sync status`` prints it."""
+        if self.status == "interrupted" and self.reason == PROCESS_GONE:
+            return f"interrupted ({PROCESS_GONE})"
+        return self.status
 
 
 class TableProgress(BaseModel):
@@ -54,6 +66,14 @@ class StatusReport(BaseModel):
     quarantine: list[QuarantinedRow] = []
 
 
+def _run_row(row: Any, locked: bool) -> RunRow:
+    counts = json.loads(row["counts"])
+    run = RunRow(**{**dict(row), "counts": counts, "reason": counts.get("error")})
+    if run.status == "running" and not locked:
+        return run.model_copy(update={"status": "interrupted", "reason": PROCESS_GONE})
+    return run
+
+
 async def read_status(target: Endpoint, *, runs: int = 10, show_quarantine: bool = False) -> StatusReport:
     """Read the state of ``target``; never writes (a target never synced says so)."""
     conn = await connect(target, application_name="sync status")
@@ -65,10 +85,13 @@ async def read_status(target: Endpoint, *, runs: int = 10, show_quarantine: bool
             "ORDER BY id DESC LIMIT $1",
             runs,
         )
-        report = StatusReport(
-            initialised=True,
-            runs=[RunRow(**{**dict(r), "counts": json.loads(r["counts"])}) for r in run_rows],
+        # A run still marked running while nobody holds the run lock was killed before it could say so.
+        locked = await conn.fetchval(
+            "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND objid = $1 AND granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+            LOCK_KEY,
         )
+        report = StatusReport(initialised=True, runs=[_run_row(r, locked) for r in run_rows])
         if run_rows:
             progress = await conn.fetch(
                 "SELECT table_name, rows_done, done, updated_at FROM _sync.checkpoints WHERE run_id = $1 "

@@ -272,6 +272,8 @@ def test_a_privilege_missing_late_exits_2_and_says_what_to_grant(pair, mapping, 
     result = sync("run", "--since", "2024-01-01", *between(source, as_role(server, target, name), mapping))
     line = refused(result, "permission denied for sequence counters_id_seq", "grant the privilege")
     assert "rerun" not in line
+    shown = sync("status", "--target", target.url)
+    assert "failed: permission denied for sequence counters_id_seq" in shown.output
 
 
 # ----------------------------------------------------------------------------------------- sources
