@@ -26,6 +26,7 @@ from sync.preview import preview
 from sync.progress import RunProgress
 from sync.resources import example_mapping
 from sync.run import RunOptions, RunReport, auth_import, run_auth_only, run_sync
+from sync.state import CATCH_UP_OVERLAP
 from sync.status import read_status
 from sync.storage.rules import storage_rules
 from sync.storage.stage import StorageAccess, StorageStage
@@ -165,7 +166,12 @@ class Instant(click.ParamType):
             self.fail(
                 f"{value!r} is not a date (2024-11-18) or an ISO 8601 instant (2024-11-18T09:30:00-06:00)"
             )
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        if parsed > datetime.now(UTC):
+            self.fail(
+                f"{value} is in the future: no row has changed since then (a date or instant in the past)"
+            )
+        return parsed
 
 
 @main.command("plan")
@@ -186,7 +192,8 @@ class Instant(click.ParamType):
     type=Instant(),
     metavar="DATE",
     help="Start of the window: rows whose since-column is at or after it. A date means midnight UTC; "
-    "an ISO 8601 instant may carry its offset. Without it, whole tables are counted.",
+    "an ISO 8601 instant may carry its offset. Without it, the plan is the catch-up `sync run` would "
+    "do: from the last successful run's mark, or whole tables before the first run.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (the PlanReport model).")
 def plan_command(
@@ -258,7 +265,7 @@ def _run_pipeline(source: Endpoint, target: Endpoint, work: Callable[[], Awaitab
 @click.option(
     "--overlap",
     type=click.IntRange(min=0),
-    default=600,
+    default=int(CATCH_UP_OVERLAP.total_seconds()),
     show_default=True,
     metavar="SECONDS",
     help="Catch-up runs re-read this much before the last run's high-water mark.",

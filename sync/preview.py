@@ -36,6 +36,7 @@ from sync.plan import (
 from sync.preflight import Needs, preflight, reach
 from sync.selection import Selection
 from sync.sqltext import Params, ident
+from sync.state import CATCH_UP_OVERLAP, catch_up_since
 from sync.storage.rules import storage_rules
 from sync.storage.stage import survey_storage
 
@@ -58,6 +59,10 @@ async def preview(
             target_catalog = await read_catalog(tgt, mapping.sync.schemas)
         plan, problems = draft_plan(source_catalog, target_catalog, mapping)
         checked = await preflight(source, target, plan, Needs())
+        catch_up = since is None
+        if catch_up:
+            async with _failures_named(target):
+                since = await last_mark(tgt, checked.source_identity)
         async with _failures_named(target):
             problems += await check_casts(tgt, plan.tables)
         tables = [TableReport.of(p) for p in plan.tables]
@@ -88,6 +93,7 @@ async def preview(
             target_pool=checked.target.pool_mode,
             mapping=mapping.origin,
             since=since,
+            catch_up=catch_up,
             auth_mode=plan.auth_mode,
             tables=tables,
             users=users,
@@ -133,6 +139,13 @@ async def unmaintained_since_columns(conn: asyncpg.Connection, tables: Sequence[
             "use an earlier --since, or a since-column a trigger keeps current"
         )
     return warnings
+
+
+async def last_mark(conn: asyncpg.Connection, source_identity: str) -> datetime | None:
+    """Where ``sync run`` without ``--since`` would start: the last successful run's mark, if any."""
+    if not await conn.fetchval("SELECT to_regclass('_sync.runs') IS NOT NULL"):
+        return None
+    return await catch_up_since(conn, CATCH_UP_OVERLAP, source_identity)
 
 
 def connection_warnings(source: Endpoint, target: Endpoint) -> list[str]:

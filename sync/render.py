@@ -44,7 +44,14 @@ def plan(report: PlanReport) -> None:
     say(f"source: {report.source} (PostgreSQL {_version(report.source_version)}, {report.source_pool})")
     say(f"target: {report.target} (PostgreSQL {_version(report.target_version)}, {report.target_pool})")
     say(f"mapping: {report.mapping}")
-    if report.since is None:
+    if report.catch_up and report.since is None:
+        say("window: whole tables (no --since and no earlier run: what `sync run` would copy)")
+    elif report.catch_up and report.since is not None:
+        say(
+            f"window: catch-up from the last run, rows whose since-column is at or after "
+            f"{report.since.isoformat()} (what `sync run` without --since would copy)"
+        )
+    elif report.since is None:
         say("window: whole tables (no --since)")
     else:
         say(f"window: rows whose since-column is at or after {report.since.isoformat()}")

@@ -33,6 +33,7 @@ from sync.retry import is_transient_db_error, retrying
 from sync.selection import Changes
 from sync.snapshot import SourceSnapshot
 from sync.state import (
+    CATCH_UP_OVERLAP,
     RunLock,
     WriteGuard,
     begin_run,
@@ -57,7 +58,7 @@ class RunOptions:
 
     since: datetime | None = None
     restart: bool = False
-    overlap: timedelta = timedelta(minutes=10)
+    overlap: timedelta = CATCH_UP_OVERLAP
     batch_size: int | None = None
     jobs: int | None = None
     skip_auth: bool = False

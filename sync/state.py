@@ -29,6 +29,8 @@ from sync.retry import retrying
 log = logging.getLogger("sync")
 
 STATE_VERSION = 4
+CATCH_UP_OVERLAP = timedelta(minutes=10)
+"""How much before the last run's high-water mark a catch-up re-reads, unless told otherwise."""
 LOCK_KEY = 0x53594E43  # "SYNC"
 FENCE_KEY = 0x53594E44  # writers hold it shared: a new holder of LOCK_KEY waits for them to end
 

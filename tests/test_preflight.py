@@ -317,3 +317,31 @@ def test_a_run_records_the_source_it_read(pair, mapping):
     assert result.exit_code == 0, result.output
     recorded = fetch(target.url, "SELECT options->>'source' FROM _sync.runs")[0][0]
     assert recorded.endswith(f"/{source.name}")
+
+
+# -------------------------------------------------------------------------------------- plan = run
+
+
+def test_a_future_since_is_refused_by_plan_and_run(pair, mapping):
+    source, target = pair
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+    for command in ("plan", "run"):
+        with unchanged(source, target):
+            result = sync(command, "--since", tomorrow, *between(source, target, mapping))
+        assert result.exit_code == 2, result.output
+        assert f"{tomorrow} is in the future: no row has changed since then" in result.stderr
+
+
+def test_plan_without_since_plans_the_catch_up_the_run_would_do_and_says_so(pair, mapping):
+    source, target = pair
+    first = sync("plan", *between(source, target, mapping))
+    assert first.exit_code == 0, first.output
+    assert "window: whole tables (no --since and no earlier run: what `sync run` would copy)" in first.output
+    assert sync("run", "--since", "2024-01-01", *between(source, target, mapping)).exit_code == 0
+    (mark,) = fetch(target.url, "SELECT high_water - interval '10 minutes' FROM _sync.runs")[0]
+    after = sync("plan", *between(source, target, mapping))
+    assert after.exit_code == 0, after.output
+    assert (
+        f"window: catch-up from the last run, rows whose since-column is at or after {mark.isoformat()} "
+        "(what `sync run` without --since would copy)"
+    ) in after.output

@@ -119,6 +119,8 @@ class PlanReport(BaseModel):
     mapping: str
     since: datetime | None
     """Rows whose since-column is at or after this instant are in the window; None: whole tables."""
+    catch_up: bool = False
+    """No ``--since`` was given: ``since`` is where ``sync run`` would start (the last run's mark)."""
     auth_mode: AuthMode
     tables: list[TableReport]
     users: UserReport | None = None
