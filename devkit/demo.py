@@ -11,7 +11,7 @@ from pathlib import Path
 import bcrypt
 import psycopg
 
-from devkit import scenario, testbed
+from devkit import SQL_DIR, scenario, testbed
 from devkit.embedded import ensure_server
 from sync.errors import first_line
 from sync.storage.stage import StorageAccess
@@ -20,6 +20,8 @@ DEMO_SOURCE = "sync_demo_production"
 DEMO_TARGET = "sync_demo_development"
 SERVICE_KEY = "service-role-key"
 """The service-role key of the demo's local Storage APIs."""
+ROLES = ("anon", "authenticated", "service_role", "supabase_auth_admin", "supabase_storage_admin", "postgres")
+"""The cluster roles Supabase's schemas are granted to and owned by."""
 
 
 class DemoError(RuntimeError):
@@ -35,6 +37,8 @@ class DemoDatabases:
     seconds: float
     files: dict[str, list[str]] = field(default_factory=dict)
     """The documents' file paths each project holds: ``production`` and ``development``."""
+    shaped: tuple[str, ...] = ()
+    """The sides that were plain PostgreSQL and were given Supabase's shape first."""
 
 
 def build_on_embedded(scale: int, seed: int) -> DemoDatabases:
@@ -49,9 +53,16 @@ def build_on_embedded(scale: int, seed: int) -> DemoDatabases:
 
 
 def build(source_url: str, target_url: str, scale: int, seed: int) -> DemoDatabases:
-    """Build the scenario into two databases a user names; both must have Supabase's auth schema."""
-    for side, url in (("source", source_url), ("target", target_url)):
-        _check_buildable(side, url)
+    """Build the scenario into two databases a user names: Supabase ones, or empty plain ones.
+
+    An empty database without the auth schema is given Supabase's shape first (the roles and the
+    auth and storage schemas of ``devkit/sql/supabase``), when the login may create them.
+    """
+    shaped = tuple(
+        side for side, url in (("source", source_url), ("target", target_url)) if _needs_shape(side, url)
+    )
+    for side in shaped:
+        _apply_shape(side, source_url if side == "source" else target_url)
     started = time.perf_counter()
     data = scenario.generate(scale=scale, seed=seed)
     scenario.build_production(source_url, data)
@@ -60,7 +71,7 @@ def build(source_url: str, target_url: str, scale: int, seed: int) -> DemoDataba
         "production": scenario.document_files(data.production),
         "development": scenario.document_files(data.dev_only),
     }
-    return DemoDatabases(source_url, target_url, time.perf_counter() - started, files)
+    return DemoDatabases(source_url, target_url, time.perf_counter() - started, files, shaped)
 
 
 @asynccontextmanager
@@ -78,7 +89,7 @@ async def storage_projects(built: DemoDatabases, root: Path) -> AsyncIterator[St
         yield StorageAccess(production.url, SERVICE_KEY, development.url, SERVICE_KEY)
 
 
-def _check_buildable(side: str, url: str) -> None:
+def _needs_shape(side: str, url: str) -> bool:
     try:
         with psycopg.connect(url, connect_timeout=10) as conn:
             auth, profiles = conn.execute(
@@ -86,12 +97,37 @@ def _check_buildable(side: str, url: str) -> None:
             ).fetchone()  # type: ignore[misc]
     except psycopg.OperationalError as exc:
         raise DemoError(f"Cannot connect to the {side} database: {first_line(exc)}") from None
-    if auth is None:
-        raise DemoError(
-            f"The {side} database has no auth.users: build the scenario into a Supabase database."
-        )
     if profiles is not None:
-        raise DemoError(f"The {side} database already has public.profiles: use an empty Supabase database.")
+        raise DemoError(f"The {side} database already has public.profiles: use an empty database.")
+    return auth is None
+
+
+def _apply_shape(side: str, url: str) -> None:
+    """Create Supabase's per-database schemas in an empty database, or say what is missing.
+
+    The cluster's roles are never created or altered here (``roles.sql`` resets the ``postgres``
+    login): when they are missing, the line says to run that file first.
+    """
+    shape = SQL_DIR / "supabase"
+    with psycopg.connect(url, autocommit=False) as conn:
+        present = {
+            r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (list(ROLES),))
+        }
+        user = conn.execute("SELECT current_user").fetchone()[0]  # type: ignore[index]
+        missing = [r for r in ROLES if r not in present]
+        if missing:
+            raise DemoError(
+                f"The {side} server lacks Supabase's roles ({', '.join(missing)}): run {shape / 'roles.sql'} "
+                "there as a superuser once (it makes postgres a non-superuser login with the password "
+                "'postgres'), then run sync demo again."
+            )
+        try:
+            conn.execute((shape / "schema.sql").read_text())  # type: ignore[arg-type]
+        except psycopg.Error as exc:
+            raise DemoError(
+                f"The {side} database has no auth schema and role {user!r} may not create it "
+                f"({first_line(exc)}): connect as a superuser, or use a Supabase project's database."
+            ) from None
 
 
 def verify_logins(target_url: str, sample: int = 25) -> tuple[int, int]:

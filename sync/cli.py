@@ -113,8 +113,15 @@ def demo(source: str | None, target: str | None, scale: int, seed: int | None, n
         fail(str(exc), code=EXIT_FAILED)
     render.say(f"Scenario built in {built.seconds:.1f} s (scale {scale}, seed {seed}).")
     render.counts(scenario.table_counts(built.source_url), scenario.table_counts(built.target_url))
-    render.say(f"production:  {redact(built.source_url)}\ndevelopment: {redact(built.target_url)}")
+    for side in built.shaped:
+        render.say(
+            f"The {side} database had no auth schema: Supabase's auth and storage schemas were created."
+        )
     if no_sync:
+        _demo_reach(built.source_url, built.target_url, own=source is None, since=scenario.COPY_DATE)
+        render.say(
+            f"Next: sync plan --since {scenario.COPY_DATE:%Y-%m-%d}, then sync run with the same --since."
+        )
         return
     endpoints = Endpoint.parse(Side.SOURCE, built.source_url), Endpoint.parse(Side.TARGET, built.target_url)
     mapping = load_mapping(example_mapping())
@@ -149,7 +156,19 @@ def demo(source: str | None, target: str | None, scale: int, seed: int | None, n
     render.say("\n$ sync verify")
     checks = _run_pipeline(*endpoints, lambda: _verify(endpoints, mapping, None))
     render.verify(checks)
+    _demo_reach(built.source_url, built.target_url, own=source is None, since=scenario.COPY_DATE)
     sys.exit(report.exit_code or (0 if checks.ok and verified == checked else EXIT_FAILED))
+
+
+def _demo_reach(source_url: str, target_url: str, *, own: bool, since: datetime) -> None:
+    """Ready-to-paste lines for the demo's databases; only the demo's own throwaway passwords are shown."""
+    if own:
+        render.say("\nThe demo's databases (the passwords are the demo's own throwaway ones):")
+        urls = source_url, target_url
+    else:
+        render.say("\nYour databases (passwords hidden: put yours back in):")
+        urls = redact(source_url), redact(target_url)
+    render.say(f"export SYNC_SOURCE_URL='{urls[0]}'\nexport SYNC_TARGET_URL='{urls[1]}'")
 
 
 class Instant(click.ParamType):
