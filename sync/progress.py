@@ -55,6 +55,7 @@ class RunProgress:
         self._started: dict[str, float] = {}
         self._files_total = (0, 0)
         self._files_done = (0, 0)
+        self._resumed_at: dict[str, int] = {}
 
     @property
     def wants_totals(self) -> bool:
@@ -66,6 +67,15 @@ class RunProgress:
         self.totals[table] = rows
         if self._bars is not None and table in self._tasks:
             self._bars.update(self._tasks[table], total=rows)
+
+    def begin(self, table: str, rows_done: int) -> None:
+        """``table``'s copy starts; ``rows_done`` were committed by an earlier attempt of the run."""
+        self._done[table] = rows_done
+        self._resumed_at[table] = rows_done
+        self._started[table] = time.monotonic()
+        self._last_log[table] = time.monotonic()
+        if self._bars is not None and table not in self._tasks:
+            self._tasks[table] = self._bars.add_task(table, total=self.totals.get(table), completed=rows_done)
 
     def __call__(self, table: str, rows: int) -> None:
         self._done[table] = self._done.get(table, 0) + rows
@@ -80,16 +90,15 @@ class RunProgress:
         now = time.monotonic()
         if now - self._last_log.get(table, 0.0) >= LOG_EVERY_S:
             self._last_log[table] = now
-            elapsed = max(now - self._started[table], 1e-6)
-            total = self.totals.get(table)
-            of = f" of {total:,}" if total is not None else ""
-            log.info(
-                "%s: %s%s rows (%.0f rows/s)",
-                table,
-                f"{self._done[table]:,}",
-                of,
-                self._done[table] / elapsed,
-            )
+            self._log(table, now)
+
+    def _log(self, table: str, now: float) -> None:
+        """One plain line with the rows done so far (of the total when known) and this attempt's speed."""
+        elapsed = max(now - self._started[table], 1e-6)
+        total = self.totals.get(table)
+        of = f" of {total:,}" if total is not None else ""
+        speed = (self._done[table] - self._resumed_at.get(table, 0)) / elapsed
+        log.info("%s: %s%s rows (%.0f rows/s)", table, f"{self._done[table]:,}", of, speed)
 
     def files_total(self, objects: int, size: int) -> None:
         """The storage stage's work ahead: ``objects`` files of ``size`` bytes in all."""
@@ -122,6 +131,10 @@ class RunProgress:
         """Show live bars for the duration (on a terminal only)."""
         if not self.live:
             yield self
+            if self.enabled:  # every table's final count, however fast it went
+                now = time.monotonic()
+                for table in self._done:
+                    self._log(table, now)
             return
         self._bars = Progress(
             TextColumn("{task.description:<28}"),

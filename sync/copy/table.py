@@ -121,10 +121,10 @@ class TableCopy:
         started = time.perf_counter()
         try:
             await self._connect()
-            start, done = await self._load_checkpoint()
+            start, done, rows_done = await self._load_checkpoint()
             if done:
                 return self.result
-            self._report(0)
+            self._begin_progress(rows_done)
             await self._prepare()
             if getattr(self.ctx.progress, "wants_totals", False):
                 total = await self._with_retries(self._count_selected)
@@ -218,16 +218,17 @@ class TableCopy:
 
     # ------------------------------------------------------------------------------ checkpoints
 
-    async def _load_checkpoint(self) -> tuple[Position, bool]:
+    async def _load_checkpoint(self) -> tuple[Position, bool, int]:
+        """Where an earlier attempt of this run stopped: position, whether done, rows committed."""
         row = await self.tconn.fetchrow(
             "SELECT last_key, done, rows_done FROM _sync.checkpoints WHERE run_id = $1 AND table_name = $2",
             self.ctx.run_id,
             self.checkpoint_name,
         )
         if row is None or not row["last_key"]:
-            return Position(0, None), bool(row and row["done"])
+            return Position(0, None), bool(row and row["done"]), row["rows_done"] if row else 0
         saved = json.loads(row["last_key"])
-        return Position(saved["pass"], saved["key"]), row["done"]
+        return Position(saved["pass"], saved["key"]), row["done"], row["rows_done"]
 
     async def _mark_done(self) -> None:
         await self.tconn.execute(
@@ -346,6 +347,12 @@ class TableCopy:
         self.result.inserted += written.inserted
         self.result.updated += written.updated
         self.result.remapped += written.remapped
+
+    def _begin_progress(self, rows_done: int) -> None:
+        """Show the table starting from the rows an interrupted attempt of this run already committed."""
+        begin = getattr(self.ctx.progress, "begin", None)
+        if begin is not None:
+            begin(self.tp.name, rows_done)
 
     def _report(self, rows: int) -> None:
         self.result.read += rows
