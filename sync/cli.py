@@ -483,7 +483,7 @@ def verify_command(
     except SyncError as exc:
         fail(str(exc), exc.exit_code)
 
-    report = _run_pipeline(*endpoints, lambda: _verify(endpoints, mapping, since))
+    report = _run_pipeline(*endpoints, lambda: _verify(endpoints, mapping, since, show=not as_json))
     if as_json:
         click.echo(report.model_dump_json(indent=2))
     else:
@@ -492,13 +492,18 @@ def verify_command(
 
 
 async def _verify(
-    endpoints: tuple[Endpoint, Endpoint], mapping: Mapping, since: datetime | None
+    endpoints: tuple[Endpoint, Endpoint], mapping: Mapping, since: datetime | None, *, show: bool = True
 ) -> VerifyReport:
+    from sync.preflight import Needs, preflight, reach
     from sync.run import load_plan
     from sync.verify import verify
 
-    plan = await load_plan(*endpoints, mapping)
-    return await verify(*endpoints, plan, since, storage=storage_rules(plan, mapping))
+    source, target = await reach(*endpoints)
+    plan = await load_plan(source, target, mapping)
+    checked = await preflight(source, target, plan, Needs(writes=False))
+    if show:
+        render.endpoints(checked.source.describe(source), checked.target.describe(target))
+    return await verify(source, target, plan, since, storage=storage_rules(plan, mapping))
 
 
 def storage_stage(

@@ -39,6 +39,12 @@ def say(text: str = "", style: str | None = None) -> None:
     console.print(Text(text, style=style or ""), soft_wrap=True)
 
 
+def endpoints(source: str, target: str) -> None:
+    """The two sides a command reads and writes, first thing (never a password)."""
+    say(f"source: {source}")
+    say(f"target: {target}")
+
+
 def plan(report: PlanReport) -> None:
     """The plan: both sides, the window, tables in copy order, users, triggers, notes and problems."""
     say(f"source: {report.source} (PostgreSQL {_version(report.source_version)}, {report.source_pool})")

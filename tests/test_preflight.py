@@ -345,3 +345,13 @@ def test_plan_without_since_plans_the_catch_up_the_run_would_do_and_says_so(pair
         f"window: catch-up from the last run, rows whose since-column is at or after {mark.isoformat()} "
         "(what `sync run` without --since would copy)"
     ) in after.output
+
+
+def test_verify_names_both_sides_and_refuses_the_same_database(pair, mapping):
+    source, target = pair
+    shown = sync("verify", *between(source, target, mapping))
+    assert "source: postgres@" in shown.output and f"/{source.name} (PostgreSQL " in shown.output
+    assert f"/{target.name} (PostgreSQL " in shown.output and ", direct)" in shown.output
+    with unchanged(source):
+        result = sync("verify", *between(source, source, mapping))
+    refused(result, "--source and --target are the same database")
