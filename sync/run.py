@@ -342,6 +342,8 @@ async def run_auth_only(
     source: Endpoint, target: Endpoint, options: AuthOptions, admin_api: AdminApi | None = None
 ) -> AuthReport:
     """The auth import alone (``sync run --auth-only``): under the run lock, inside an exported snapshot."""
+    source, target = await reach(source, target)
+    await preflight(source, target, Plan(tables=[], auth_mode=options.mode), Needs(writes=True, auth=True))
     lock = RunLock(target)
     await lock.acquire()
     snapshot = SourceSnapshot(source)
