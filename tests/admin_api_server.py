@@ -54,7 +54,7 @@ DEFAULT_ROLE = "authenticated"  # GOTRUE_JWT_DEFAULT_GROUP_NAME on hosted projec
 ADMIN_ROLES = frozenset({"service_role", "supabase_admin"})  # GOTRUE_JWT_ADMIN_ROLES default
 API_VERSION_HEADER = "X-Supabase-Api-Version"
 API_VERSION_2024_01_01 = "2024-01-01"
-MAX_BODY_BYTES = 1_000_000  # Auth caps request bodies at 1 MB
+MAX_BODY_BYTES = 1_048_576  # Auth caps request bodies at 1 MiB (http.MaxBytesReader)
 PASSWORD_MIN_LENGTH = 6  # GOTRUE_PASSWORD_MIN_LENGTH default
 DUPLICATE_EMAIL_MSG = "A user with this email address has already been registered"
 DUPLICATE_PHONE_MSG = "Phone number already registered by another user"
@@ -169,6 +169,8 @@ FAULT_SLOW = "slow"
 # Handle the request (the create commits), then hide the outcome.
 FAULT_COMMIT_THEN_504 = "commit_then_504"
 FAULT_COMMIT_THEN_DROP = "commit_then_drop"
+# A 403 bad_jwt for a key that is good: hosted projects answer it now and then while keys rotate.
+FAULT_BAD_JWT = "bad_jwt"
 
 FAULT_KINDS = (
     FAULT_RATE_LIMIT_JSON,
@@ -181,8 +183,9 @@ FAULT_KINDS = (
     FAULT_SLOW,
     FAULT_COMMIT_THEN_504,
     FAULT_COMMIT_THEN_DROP,
+    FAULT_BAD_JWT,
 )
-_BEFORE_HANDLING = frozenset(FAULT_KINDS[:7])
+_BEFORE_HANDLING = frozenset((*FAULT_KINDS[:7], FAULT_BAD_JWT))
 
 # Route names faults can be aimed at.
 ROUTE_CREATE = "create"  # POST /admin/users
@@ -216,6 +219,7 @@ class Faults:
     slow: float = 0.0
     commit_then_504: float = 0.0
     commit_then_drop: float = 0.0
+    bad_jwt: float = 0.0
     script: list[str | None] = field(default_factory=list)
     max_faults: int | None = None
     retry_after: str = "1"  # the Retry-After value of the text 429
@@ -668,7 +672,9 @@ class AdminApiServer:
     the column) for a create with ``password_hash`` but neither ``user_metadata`` nor ``email_confirm``.
     ``audit_log`` writes the ``auth.audit_log_entries`` rows Auth writes in the same transactions.
     ``bcrypt_cost`` is Auth's 10 by default; a lower one only makes password-less creates faster
-    (Auth hashes a random password for them).
+    (Auth hashes a random password for them). ``ignore_id_and_hash`` behaves like an Auth release older
+    than custom ids and password hashes on admin create: both are dropped without a word (a random id,
+    a random password).
 
     Counters: ``requests`` (every request received), ``creates`` (creates committed), ``created_ids``,
     ``statuses`` (by status sent; 0 for dropped connections), ``faults_injected`` (by kind) and
@@ -686,6 +692,7 @@ class AdminApiServer:
         audit_log: bool = True,
         bcrypt_cost: int = 10,
         pool_size: int = 10,
+        ignore_id_and_hash: bool = False,
     ) -> None:
         self.database_url = database_url
         self.service_key = service_key
@@ -694,6 +701,7 @@ class AdminApiServer:
         self.quirk_null_metadata = quirk_null_metadata
         self.audit_log = audit_log
         self.bcrypt_cost = bcrypt_cost
+        self.ignore_id_and_hash = ignore_id_and_hash
         self.pool_size = pool_size
         self.requests = 0
         self.creates = 0
@@ -847,6 +855,13 @@ class AdminApiServer:
             return web.Response(status=502, text=html, content_type="text/html")
         if fault == FAULT_SERVICE_UNAVAILABLE:
             return web.Response(status=503, text="upstream connect error or disconnect/reset before headers")
+        if fault == FAULT_BAD_JWT:
+            return error_response(
+                request,
+                ApiError(
+                    403, "bad_jwt", "invalid JWT: unable to parse or verify signature, token is unverifiable"
+                ),
+            )
         return web.Response(status=504, text="upstream request timeout")
 
     def _authorise(self, request: web.Request) -> None:
@@ -975,6 +990,9 @@ class AdminApiServer:
     async def _create_user(self, request: web.Request) -> web.Response:
         """Auth's adminUserCreate, check by check."""
         params = decode_params(await self._body(request), _ADMIN_PARAMS, "AdminUserParams")
+        if self.ignore_id_and_hash:
+            params.pop("id", None)
+            params.pop("password_hash", None)
         aud = params.get("aud") or self._aud(request)
         email = params.get("email") or ""
         phone = params.get("phone") or ""

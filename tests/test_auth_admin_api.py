@@ -22,7 +22,7 @@ import pytest
 from admin_api_server import AdminApiServer, Faults
 from click.testing import CliRunner
 from psycopg.types.json import Jsonb
-from supabase_auth.errors import AuthApiError, AuthUnknownError
+from supabase_auth.errors import AuthApiError, AuthError, AuthUnknownError
 from test_auth_direct import (
     add_rejecting_trigger,
     assert_every_production_user_has_one_target_user,
@@ -50,6 +50,10 @@ from sync.auth import (
     is_transient_api_error,
     retry_after,
 )
+from sync.auth.admin_api import AuthServerError
+from sync.auth.admin_api_errors import Exchange, failure_of
+from sync.auth.admin_api_user import api_refusal
+from sync.auth.report import hash_problem
 from sync.cli import main
 from sync.connect import Endpoint, Side
 from sync.errors import UsageError
@@ -382,3 +386,229 @@ def test_the_create_body_always_carries_user_metadata_and_the_hash() -> None:
         "phone": "5215500000001",
         "password_hash": row["encrypted_password"],
     }
+
+
+# ------------------------------------------------------------------------ the real server's edges
+
+
+def soft_delete_in(db: Database, user_id: uuid.UUID) -> None:
+    """Soft-delete a user the way the Auth server does it (its admin DELETE with should_soft_delete)."""
+
+    async def delete() -> None:
+        async with AdminApiServer(db.url) as server, httpx.AsyncClient() as http:
+            key = server.service_key
+            answer = await http.request(
+                "DELETE",
+                f"{server.url}/auth/v1/admin/users/{user_id}",
+                json={"should_soft_delete": True},
+                headers={"apikey": key, "Authorization": f"Bearer {key}"},
+            )
+            answer.raise_for_status()
+
+    asyncio.run(delete())
+
+
+@pytest.fixture
+def unusual(
+    few: tuple[Database, Database, list[dict[str, Any]]],
+) -> tuple[Database, Database, list[dict[str, Any]], list[uuid.UUID]]:
+    """``few``, with two users soft-deleted by the Auth server and one whose address its check refuses."""
+    source, target, users = few
+    deleted = [users[3]["id"], users[11]["id"]]
+    for user_id in deleted:
+        soft_delete_in(source, user_id)
+    refused = users[20]["id"]
+    sql(source, "UPDATE auth.users SET email = 'josé@ejemplo.mx' WHERE id = %s", refused)
+    return source, target, users, [*deleted, refused]
+
+
+async def test_soft_deleted_and_refused_contact_users_land_through_the_direct_path(
+    unusual: tuple[Database, Database, list[dict[str, Any]], list[uuid.UUID]],
+) -> None:
+    source, target, users, odd = unusual
+    scrambled = dict(sql(source, "SELECT id, email FROM auth.users WHERE deleted_at IS NOT NULL"))
+    assert len(scrambled) == 2 and all(len(e) == 43 and "@" not in e for e in scrambled.values())
+
+    async with AdminApiServer(target.url) as server:
+        report = await run_api(source, target, server)
+
+    assert report.quarantined == 0 and report.exit_code == 0
+    assert report.created == len(users)
+    assert server.creates == len(users) - len(odd) and not set(map(str, odd)) & set(server.created_ids)
+    notes = {n.source_id: n.note for n in report.notes if "written directly" in n.note}
+    assert all("soft-deleted by the Auth server" in notes[u] for u in odd[:2])
+    assert "format check" in notes[odd[2]]
+    landed = dict(sql(target, "SELECT id, deleted_at IS NOT NULL FROM auth.users WHERE id = ANY(%s)", odd))
+    assert landed == {odd[0]: True, odd[1]: True, odd[2]: False}
+
+
+async def test_without_the_target_dsn_users_the_api_cannot_carry_are_refused_up_front(
+    unusual: tuple[Database, Database, list[dict[str, Any]], list[uuid.UUID]],
+) -> None:
+    source, target, users, odd = unusual
+
+    async with AdminApiServer(target.url) as server:
+        report = await run_api(source, None, server)
+
+    assert {q.source_id for q in report.quarantine} == set(odd)
+    assert all("give the target DSN" in q.error for q in report.quarantine)
+    assert server.creates == len(users) - len(odd), "none of them became a live account"
+    assert sql(target, "SELECT count(*) FROM auth.users WHERE id = ANY(%s)", odd) == [(0,)]
+
+
+async def test_a_server_that_ignores_the_id_stops_the_run_before_a_second_user_is_created(
+    few: tuple[Database, Database, list[dict[str, Any]]],
+) -> None:
+    source, target, _ = few
+    async with AdminApiServer(target.url, ignore_id_and_hash=True) as server:
+        with pytest.raises(AuthServerError, match="ignored the id sent with admin create") as raised:
+            await run_api(source, target, server)
+
+    assert server.creates == 1
+    assert "\n" not in str(raised.value)
+
+
+async def test_an_intermittent_403_is_retried_and_the_run_completes(
+    few: tuple[Database, Database, list[dict[str, Any]]],
+) -> None:
+    source, target, users = few
+    # The key was accepted once (the check before any create); the creates then meet sporadic refusals.
+    faults = Faults(script=["bad_jwt", "bad_jwt", None, None, "bad_jwt"])
+    async with AdminApiServer(target.url, faults=faults) as server:
+        report = await run_api(source, target, server)
+
+    assert faults.injected["bad_jwt"] == 3
+    assert report.quarantined == 0 and report.created == len(users) == server.creates
+    assert Counter(server.created_ids).most_common(1)[0][1] == 1
+
+
+def test_a_bad_key_is_one_line_exit_2_and_nothing_is_written(
+    few: tuple[Database, Database, list[dict[str, Any]]],
+) -> None:
+    source, target, _ = few
+
+    async def serve_and_run() -> Any:
+        async with AdminApiServer(target.url) as server:
+            runner = CliRunner(env={"SUPABASE_SERVICE_ROLE_KEY": "not-the-key"})
+            args = ["run", "--auth-only", "--auth-mode", "admin-api", "--supabase-url", server.url]
+            args += ["--source", source.url, "--target", target.url]
+            return await asyncio.to_thread(runner.invoke, main, args), server.creates
+
+    result, creates = asyncio.run(serve_and_run())
+
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert "refused the service-role key (403 bad_jwt)" in result.output
+    assert creates == 0
+    assert sql(target, "SELECT count(*), to_regnamespace('_sync') FROM auth.users") == [(0, None)]
+
+
+class ChainCutCreator(AdminApiCreator):
+    """A client release that keeps nothing of the answer on its exceptions: no cause, no context."""
+
+    @property
+    def admin(self) -> Any:
+        return _ChainCut(super().admin)
+
+
+class _ChainCut:
+    def __init__(self, admin: Any) -> None:
+        self._admin = admin
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self._admin, name)
+
+        async def cut(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await call(*args, **kwargs)
+            except AuthError as exc:
+                exc.__cause__ = exc.__context__ = None
+                if hasattr(exc, "original_error"):
+                    exc.original_error = None
+                raise exc from None
+
+        return cut
+
+
+async def test_a_cut_exception_chain_still_honours_retry_after(supabase_db: Database) -> None:
+    faults = Faults(script=["rate_limit_text"], retry_after="1")
+    options = AuthOptions(mode="admin-api", retry_initial_wait=0.001, retry_max_wait=5)
+    row = source_row()
+    async with (
+        AdminApiServer(supabase_db.url, faults=faults) as server,
+        ChainCutCreator(
+            AdminApi(url=server.url, service_role_key=server.service_key), options, {}
+        ) as creator,
+    ):
+        started = time.monotonic()
+        result = await creator.create(row, UserMatch(row["id"], row["id"], MatchKind.NEW))
+        waited = time.monotonic() - started
+
+    assert result.outcome == "created" and server.creates == 1
+    assert 1.0 <= waited < 4.0
+
+
+async def test_a_cut_exception_chain_never_duplicates_a_user_under_30_percent_faults(
+    supabase_db: Database, seed: scenario.Scenario
+) -> None:
+    users = [u for u in seed.production.users if u["email"] and not u["is_anonymous"]][-60:]
+    faults = Faults(
+        seed=11,
+        rate_limit_json=0.06,
+        rate_limit_text=0.06,
+        server_error=0.06,
+        bad_gateway=0.03,
+        gateway_timeout=0.03,
+        commit_then_504=0.04,
+        commit_then_drop=0.02,
+        retry_after="0",
+    )
+    options = AuthOptions(mode="admin-api", **FAST)
+    async with (
+        AdminApiServer(supabase_db.url, faults=faults, bcrypt_cost=4) as server,
+        ChainCutCreator(
+            AdminApi(url=server.url, service_role_key=server.service_key), options, {}
+        ) as creator,
+    ):
+        results = await creator.create_all([(u, UserMatch(u["id"], u["id"], MatchKind.NEW)) for u in users])
+
+    assert faults.injected["commit_then_504"] > 0 and faults.injected["commit_then_drop"] > 0
+    assert faults.injected["rate_limit_text"] > 0
+    assert [r.outcome for r in results] == ["created"] * len(users)
+    assert sorted(server.created_ids) == sorted(str(u["id"]) for u in users), "each user created once"
+
+
+def test_the_hash_check_follows_the_servers_limits() -> None:
+    salt, digest = "c2FsdHNhbHQ", "aGFzaGhhc2hoYXNoaGFzaA"
+    assert hash_problem(f"$argon2id$v=19$m=65536,t=3,p=4${salt}${digest}") is None
+    assert "limits" in str(hash_problem(f"$argon2id$v=19$m=2097152,t=3,p=4${salt}${digest}"))
+    assert "limits" in str(hash_problem(f"$argon2i$v=19$m=65536,t=21,p=4${salt}${digest}"))
+    assert hash_problem("$fbscrypt$v=1,n=14,r=8,p=1,ss=Bw==,sk=ou9t$c2FsdA==$aGFzaA==") is None
+    assert hash_problem("$fbscrypt$v=1,n=40,r=8,p=1,ss=Bw==,sk=ou9t$c2FsdA==$aGFzaA==") is not None
+
+
+def test_a_ban_past_what_the_server_parses_is_capped() -> None:
+    from datetime import UTC, datetime
+
+    row = source_row(banned_until=datetime.max.replace(tzinfo=UTC))
+    body = create_attributes(row, UserMatch(row["id"], row["id"], MatchKind.NEW))
+    assert body["ban_duration"] == f"{(2**63 - 1) // 10**9}s"
+
+
+def test_an_oversized_body_is_refused_before_it_is_sent() -> None:
+    row = source_row(raw_user_meta_data={"bio": "x" * 1_100_000}, is_sso_user=False, is_anonymous=False)
+    reason = api_refusal(row, UserMatch(row["id"], row["id"], MatchKind.NEW))
+    assert reason is not None and "1,048,576-byte cap" in reason
+
+
+def test_failures_are_classified_by_the_answer_the_wire_saw() -> None:
+    request = httpx.Request("POST", "http://auth/admin/users")
+    answer = httpx.Response(429, headers={"Retry-After": "3"}, text="busy", request=request)
+    bare = AuthError("busy", None)  # nothing of the answer kept on the exception
+    failure = failure_of(bare, Exchange(sent=True, response=answer))
+    assert (failure.status, failure.transient, failure.retry_after) == (429, True, 3.0)
+    timeout = failure_of(AuthError("timed out", None), Exchange(sent=True))
+    assert timeout.transport and timeout.transient
+    refused = httpx.Response(403, json={"code": "bad_jwt", "message": "invalid JWT"}, request=request)
+    failure = failure_of(bare, Exchange(sent=True, response=refused))
+    assert failure.refused_key and failure.code == "bad_jwt" and not failure.transient

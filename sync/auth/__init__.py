@@ -79,6 +79,7 @@ Two modes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Collection, Sequence
 from datetime import datetime
@@ -101,7 +102,7 @@ from sync.snapshot import SourceSnapshot as RunSnapshot
 from sync.state import WriteGuard, ensure_state
 
 if TYPE_CHECKING:
-    from sync.auth.admin_api import AdminApiCreator, HolderLookup
+    from sync.auth.admin_api import AdminApiCreator, HashLookup, HolderLookup, check_admin_api
     from sync.auth.admin_api_errors import is_transient_api_error, retry_after
 
 __all__ = [
@@ -114,6 +115,7 @@ __all__ = [
     "SourceKey",
     "TargetKey",
     "UserMatch",
+    "check_admin_api",
     "create_attributes",
     "import_users",
     "is_transient_api_error",
@@ -156,12 +158,21 @@ async def import_users(
     _check_options(options, target, admin_api)
     started = time.monotonic()
     report = AuthReport(mode=options.mode, policy=options.policy, triggers=options.triggers)
-    source_conn = await (snapshot.reader() if snapshot is not None else connect(source))
-    writer: TargetWriter | None = None
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        api: AdminApiCreator | None = None
+        if admin_api is not None and options.mode is AuthMode.ADMIN_API:
+            # Imported here: the supabase client is loaded only when this mode is used (see __getattr__).
+            from sync.auth.admin_api import AdminApiCreator
+
+            api = await stack.enter_async_context(AdminApiCreator(admin_api, options, {}))
+            await api.check_credentials()  # before anything is written
+        source_conn = await (snapshot.reader() if snapshot is not None else connect(source))
+        stack.push_async_callback(source_conn.close)
         await check_privileges(source_conn, "source", SOURCE_PRIVILEGES)
+        writer: TargetWriter | None = None
         if target is not None:
             target_conn = await connect(target)
+            stack.push_async_callback(target_conn.close)
             writer = TargetWriter(target, target_conn, options, run_id, report, guard)
             hint = ", or use --auth-mode admin-api" if options.mode is AuthMode.DIRECT else ""
             await check_privileges(target_conn, "target", TARGET_PRIVILEGES, hint)
@@ -170,20 +181,12 @@ async def import_users(
             await ensure_state(target_conn)
             await writer.prepare()
         run = UserImport(options, report, writer, changed_since, only_ids, changes, deleted_accounts)
-        if admin_api is not None and options.mode is AuthMode.ADMIN_API:
-            holder = _database_holder(writer) if writer is not None else None
-            # Imported here: the supabase client is loaded only when this mode is used (see __getattr__).
-            from sync.auth.admin_api import AdminApiCreator
-
-            async with AdminApiCreator(admin_api, options, run.claimed, holder) as api:
-                run.api = api
-                await run.run(source_conn)
-        else:
-            await run.run(source_conn)
-    finally:
-        await source_conn.close()
-        if writer is not None:
-            await writer.conn.close()
+        if api is not None:
+            api.claimed = run.claimed
+            if writer is not None:
+                api.find_holder, api.stored_hash = _database_lookups(writer)
+            run.api = api
+        await run.run(source_conn)
     report.seconds = round(time.monotonic() - started, 3)
     return report
 
@@ -200,8 +203,9 @@ def _check_options(options: AuthOptions, target: Endpoint | None, admin_api: Adm
         )
 
 
-def _database_holder(writer: TargetWriter) -> HolderLookup:
-    """Who holds an e-mail/phone, asked of the target database (one query at a time on its connection)."""
+def _database_lookups(writer: TargetWriter) -> tuple[HolderLookup, HashLookup]:
+    """Who holds an e-mail/phone, and the hash stored for a user, asked of the target database (one query
+    at a time on its connection)."""
     lock = asyncio.Lock()
 
     async def holder(kind: str, value: str) -> UUID | None:
@@ -212,15 +216,25 @@ def _database_holder(writer: TargetWriter) -> HolderLookup:
                     "ORDER BY email = $1 DESC, created_at LIMIT 1",
                     value,
                 )
-            return await writer.conn.fetchval("SELECT id FROM auth.users WHERE phone = $1", value)
+            return await writer.conn.fetchval(
+                "SELECT id FROM auth.users WHERE phone = $1 AND NOT is_sso_user ORDER BY created_at LIMIT 1",
+                value,
+            )
 
-    return holder
+    async def stored_hash(user_id: UUID) -> str | None:
+        async with lock:
+            return await writer.conn.fetchval(
+                "SELECT encrypted_password FROM auth.users WHERE id = $1", user_id
+            )
+
+    return holder, stored_hash
 
 
 # The admin API's client (the ``supabase`` package) is a third of the tool's start-up: it is imported when
 # the admin-api mode is used, not by every command.
 _LAZY = {
     "AdminApiCreator": "sync.auth.admin_api",
+    "check_admin_api": "sync.auth.admin_api",
     "is_transient_api_error": "sync.auth.admin_api_errors",
     "retry_after": "sync.auth.admin_api_errors",
 }

@@ -16,8 +16,13 @@ from sync.errors import EXIT_OK, EXIT_QUARANTINED
 
 # The password hash formats the Auth server can check.
 _BCRYPT = re.compile(r"\$2[aby]?\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
-_ARGON2 = re.compile(r"\$argon2(i|id)\$v=19\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+")
-_FBSCRYPT = re.compile(r"\$fbscrypt\$v=1,n=\d+,r=\d+,p=\d+(,ss=[^,$]*)?(,sk=[^,$]*)?\$[^$]+\$[^$]+")
+_ARGON2 = re.compile(r"\$argon2(?:i|id)\$v=19\$m=(\d+),t=(\d+),p=(\d+)\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+")
+_FBSCRYPT = re.compile(
+    r"\$fbscrypt\$v=1,n=(\d+),r=(\d+),p=(\d+)(?:,ss=[A-Za-z0-9+/]+=*)?(?:,sk=[A-Za-z0-9+/]+=*)?"
+    r"\$[A-Za-z0-9+/]+=*\$[A-Za-z0-9+/]+=*"
+)
+# The Auth server's argon2 limits (m KiB, t passes, p lanes) and scrypt's cost exponent bound.
+_ARGON2_LIMITS = (1_048_576, 20, 16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +106,19 @@ def hash_problem(value: str | None) -> str | None:
     """Why the Auth server cannot check this password hash, or None when it can (or there is none)."""
     if not value:
         return None
-    if _BCRYPT.fullmatch(value) or _ARGON2.fullmatch(value) or _FBSCRYPT.fullmatch(value):
+    if _BCRYPT.fullmatch(value):
+        return None
+    if (argon2 := _ARGON2.fullmatch(value)) is not None:
+        if all(0 < int(v) <= limit for v, limit in zip(argon2.groups(), _ARGON2_LIMITS, strict=True)):
+            return None
+        return (
+            "argon2 hash beyond the Auth server's limits (m <= 1048576, t <= 20, p <= 16): sign-in will fail"
+        )
+    if (
+        (scrypt := _FBSCRYPT.fullmatch(value)) is not None
+        and int(scrypt[1]) < 32
+        and min(map(int, scrypt.groups())) > 0
+    ):
         return None
     if value.lstrip().startswith("{"):
         return (
