@@ -69,11 +69,12 @@ Two modes:
   landed); an "e-mail exists" answer is resolved by finding the holder and mapping to it (or
   quarantining the user when only another user's identity carries the address). What the API cannot
   carry (original timestamps, confirmation times, OAuth identities, the exact ban, ``deleted_at``) and
-  the users it cannot create (anonymous, SSO, an unsupported hash) are written directly when a target
-  DSN is also given, else reported per user; so is a user whose create keeps failing with a 500, whose
-  cause (often a trigger) the API hides: the direct write lands it or quarantines it with the
-  database's message. Without a target DSN nothing is written but through the API (no id map, no
-  quarantine table: the report carries both).
+  the users it cannot create (anonymous, SSO, soft-deleted with scrambled contacts, an e-mail or phone
+  the server's format checks refuse, a body over its 1 MiB cap, an unsupported hash) are written
+  directly when a target DSN is also given, else reported per user; so is a user whose create keeps
+  failing with a 500, whose cause (often a trigger) the API hides: the direct write lands it or
+  quarantines it with the database's message. Without a target DSN nothing is written but through the
+  API (no id map, no quarantine table: the report carries both).
 """
 
 from __future__ import annotations
