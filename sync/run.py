@@ -344,6 +344,10 @@ async def run_auth_only(
     """The auth import alone (``sync run --auth-only``): under the run lock, inside an exported snapshot."""
     source, target = await reach(source, target)
     await preflight(source, target, Plan(tables=[], auth_mode=options.mode), Needs(writes=True, auth=True))
+    if admin_api is not None and options.mode == "admin-api":
+        from sync.auth import check_admin_api  # the admin API's client loads only in this mode
+
+        await check_admin_api(admin_api, options)  # a refused key: one line, before the lock is written
     lock = RunLock(target)
     await lock.acquire()
     snapshot = SourceSnapshot(source)
