@@ -10,6 +10,7 @@ client release that wraps its errors differently changes nothing.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,6 +39,8 @@ from sync.errors import SyncError, UsageError
 from sync.retry import retrying
 
 _PAGE = 1000
+# httpx logs every request at INFO; the tool reports failures itself, in one line.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 _TIME = TypeAdapter(datetime)
 
 
