@@ -1,4 +1,8 @@
-"""The ``sync`` command line: parses options, calls the engine, prints results. Nothing else."""
+"""The ``sync`` command line: parses options, calls the engine, prints results. Nothing else.
+
+Longer than ~400 lines only because every command's options, with their help text and environment
+variables, are declared here; it holds no logic of its own (printing is in :mod:`sync.render`).
+"""
 
 from __future__ import annotations
 

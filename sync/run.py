@@ -2,6 +2,9 @@
 
 ``connect → introspect → plan → auth import → copy tables → finish``. The CLI calls :func:`run_sync`;
 it is usable as a library too. Every stage below this one is in its own module.
+
+Longer than ~400 lines because it holds the two orchestrations that share the lock, the preflight and
+the run record: the full run and the auth-only run. That is the seam to split along when it grows.
 """
 
 from __future__ import annotations
