@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 
 import httpx
+
+from sync.retry import retry_after_seconds
 
 # A 401/403 after the credentials were accepted once is retried this many times before it stops the run
 # (hosted projects answer an occasional bad_jwt while keys rotate).
@@ -152,18 +152,7 @@ def _error_body(response: httpx.Response) -> tuple[str | None, str | None]:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
+    return retry_after_seconds(response.headers.get("retry-after"))
 
 
 def _message(exc: BaseException) -> str:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import email.utils
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -27,7 +25,7 @@ from urllib.parse import quote
 
 import httpx
 
-from sync.retry import retrying
+from sync.retry import retry_after_seconds, retrying
 
 T = TypeVar("T")
 
@@ -77,17 +75,7 @@ class StorageApiError(Exception):
 
 def retry_after(response: httpx.Response) -> float | None:
     """The ``Retry-After`` header in seconds (delta-seconds or an HTTP date), if any."""
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    with contextlib.suppress(TypeError, ValueError):
-        moment = email.utils.parsedate_to_datetime(value)
-        return max(moment.timestamp() - time.time(), 0.0)
-    return None
+    return retry_after_seconds(response.headers.get("Retry-After"))
 
 
 def is_transient(exc: BaseException) -> bool:
