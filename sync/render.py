@@ -291,8 +291,6 @@ def verify(report: VerifyReport, shown: int = 20) -> None:
         say(report.files.line(), None if report.files.ok else "red")
         for example in report.files.examples:
             say(f"  {example}")
-    if report.deletes is not None:
-        deletes(report.deletes)
     say(
         "verified: everything in scope is equal" if report.ok else "verification found differences (exit 4)",
         None if report.ok else "red",
