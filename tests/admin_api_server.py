@@ -31,7 +31,6 @@ import math
 import random
 import re
 import secrets
-import socket
 import string
 import uuid
 from collections import Counter
@@ -44,6 +43,7 @@ from urllib.parse import urlencode
 import asyncpg
 import bcrypt
 from aiohttp import web
+from local_http import LocalHttpService
 
 _log = logging.getLogger(__name__)
 
@@ -663,7 +663,7 @@ _EXCHANGE = web.RequestKey("exchange", Exchange)
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
-class AdminApiServer:
+class AdminApiServer(LocalHttpService):
     """The Auth admin user endpoints on 127.0.0.1, writing into the database at ``database_url``.
 
     ``service_key`` is accepted as an admin token; ``anon_key`` is known but refused with ``not_admin``
@@ -738,40 +738,7 @@ class AdminApiServer:
         app.router.add_get(base + "/{user_id}", self._route(ROUTE_GET, self._get_user))
         app.router.add_put(base + "/{user_id}", self._route(ROUTE_UPDATE, self._update_user))
         app.router.add_delete(base + "/{user_id}", self._route(ROUTE_DELETE, self._delete_user))
-        # A short shutdown grace: a handler parked in a "slow" fault must not hold up the test.
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        self._port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
-
-    async def close(self) -> None:
-        """Stop listening and close the database pool."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        if self._pool is not None:
-            try:
-                await asyncio.wait_for(self._pool.close(), timeout=5)
-            except TimeoutError:
-                self._pool.terminate()
-            self._pool = None
-        self._port = None
-
-    async def __aenter__(self) -> AdminApiServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        """The asyncpg pool the endpoints use."""
-        if self._pool is None:
-            raise RuntimeError("the server is not running")
-        return self._pool
+        await self._listen(app)
 
     # -- plumbing --------------------------------------------------------------------------------
 

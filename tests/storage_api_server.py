@@ -36,7 +36,6 @@ import json
 import logging
 import random
 import re
-import socket
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -47,6 +46,7 @@ from typing import Any
 
 import asyncpg
 from aiohttp import BodyPartReader, web
+from local_http import LocalHttpService
 
 _log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ _EXCHANGE = web.RequestKey("exchange", Exchange)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class StorageApiServer:
+class StorageApiServer(LocalHttpService):
     """The Storage API on 127.0.0.1: bytes under ``root``, rows in the database at ``database_url``.
 
     ``service_key`` is accepted with the ``service_role``; any other token is refused as the JWT check
@@ -391,39 +391,7 @@ class StorageApiServer:
         add("POST", f"{PREFIX}/upload/resumable/", self._route(ROUTE_TUS, self._tus_create))
         add("HEAD", f"{PREFIX}/upload/resumable/{{upload_id}}", self._route(ROUTE_TUS, self._tus_head))
         add("PATCH", f"{PREFIX}/upload/resumable/{{upload_id}}", self._route(ROUTE_TUS, self._tus_patch))
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        self._port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
-
-    async def close(self) -> None:
-        """Stop listening and close the database pool."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        if self._pool is not None:
-            try:
-                await asyncio.wait_for(self._pool.close(), timeout=5)
-            except TimeoutError:
-                self._pool.terminate()
-            self._pool = None
-        self._port = None
-
-    async def __aenter__(self) -> StorageApiServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        """The asyncpg pool the endpoints use."""
-        if self._pool is None:
-            raise RuntimeError("the server is not running")
-        return self._pool
+        await self._listen(app)
 
     def blob_path(self, bucket: str, name: str, version: str) -> Path:
         """Where the bytes of one version of an object live."""
