@@ -24,6 +24,7 @@ from sync import render
 from sync.auth import AdminApi, AuthOptions
 from sync.connect import Endpoint, Side, redact
 from sync.errors import EXIT_FAILED, EXIT_USAGE, SyncError, cause_of, first_line
+from sync.follow import DEFAULT_EVERY, FollowRound, RunRound, follow, parse_every
 from sync.mapping import Mapping, load_mapping
 from sync.modes import DeleteMode
 from sync.preview import preview
@@ -356,7 +357,21 @@ def _run_pipeline(source: Endpoint, target: Endpoint, work: Callable[[], Awaitab
     "--batch-size", type=click.IntRange(min=1), help="Rows per target transaction (default: mapping)."
 )
 @click.option("--jobs", type=click.IntRange(min=1), help="Tables copied in parallel (default: mapping).")
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Repeat catch-up runs until Ctrl-C, one line per round (rows and users brought, production "
+    "deletes, lag). With --since, the first round takes the window. Ctrl-C between rounds: exit 0 (3 "
+    "when the last round quarantined rows); during a round: exit 130, the round resumes on the next run.",
+)
+@click.option(
+    "--every",
+    metavar="DURATION",
+    help="With --follow: start a round this often, e.g. 30s, 2m, 1m30s [default: 30s].",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout (one line a round)."
+)
 @click.option("--quiet", is_flag=True, help="Print nothing but errors; the exit code tells the outcome.")
 def run_command(
     source: str | None,
@@ -377,14 +392,18 @@ def run_command(
     auth_concurrency: int,
     batch_size: int | None,
     jobs: int | None,
+    follow: bool,
+    every: str | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
     """Bring production's users and rows onto the target: auth users first, then tables in FK order.
 
     Resumable: after a crash or Ctrl-C, run the same command again. Exit 0: everything landed;
-    3: some rows quarantined (see `sync status --show`); 1: failed; 2: usage, mapping or plan error.
+    3: some rows quarantined (see `sync status --show`); 1: failed; 2: usage, mapping or plan error;
+    130: Ctrl-C cut a --follow round short.
     """
+    interval = _follow_interval(follow, every, auth_only)
     endpoints = _endpoints(source, target)
     try:
         mapping = load_mapping(mapping_path)
@@ -407,7 +426,7 @@ def run_command(
             render.auth(report)
         sys.exit(report.exit_code)
 
-    progress = RunProgress(render.console, {}, enabled=not quiet and not as_json)
+    progress = RunProgress(render.console, {}, enabled=not (quiet or as_json or interval))
     options = RunOptions(
         since=since,
         restart=restart,
@@ -421,16 +440,22 @@ def run_command(
     access = (source_supabase_url, source_service_role_key, supabase_url, service_role_key)
     storage = storage_stage(mapping, access, storage_concurrency, progress)
 
+    def run_round(round_options: RunOptions) -> Awaitable[RunReport]:
+        return run_sync(
+            *endpoints,
+            mapping,
+            round_options,
+            auth_stage=auth_import(auth_options, admin_api),
+            progress=progress,
+            storage_stage=storage,
+        )
+
+    if interval is not None:
+        _follow(endpoints, run_round, options, interval, as_json=as_json, quiet=quiet)
+
     async def work() -> RunReport:
         with progress.shown():
-            return await run_sync(
-                *endpoints,
-                mapping,
-                options,
-                auth_stage=auth_import(auth_options, admin_api),
-                progress=progress,
-                storage_stage=storage,
-            )
+            return await run_round(options)
 
     report = _run_pipeline(*endpoints, work)
     if as_json:
@@ -438,6 +463,46 @@ def run_command(
     elif not quiet:
         render.run(report)
     sys.exit(report.exit_code)
+
+
+def _follow_interval(follow: bool, every: str | None, auth_only: bool) -> timedelta | None:
+    """The round interval of ``--follow`` (None without it); bad combinations and values exit 2."""
+    if not follow:
+        if every is not None:
+            fail("--every sets the interval of --follow: add --follow, or leave --every out.")
+        return None
+    if auth_only:
+        fail("--follow repeats whole catch-up runs: it does not combine with --auth-only.")
+    try:
+        return parse_every(every) if every is not None else DEFAULT_EVERY
+    except SyncError as exc:
+        fail(str(exc), exc.exit_code)
+
+
+def _follow(
+    endpoints: tuple[Endpoint, Endpoint],
+    run_round: RunRound,
+    options: RunOptions,
+    every: timedelta,
+    *,
+    as_json: bool,
+    quiet: bool,
+) -> NoReturn:
+    """``sync run --follow``: rounds until Ctrl-C, one line each; exits with the follow's code."""
+    if not (quiet or as_json):
+        render.follow_start(every)
+
+    def on_round(round_: FollowRound) -> None:
+        if as_json:
+            click.echo(round_.model_dump_json())
+        elif not quiet:
+            render.follow_round(round_)
+        logging.getLogger().setLevel(logging.WARNING)  # the sides and notes were named by the first round
+
+    end = _run_pipeline(*endpoints, lambda: follow(run_round, options, every, on_round))
+    if not (quiet or as_json):
+        render.follow_end(end)
+    sys.exit(end.exit_code)
 
 
 @main.command("status")

@@ -69,6 +69,11 @@ class DeletesReport(BaseModel):
     def found(self) -> int:
         return sum(d.found for d in self.tables) + (self.users.found if self.users else 0)
 
+    @property
+    def deleted(self) -> int:
+        """Rows and users deleted (or soft-deleted) on the target."""
+        return sum(d.deleted for d in self.tables) + (self.users.deleted if self.users else 0)
+
     def lines(self) -> list[str]:
         """One line per table (and the users) with production deletes: counts, first keys, what was done."""
         lines = []

@@ -8,6 +8,8 @@ EXIT_USAGE = 2
 EXIT_QUARANTINED = 3
 EXIT_DIFFERENT = 4
 """``sync verify``/``cutover``: something in scope is missing, different, deleted or not landed."""
+EXIT_INTERRUPTED = 130
+"""``sync run --follow``: Ctrl-C cut a round short (its committed batches are kept; a rerun resumes it)."""
 
 
 def first_line(exc: BaseException) -> str:

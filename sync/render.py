@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import sys
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -18,6 +19,7 @@ from sync.status import PROCESS_GONE
 if TYPE_CHECKING:
     from sync.auth import AuthReport
     from sync.deletes import DeletesReport
+    from sync.follow import FollowEnd, FollowRound
     from sync.plan import PlanReport
     from sync.run import RunReport
     from sync.status import StatusReport
@@ -192,6 +194,43 @@ def run(report: RunReport) -> None:
             "after fixing the cause, `sync quarantine retry`.",
             "red",
         )
+
+
+def follow_start(every: timedelta) -> None:
+    """What ``sync run --follow`` is about to do."""
+    say(f"Following production: a catch-up round every {_duration(every)}; Ctrl-C stops (between batches).")
+
+
+def follow_round(r: FollowRound) -> None:
+    """One line per round: what it brought, production deletes, lag; quarantined rows in red."""
+    lag = "—" if r.lag_seconds is None else f"{r.lag_seconds:.1f} s"
+    deletes = f"{r.production_deletes:,} production deletes" + (
+        f" ({r.deleted:,} deleted)" if r.deleted else ""
+    )
+    held = f", {r.quarantined:,} quarantined" if r.quarantined else ""
+    say(
+        f"round {r.round} at {r.started_at:%H:%M:%S}: {r.rows:,} rows, {r.users:,} users brought, {deletes}"
+        f"{held}, lag {lag} (run {r.run_id}{', resumed' if r.resumed else ''}, {r.seconds:.1f} s)",
+        "red" if r.quarantined else None,
+    )
+
+
+def follow_end(end: FollowEnd) -> None:
+    """How the follow stopped, and what the next command does."""
+    if end.interrupted_round:
+        say(
+            f"Stopped during round {end.rounds}: its committed batches are kept; the next `sync run` "
+            "resumes it (exit 130)."
+        )
+    else:
+        say(f"Stopped after {end.rounds} round(s), between rounds: nothing is left half done.")
+
+
+def _duration(every: timedelta) -> str:
+    minutes, seconds = divmod(int(every.total_seconds()), 60)
+    hours, minutes = divmod(minutes, 60)
+    text = "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (seconds, "s")) if n)
+    return text or "0s"
 
 
 def deletes(report: DeletesReport) -> None:
