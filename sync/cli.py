@@ -23,7 +23,7 @@ from pydantic import SecretStr
 from sync import render
 from sync.auth import AdminApi, AuthOptions
 from sync.connect import Endpoint, Side, redact
-from sync.errors import EXIT_FAILED, EXIT_USAGE, SyncError, cause_of, first_line
+from sync.errors import EXIT_FAILED, EXIT_USAGE, SyncError, cause_of, first_cause, first_line
 from sync.follow import DEFAULT_EVERY, FollowRound, RunRound, follow, parse_every
 from sync.mapping import Mapping, load_mapping
 from sync.modes import DeleteMode
@@ -268,7 +268,7 @@ def _run_pipeline(source: Endpoint, target: Endpoint, work: Callable[[], Awaitab
     except KeyboardInterrupt:
         fail("interrupted: every committed batch is kept; run the same command again to resume.", EXIT_FAILED)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, ExceptionGroup) as exc:
-        inner = exc.exceptions[0] if isinstance(exc, ExceptionGroup) else exc
+        inner = first_cause(exc)
         message = target.redact(source.redact(first_line(inner)))
         code, advice = cause_of(inner)
         fail(f"the run failed: {message}; {advice}.", code)

@@ -18,6 +18,13 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def first_cause(exc: BaseException) -> BaseException:
+    """The first failure inside ``exc``: concurrent stages (tables copied in parallel) raise groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 class SyncError(Exception):
     """A failure explained in one sentence to the user; ``exit_code`` is what the CLI returns."""
 

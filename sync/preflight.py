@@ -9,8 +9,9 @@ created or changed anything on either side. The checks only read catalogs and se
 - **Shape**: the ``auth`` schema where the auth stage runs; none on either side is plain PostgreSQL
   (users are left out), on one side only is a refusal naming the side.
 - **Privileges**: the target is writable (not read-only, not a standby), the role may create ``_sync``
-  (or it exists and is the role's), and may read, insert and update every table the run writes; the
-  source role may read every table the run reads and row level security hides none of its rows.
+  (or it exists and is the role's), may read, insert and update every table the run writes, and may
+  use and set every sequence the run moves (``USAGE, UPDATE``: ``setval`` and fresh keys); the source
+  role may read every table the run reads and row level security hides none of its rows.
 - **More checks** (e.g. that an admin API answers with its key) plug in through ``Needs.extra``.
 """
 
@@ -23,6 +24,7 @@ from enum import StrEnum
 import asyncpg
 
 from sync.connect import Endpoint, PoolMode, connect, detect_pool_mode
+from sync.copy.sequences import sequences_set
 from sync.errors import UsageError
 from sync.plan import AUTH_USERS, Plan
 
@@ -227,6 +229,15 @@ ORDER BY x.name, x.privilege
 """
 
 
+# ``setval`` needs UPDATE; reading the sequence's position and drawing fresh keys need USAGE.
+_SEQUENCE_PRIVILEGES = """
+SELECT x.name, p.privilege
+FROM unnest($1::text[]) AS x(name), unnest(ARRAY['USAGE', 'UPDATE']) WITH ORDINALITY AS p(privilege, i)
+WHERE NOT has_sequence_privilege(x.name, p.privilege)
+ORDER BY x.name, p.i
+"""
+
+
 async def _lacking(
     conn: asyncpg.Connection, server: Server, needed: Sequence[tuple[str, str]]
 ) -> tuple[list[str], list[str]]:
@@ -235,6 +246,13 @@ async def _lacking(
     lacking = [f"{r['privilege']} ON {r['name']}" for r in rows if not r["granted"]]
     limited = sorted({r["name"] for r in rows if r["rls"] and not server.bypass_rls})
     return lacking, limited
+
+
+async def _lacking_on_sequences(conn: asyncpg.Connection, plan: Plan) -> list[str]:
+    """The ``privilege ON SEQUENCE name`` pairs the role lacks on the sequences the run moves."""
+    names = sorted({sequence for _, _, sequence in sequences_set(plan)})
+    rows = await conn.fetch(_SEQUENCE_PRIVILEGES, names) if names else []
+    return [f"{r['privilege']} ON SEQUENCE {r['name']}" for r in rows]
 
 
 def _grant_line(side: str, server: Server, lacking: list[str]) -> str:
@@ -263,6 +281,7 @@ async def _check_target(conn: asyncpg.Connection, target: Server, plan: Plan, us
     tables = [t.name for t in plan.tables] + ([AUTH_USERS, AUTH_IDENTITIES] if users else [])
     needed = [(t, p) for t in tables for p in ("SELECT", "INSERT", "UPDATE")]
     lacking, limited = await _lacking(conn, target, needed)
+    lacking += await _lacking_on_sequences(conn, plan)
     if lacking:
         hint = (
             " (or use --auth-mode admin-api for the users)" if users and "auth." in " ".join(lacking) else ""

@@ -27,7 +27,7 @@ from sync.auth.columns import USERS_TABLE
 from sync.catalog import read_catalog
 from sync.connect import Endpoint, connect
 from sync.deletes import DeletesReport, find_deletes
-from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, PlanError, first_line
+from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, PlanError, first_cause, first_line
 from sync.mapping import Mapping
 from sync.modes import DeleteMode
 from sync.plan import Plan, TablePlan, build_plan, check_casts
@@ -366,7 +366,7 @@ async def run_auth_only(
 
 def failure_line(exc: BaseException, source: Endpoint, target: Endpoint) -> str:
     """The one line a failed run is recorded with (``sync status`` shows it), passwords removed."""
-    return target.redact(source.redact(first_line(exc)))
+    return target.redact(source.redact(first_line(first_cause(exc))))
 
 
 def _describe(options: RunOptions, mapping: Mapping) -> dict[str, Any]:

@@ -255,25 +255,48 @@ def test_a_source_role_limited_by_row_level_security_is_refused_by_plan_and_run(
         refused(result, "Row level security hides rows of auth.identities, auth.users", "BYPASSRLS")
 
 
-def test_a_privilege_missing_late_exits_2_and_says_what_to_grant(pair, mapping, role, server):
+COUNTERS = "CREATE TABLE public.counters (id bigserial PRIMARY KEY, note uuid REFERENCES public.notes)"
+
+
+def test_a_target_role_that_may_not_set_the_runs_sequences_is_refused_before_anything_is_written(
+    pair, mapping, role, server
+):
     source, target = pair
-    execute(
-        target.admin_url,
-        "CREATE TABLE public.counters (id bigserial PRIMARY KEY, note uuid REFERENCES public.notes)",
-    )
-    execute(
-        source.admin_url,
-        "CREATE TABLE public.counters (id bigserial PRIMARY KEY, note uuid REFERENCES public.notes)",
-    )
+    for db in (source, target):
+        execute(db.admin_url, COUNTERS)
     execute(source.admin_url, "INSERT INTO public.counters (note) SELECT id FROM public.notes")
-    # Every table privilege, but not the sequence behind the copied key: the run meets it at the end.
+    # Every table privilege, but not the sequence the run moves past the copied keys.
     name = role([target], WRITER_GRANTS + f"GRANT CREATE ON DATABASE {target.name} TO {{role}};", "BYPASSRLS")
     mapping.write_text('[tables."public.counters"]\nkey = "preserve"\n')
+    with unchanged(source, target):
+        result = sync(
+            "run", "--since", "2024-01-01", *between(source, as_role(server, target, name), mapping)
+        )
+    refused(result, f"GRANT USAGE, UPDATE ON SEQUENCE public.counters_id_seq TO {name}")
+    execute(target.admin_url, f"GRANT USAGE, UPDATE ON SEQUENCE public.counters_id_seq TO {name}")
+    granted = sync("run", "--since", "2024-01-01", *between(source, as_role(server, target, name), mapping))
+    assert granted.exit_code == 0, granted.output
+    assert fetch(target.url, "SELECT last_value FROM public.counters_id_seq")[0][0] == 1
+
+
+def test_a_privilege_missing_late_exits_2_and_says_what_to_grant(pair, mapping, role, server):
+    source, target = pair
+    # A target trigger writes to a table the role may not write: the run meets it at the first batch.
+    execute(
+        target.admin_url,
+        "CREATE TABLE public.audit (note uuid);"
+        "CREATE FUNCTION public.audit_note() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$BEGIN INSERT INTO public.audit VALUES (NEW.id); RETURN NEW; END$$;"
+        "CREATE TRIGGER audited AFTER INSERT ON public.notes "
+        "FOR EACH ROW EXECUTE FUNCTION public.audit_note();",
+    )
+    name = role([target], WRITER_GRANTS + f"GRANT CREATE ON DATABASE {target.name} TO {{role}};", "BYPASSRLS")
+    execute(target.admin_url, f"REVOKE INSERT ON public.audit FROM {name}")
     result = sync("run", "--since", "2024-01-01", *between(source, as_role(server, target, name), mapping))
-    line = refused(result, "permission denied for sequence counters_id_seq", "grant the privilege")
+    line = refused(result, "permission denied for table audit", "grant the privilege")
     assert "rerun" not in line
     shown = sync("status", "--target", target.url)
-    assert "failed: permission denied for sequence counters_id_seq" in shown.output
+    assert "failed: permission denied for table audit" in shown.output
 
 
 # ----------------------------------------------------------------------------------------- sources

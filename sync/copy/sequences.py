@@ -53,15 +53,24 @@ async def advance_past_source(sconn: asyncpg.Connection, tconn: asyncpg.Connecti
     return floor
 
 
+def sequences_set(plan: Plan) -> list[tuple[TablePlan, str, str]]:
+    """Every ``(table, column, sequence)`` whose sequence a run moves: those owned by a copied column.
+
+    They include the key sequences of tables that allocate fresh keys. The preflight checks the
+    privileges on exactly these.
+    """
+    return [
+        (tp, column, sequence)
+        for tp in plan.tables
+        for column, sequence in tp.sequences.items()
+        if column in {c.target for c in tp.columns}
+    ]
+
+
 async def move_sequences(conn: asyncpg.Connection, plan: Plan) -> int:
     """Move every sequence owned by a copied column to at least max(column) in target; never back."""
     moved = 0
-    for tp in plan.tables:
-        copied = {c.target for c in tp.columns}
-        for column, sequence in tp.sequences.items():
-            if column in copied:
-                await advance_sequence(
-                    conn, sequence, f"SELECT max({ident(column)}) FROM {table_ident(tp.name)}"
-                )
-                moved += 1
+    for tp, column, sequence in sequences_set(plan):
+        await advance_sequence(conn, sequence, f"SELECT max({ident(column)}) FROM {table_ident(tp.name)}")
+        moved += 1
     return moved
