@@ -34,7 +34,7 @@ from sync.plan import (
     draft_plan,
 )
 from sync.preflight import Needs, preflight, reach
-from sync.selection import Selection
+from sync.selection import CLOSURE_PASS, Selection
 from sync.sqltext import Params, ident
 from sync.state import CATCH_UP_OVERLAP, catch_up_since
 from sync.storage.rules import storage_rules
@@ -215,18 +215,30 @@ class _Sessions:
         date is no reason to leave a row behind.
         """
         table = _table_sql(self.source_catalog.tables[plan.source_name])
-        params = Params()
-        window = selection.in_window(plan, params)
+        source_of = {c.target: c.source for c in plan.columns}
+        columns = ", ".join(ident(source_of[c]) for c in [*plan.primary_key, *plan.match_on])
+        counts: list[int] = []
+        keyed: list[asyncpg.Record] = []
         async with _failures_named(self.source):
-            if plan.key != "remap":
-                rows = await self.src.fetchval(f"SELECT count(*) FROM {table} WHERE {window}", *params.values)
-                return report.model_copy(update={"window_rows": rows})
-            source_of = {c.target: c.source for c in plan.columns}
-            columns = ", ".join(ident(source_of[c]) for c in [*plan.primary_key, *plan.match_on])
-            keyed = await self.src.fetch(f"SELECT {columns} FROM {table} WHERE {window}", *params.values)
-        async with _failures_named(self.target):
-            collisions = await self._collisions(plan, keyed)
-        return report.model_copy(update={"window_rows": len(keyed), "collisions": collisions})
+            for phase in selection.phases(plan):  # the run's passes: the window, then its parents
+                params = Params()
+                where = phase(params)
+                if plan.key != "remap":
+                    counts.append(
+                        await self.src.fetchval(f"SELECT count(*) FROM {table} WHERE {where}", *params.values)
+                    )
+                    continue
+                rows = await self.src.fetch(f"SELECT {columns} FROM {table} WHERE {where}", *params.values)
+                counts.append(len(rows))
+                keyed += rows
+        update = {
+            "window_rows": counts[0],
+            "parent_rows": counts[CLOSURE_PASS] if len(counts) > CLOSURE_PASS else 0,
+        }
+        if plan.key == "remap":
+            async with _failures_named(self.target):
+                update["collisions"] = await self._collisions(plan, keyed)
+        return report.model_copy(update=update)
 
     async def _collisions(self, plan: TablePlan, keyed: Sequence[asyncpg.Record]) -> int:
         """How many of the source's (key, match_on) rows meet a target row with the key but not the rest."""

@@ -74,7 +74,7 @@ def plan(report: PlanReport) -> None:
                 "whole table"
                 if t.since is None
                 else f"since {t.since}" + ("" if t.since_indexed else " (no index)"),
-                _rows_in_window(t.window_rows, t.collisions),
+                _rows_in_window(t.window_rows, t.parent_rows, t.collisions),
             )
             for number, t in enumerate(report.tables, start=1)
         ]
@@ -119,10 +119,12 @@ def plan(report: PlanReport) -> None:
     _section("errors (nothing can run until they are fixed)", report.errors, "bold red")
 
 
-def _rows_in_window(rows: int | None, collisions: int | None) -> str:
+def _rows_in_window(rows: int | None, parents: int | None, collisions: int | None) -> str:
     if rows is None:
         return ""
     text = f"{rows:,} rows in the window"
+    if parents:
+        text += f" + {parents:,} parents the window needs"
     if collisions:
         text += f", {collisions:,} of their keys taken by other rows in target"
     return text
@@ -168,13 +170,23 @@ def run(report: RunReport) -> None:
     if report.auth is not None:
         auth(report.auth, shown=10)
     table = Table(title="Tables")
-    for column in ("table", "read", "inserted", "updated", "remapped", "quarantined", "rows/s"):
+    for column in (
+        "table",
+        "read",
+        "of them parents",
+        "inserted",
+        "updated",
+        "remapped",
+        "quarantined",
+        "rows/s",
+    ):
         table.add_column(column, justify="left" if column == "table" else "right", no_wrap=True)
     for t in report.tables:
         rate = f"{t.read / t.seconds:,.0f}" if t.seconds > 0 else "—"
         table.add_row(
             t.table,
             f"{t.read:,}",
+            f"{t.parents:,}",
             f"{t.inserted:,}",
             f"{t.updated:,}",
             f"{t.remapped:,}",

@@ -146,7 +146,7 @@ class RunReport(BaseModel):
         }
 
 
-_STORED_COUNTS = {"read", "inserted", "updated", "quarantined", "remapped"}
+_STORED_COUNTS = {"read", "parents", "inserted", "updated", "quarantined", "remapped"}
 
 
 def auth_import(options: AuthOptions, admin_api: AdminApi | None = None) -> AuthStage:

@@ -27,6 +27,9 @@ Predicate = Callable[[Params], str]
 """SQL text of a condition over a source table, its values bound into the statement's parameters."""
 
 
+CLOSURE_PASS = 1
+"""The index of the closure's pass among a table's :meth:`Selection.phases` (the window's is 0)."""
+
 XID_SPAN = 1 << 32
 """A row's ``xmin`` is a 32-bit transaction id; the epoch that widens it to 64 bits is not stored."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -283,3 +284,26 @@ def test_the_plan_says_what_a_transaction_pooler_costs():
     assert "cannot share one snapshot" in warnings[0] and "run lock" in warnings[1]
     direct = Endpoint.parse(Side.SOURCE, session), Endpoint.parse(Side.TARGET, session)
     assert connection_warnings(*direct) == []
+
+
+def test_the_plan_counts_what_the_run_then_reads_window_and_parents_apart(seed_dbs):
+    source, target = seed_dbs
+    shown = plan_of(seed_dbs, "--mapping", SHIPPED, "--since", "2024-11-18", "--json")
+    assert shown.exit_code == 0, shown.output
+    planned = {
+        t.name: (t.window_rows, t.parent_rows) for t in PlanReport.model_validate_json(shown.stdout).tables
+    }
+    assert any(parents for _, parents in planned.values()), planned  # the seed's window needs old parents
+
+    ran = CliRunner().invoke(
+        main,
+        ["run", "--source", source.url, "--target", target.url, "--mapping", SHIPPED]
+        + ["--since", "2024-11-18", "--json"],
+    )
+
+    assert ran.exit_code == 0, ran.output
+    tables = json.loads(ran.stdout)["tables"]
+    assert {t["table"]: (t["read"] - t["parents"], t["parents"]) for t in tables} == planned
+    text = plan_of(seed_dbs, "--mapping", SHIPPED, "--since", "2024-11-18").stdout
+    window, parents = planned["public.profiles"]
+    assert f"{window:,} rows in the window + {parents:,} parents the window needs" in text

@@ -37,7 +37,7 @@ from sync.retry import (
     lock_wait_line,
     retrying,
 )
-from sync.selection import Changes, Predicate, Selection, source_key_columns
+from sync.selection import CLOSURE_PASS, Changes, Predicate, Selection, source_key_columns
 from sync.snapshot import SourceSnapshot
 from sync.sqltext import Params, column_list, ident, row_of, table_ident
 from sync.state import WriteGuard
@@ -56,6 +56,8 @@ class TableResult(BaseModel):
     updated: int = 0
     quarantined: int = 0
     remapped: int = 0
+    parents: int = 0
+    """Of ``read``: rows outside the window that the window's rows need (the closure's pass)."""
     batches: int = 0
     retries: int = 0
     seconds: float = 0.0
@@ -109,6 +111,7 @@ class TableCopy:
         self.source_pk = source_key_columns(tp)
         self.src_types = {c.source: c.source_type for c in tp.columns}
         self.phase: Predicate = lambda params: "true"
+        self.phase_number = 0
         self.key_floor: int | None = None
         self._sconn: asyncpg.Connection | None = None
         self._tconn: asyncpg.Connection | None = None
@@ -132,7 +135,7 @@ class TableCopy:
             for number, phase in enumerate(self.selection.phases(self.tp)):
                 if number < start.phase:
                     continue
-                self.phase = phase
+                self.phase, self.phase_number = phase, number
                 last_key = start.key if number == start.phase else None
                 boundaries = await self._with_retries(lambda lk=last_key: self._boundaries(lk))
                 for boundary in [*boundaries, None]:
@@ -356,6 +359,8 @@ class TableCopy:
 
     def _report(self, rows: int) -> None:
         self.result.read += rows
+        if self.phase_number == CLOSURE_PASS:
+            self.result.parents += rows
         if self.ctx.progress is not None:
             self.ctx.progress(self.tp.name, rows)
 

@@ -60,6 +60,8 @@ class TableReport(BaseModel):
     triggers: list[TriggerReport]
     window_rows: int | None = None
     """Source rows in the window (None when not counted)."""
+    parent_rows: int | None = None
+    """Source rows outside the window that the window's rows need (the closure): a run reads both."""
     collisions: int | None = None
     """Remap tables: source keys in the window that the target uses for a different row."""
 
