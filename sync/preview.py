@@ -4,6 +4,9 @@ Both databases are only read, each in one ``REPEATABLE READ READ ONLY`` transact
 view, and a guarantee that nothing is written): their catalogs, the plan drawn from them, the cast
 checks, then per table the source rows in the window and, for remapped integer keys, how many of
 those keys the target already uses for another row, and how the source's users meet the target's.
+Production deletes are found as the run finds them: the source's keys (read in its read-only
+transaction) stream into a temporary table of a target session whose transaction is rolled back, so
+nothing persists, not even in the catalog.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from sync.auth.match import MatchKind, match_users, read_id_map, read_target_key
 from sync.auth.source import read_source_keys
 from sync.catalog import Catalog, Table, read_catalog
 from sync.connect import Endpoint, PoolMode, connect
-from sync.deletes import DeletesReport
+from sync.deletes import DeletesReport, copy_date, find_deletes
 from sync.errors import PlanError, UsageError
 from sync.mapping import Mapping
 from sync.plan import (
@@ -79,6 +82,7 @@ async def preview(
                 for report, p in zip(tables, plan.tables, strict=True)
             ]
             users = await sides.users()
+            deletes = await sides.deletes(plan.tables, since, first=not catch_up)
             if rules:
                 async with _failures_named(target):
                     files = (await survey_storage(src, tgt, rules, since=since, plan=plan)).plan_lines()
@@ -255,6 +259,18 @@ class _Sessions:
         there = {tuple(r)[:width]: tuple(r)[width:] for r in existing}
         rows = [(tuple(r)[:width], tuple(r)[width:]) for r in keyed]
         return sum(1 for key, match in rows if key in there and there[key] != match)
+
+    async def deletes(
+        self, tables: Sequence[TablePlan], since: datetime | None, first: bool
+    ) -> DeletesReport:
+        """Production deletes per table and for users, as the run would find them.
+
+        The copy date is the first run's ``--since``; before the first run, the one this plan is for.
+        """
+        async with _failures_named(self.target):
+            copied = await copy_date(self.tgt) or (since if first else None)
+            found, _ = await find_deletes(self.src, self.target, tables, copied)
+        return found
 
     async def users(self) -> UserReport | None:
         """Every source user, matched to the target's by the matcher ``sync run`` uses, with its readers."""

@@ -11,9 +11,12 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
+from click.testing import CliRunner
 from queries import execute, fetch
+from unchanged import unchanged
 
 from sync.auth import AuthOptions
+from sync.cli import main
 from sync.connect import Endpoint, Side
 from sync.mapping import Mapping
 from sync.modes import DeleteMode
@@ -215,3 +218,28 @@ def test_a_request_moved_to_another_person_after_landing_is_updated_not_duplicat
     ]
     ledger = "SELECT target_key FROM _sync.landed WHERE table_name = 'public.requests' AND source_key = '5'"
     assert fetch(target.url, ledger) == [("5",)]
+
+
+def test_sync_plan_reports_production_deletes_per_table_and_writes_nothing(pair, tmp_path):
+    source, target = pair
+    production_deletes_ana_carla_and_betos_request(source)
+    mapping = tmp_path / "sync.toml"
+    mapping.write_text('[tables."public.requests"]\nkey = "remap"\nmatch_on = ["created_at", "profile_id"]\n')
+    args = ["--source", source.url, "--target", target.url, "--mapping", str(mapping)]
+
+    with unchanged(source, target):
+        shown = CliRunner().invoke(main, ["plan", "--since", "2024-11-18", *args])
+
+    assert shown.exit_code == 0, shown.output
+    assert f"  - auth.users: 2 deleted in production (first: {ANA}, {CARLA})" in shown.stdout
+    assert f"  - public.profiles: 2 deleted in production (first: {ANA}, {CARLA})" in shown.stdout
+    assert "  - public.requests: 3 deleted in production (first: 1, 2, 3)" in shown.stdout
+    # The run finds the same ones (and, under --deletes report, changes nothing either).
+    assert found(run(source, target, since=SINCE)) == {
+        "auth.users": (2, [ANA, CARLA]),
+        "public.profiles": (2, [ANA, CARLA]),
+        "public.requests": (3, ["1", "2", "3"]),
+    }
+    with unchanged(source, target):
+        again = CliRunner().invoke(main, ["plan", *args])
+    assert "  - public.requests: 3 deleted in production (first: 1, 2, 3)" in again.stdout
