@@ -19,10 +19,14 @@ demo: $(STAMP)
 
 # The suite runs on the embedded PostgreSQL 18, then again on PostgreSQL 15 when its binaries are
 # installed (Supabase runs 15 and 17). With DATABASE_URL set, it runs once, against that server.
+# Tests run TEST_JOBS at a time (most of a test's time is spent waiting on servers and subprocesses);
+# each has databases of its own, so they do not see one another.
+TEST_JOBS ?= 3
+PYTEST := $(PY) -m pytest -n $(TEST_JOBS) --dist loadgroup
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PYTEST)
 	@if [ -z "$$DATABASE_URL" ] && [ -x $(PG15) ]; then \
-		echo "== again on PostgreSQL 15 =="; SYNC_PG=15 $(PY) -m pytest; fi
+		echo "== again on PostgreSQL 15 =="; SYNC_PG=15 $(PYTEST); fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

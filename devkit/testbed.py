@@ -8,7 +8,8 @@ is a ``CREATE DATABASE … TEMPLATE`` copy, which takes a fraction of a second.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +47,21 @@ def run_sql_file(url: str, path: Path) -> None:
         conn.execute(path.read_text())  # type: ignore[arg-type]
 
 
+@contextmanager
+def _exclusive(server: Server, what: str) -> Iterator[None]:
+    """Hold a server-wide advisory lock named ``what``: test processes running side by side build once."""
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"devkit:{what}",))
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (f"devkit:{what}",))
+
+
 def prepare_cluster(server: Server) -> None:
     """Create the cluster-wide Supabase roles (idempotent)."""
-    run_sql_file(server.url, SQL_DIR / "supabase" / "roles.sql")
+    with _exclusive(server, "roles"):
+        run_sql_file(server.url, SQL_DIR / "supabase" / "roles.sql")
 
 
 def create_database(server: Server, name: str, template: str | None = None) -> Database:
@@ -91,6 +104,11 @@ def fingerprint(*parts: str | bytes | Path) -> str:
 
 def ensure_template(server: Server, name: str, digest: str, build: Callable[[Database], None]) -> Database:
     """Return template ``name``, (re)building it with ``build`` when its recorded digest differs."""
+    with _exclusive(server, name):
+        return _ensure_template(server, name, digest, build)
+
+
+def _ensure_template(server: Server, name: str, digest: str, build: Callable[[Database], None]) -> Database:
     with psycopg.connect(server.url, autocommit=True) as conn:
         row = conn.execute(
             "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)

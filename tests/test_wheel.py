@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+# One worker builds the wheel and its virtualenv once for all of this file's tests.
+pytestmark = pytest.mark.xdist_group("wheel")
+
 PROJECT = Path(__file__).resolve().parent.parent
 
 
