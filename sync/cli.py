@@ -21,7 +21,7 @@ import click
 from pydantic import SecretStr
 
 from sync import render
-from sync.auth import AdminApi, AuthOptions
+from sync.auth import AdminApi, AuthOptions, AuthReport
 from sync.connect import Endpoint, Side, redact
 from sync.errors import EXIT_FAILED, EXIT_USAGE, SyncError, cause_of, first_cause, first_line
 from sync.follow import DEFAULT_EVERY, FollowRound, RunRound, follow, parse_every
@@ -418,15 +418,20 @@ def run_command(
         stream=sys.stderr,
         force=True,
     )
+    progress = RunProgress(render.console, {}, enabled=not (quiet or as_json or interval))
     if auth_only:
-        report = _run_pipeline(*endpoints, lambda: run_auth_only(*endpoints, auth_options, admin_api))
+
+        async def auth_work() -> AuthReport:
+            with progress.shown():
+                return await run_auth_only(*endpoints, auth_options, admin_api, progress)
+
+        report = _run_pipeline(*endpoints, auth_work)
         if as_json:
             click.echo(report.model_dump_json(indent=2))
         elif not quiet:
             render.auth(report)
         sys.exit(report.exit_code)
 
-    progress = RunProgress(render.console, {}, enabled=not (quiet or as_json or interval))
     options = RunOptions(
         since=since,
         restart=restart,
@@ -445,7 +450,7 @@ def run_command(
             *endpoints,
             mapping,
             round_options,
-            auth_stage=auth_import(auth_options, admin_api),
+            auth_stage=auth_import(auth_options, admin_api, progress),
             progress=progress,
             storage_stage=storage,
         )

@@ -1,8 +1,11 @@
-"""Progress of a run: a bar per table on a terminal, plain log lines elsewhere (CI, pipes)."""
+"""Progress of a run: a bar for the auth import and per table on a terminal, plain log lines elsewhere
+(CI, pipes), every ``SYNC_PROGRESS_EVERY`` seconds (5 by default) and once more at the end with the
+real counts."""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,25 +26,37 @@ from rich.text import Text
 
 log = logging.getLogger("sync")
 
-LOG_EVERY_S = 5.0
 MB = 1024 * 1024
 FILES = "files"
+USERS = "auth users"
+
+
+def log_every() -> float:
+    """Seconds between two plain progress lines of one table (``SYNC_PROGRESS_EVERY``, default 5)."""
+    try:
+        return max(float(os.environ.get("SYNC_PROGRESS_EVERY", "5")), 0.0)
+    except ValueError:
+        return 5.0
 
 
 class RowsPerSecond(ProgressColumn):
-    """The table's copy speed (MB/s for the files' bar, which counts bytes)."""
+    """The table's copy speed (MB/s for the files' bar, which counts bytes; users/s for the users')."""
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        if task.fields.get("unit") == "bytes":
+        unit = task.fields.get("unit", "rows")
+        if unit == "bytes":
             text = f"{speed / MB:>8,.1f} MB/s" if speed else "         … MB/s"
         else:
-            text = f"{speed:>8,.0f} rows/s" if speed else "       … rows/s"
+            text = f"{speed:>8,.0f} {unit}/s" if speed else f"{'…':>8} {unit}/s"
         return Text(text, style="progress.data.speed")
 
 
 class RunProgress:
-    """Receives ``(table, rows)`` after each committed batch; totals come from the window counts."""
+    """Receives ``(table, rows)`` after each committed batch; totals come from the window counts.
+
+    The auth import reports through :meth:`users_total` and :meth:`users` (users settled, of them created).
+    """
 
     def __init__(self, console: Console, totals: dict[str, int | None], *, enabled: bool = True) -> None:
         self.console = console
@@ -56,6 +71,8 @@ class RunProgress:
         self._files_total = (0, 0)
         self._files_done = (0, 0)
         self._resumed_at: dict[str, int] = {}
+        self._created = 0
+        self._every = log_every()
 
     @property
     def wants_totals(self) -> bool:
@@ -75,7 +92,9 @@ class RunProgress:
         self._started[table] = time.monotonic()
         self._last_log[table] = time.monotonic()
         if self._bars is not None and table not in self._tasks:
-            self._tasks[table] = self._bars.add_task(table, total=self.totals.get(table), completed=rows_done)
+            self._tasks[table] = self._bars.add_task(
+                table, total=self.totals.get(table), completed=rows_done, unit=_unit(table)
+            )
 
     def __call__(self, table: str, rows: int) -> None:
         self._done[table] = self._done.get(table, 0) + rows
@@ -84,21 +103,40 @@ class RunProgress:
             return
         if self._bars is not None:
             if table not in self._tasks:
-                self._tasks[table] = self._bars.add_task(table, total=self.totals.get(table))
-            self._bars.update(self._tasks[table], completed=self._done[table])
+                self._tasks[table] = self._bars.add_task(
+                    table, total=self.totals.get(table), unit=_unit(table)
+                )
+            self._bars.update(self._tasks[table], completed=self._done[table], description=self._label(table))
             return
         now = time.monotonic()
-        if now - self._last_log.get(table, 0.0) >= LOG_EVERY_S:
+        if now - self._last_log.get(table, 0.0) >= self._every:
             self._last_log[table] = now
             self._log(table, now)
+
+    def users_total(self, users: int) -> None:
+        """The auth import starts: ``users`` production users to match, then create or bring up to date."""
+        self._created = 0
+        self.totals[USERS] = users
+        self.begin(USERS, 0)
+
+    def users(self, users: int, created: int) -> None:
+        """``users`` more production users settled by the auth import; ``created`` of them are new."""
+        self._created += created
+        self(USERS, users)
+
+    def _label(self, table: str) -> str:
+        return f"{USERS} ({self._created:,} created)" if table == USERS else table
 
     def _log(self, table: str, now: float) -> None:
         """One plain line with the rows done so far (of the total when known) and this attempt's speed."""
         elapsed = max(now - self._started[table], 1e-6)
         total = self.totals.get(table)
         of = f" of {total:,}" if total is not None else ""
-        speed = (self._done[table] - self._resumed_at.get(table, 0)) / elapsed
-        log.info("%s: %s%s rows (%.0f rows/s)", table, f"{self._done[table]:,}", of, speed)
+        unit = _unit(table)
+        done = self._done[table]
+        created = f", {self._created:,} created" if table == USERS else ""
+        speed = (done - self._resumed_at.get(table, 0)) / elapsed
+        log.info("%s: %s%s %s%s (%.0f %s/s)", table, f"{done:,}", of, unit, created, speed, unit)
 
     def files_total(self, objects: int, size: int) -> None:
         """The storage stage's work ahead: ``objects`` files of ``size`` bytes in all."""
@@ -117,7 +155,7 @@ class RunProgress:
             self._bars.update(self._tasks[FILES], completed=done[1], description=self._files_label())
             return
         now = time.monotonic()
-        if now - self._last_log.get(FILES, 0.0) >= LOG_EVERY_S:
+        if now - self._last_log.get(FILES, 0.0) >= self._every:
             self._last_log[FILES] = now
             elapsed = max(now - self._started.get(FILES, now), 1e-6)
             log.info("%s (%.1f MB/s)", self._files_label(), done[1] / MB / elapsed)
@@ -149,3 +187,7 @@ class RunProgress:
         with self._bars:
             yield self
         self._bars = None
+
+
+def _unit(table: str) -> str:
+    return "users" if table == USERS else "rows"

@@ -22,7 +22,7 @@ import asyncpg
 from pydantic import BaseModel
 
 from sync import copy as table_copy
-from sync.auth import AdminApi, AuthOptions, AuthReport, import_users
+from sync.auth import AdminApi, AuthOptions, AuthReport, UserProgress, import_users
 from sync.auth.columns import USERS_TABLE
 from sync.catalog import read_catalog
 from sync.connect import Endpoint, connect
@@ -149,7 +149,9 @@ class RunReport(BaseModel):
 _STORED_COUNTS = {"read", "parents", "inserted", "updated", "quarantined", "remapped"}
 
 
-def auth_import(options: AuthOptions, admin_api: AdminApi | None = None) -> AuthStage:
+def auth_import(
+    options: AuthOptions, admin_api: AdminApi | None = None, progress: UserProgress | None = None
+) -> AuthStage:
     """The auth stage of a run: every source user on the target, ids mapped, before any table row."""
 
     async def stage(ctx: RunContext) -> AuthReport:
@@ -165,6 +167,7 @@ def auth_import(options: AuthOptions, admin_api: AdminApi | None = None) -> Auth
             only_ids=None if ctx.only_keys is None else [UUID(k) for k in ctx.only_keys.get(USERS_TABLE, [])],
             changes=ctx.changes,
             deleted_accounts=ctx.deleted_accounts,
+            progress=progress,
         )
 
     return stage
@@ -342,7 +345,11 @@ def _users_to_import(only_keys: dict[str, list[str]] | None) -> bool:
 
 
 async def run_auth_only(
-    source: Endpoint, target: Endpoint, options: AuthOptions, admin_api: AdminApi | None = None
+    source: Endpoint,
+    target: Endpoint,
+    options: AuthOptions,
+    admin_api: AdminApi | None = None,
+    progress: UserProgress | None = None,
 ) -> AuthReport:
     """The auth import alone (``sync run --auth-only``): under the run lock, inside an exported snapshot."""
     source, target = await reach(source, target)
@@ -357,7 +364,13 @@ async def run_auth_only(
     try:
         await snapshot.open()
         return await import_users(
-            source, target, options, admin_api=admin_api, snapshot=snapshot, guard=lock.confirm
+            source,
+            target,
+            options,
+            admin_api=admin_api,
+            snapshot=snapshot,
+            guard=lock.confirm,
+            progress=progress,
         )
     finally:
         await snapshot.close()

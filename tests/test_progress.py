@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 from rich.console import Console
 
@@ -31,3 +36,37 @@ def test_without_a_terminal_each_table_logs_its_real_count_and_never_a_bare_zero
     lines = [r.getMessage() for r in caplog.records]
     assert not any(line.startswith("public.notes: 0 rows") for line in lines), lines
     assert lines[-1].startswith("public.notes: 1,500 rows ("), lines
+
+
+def test_on_a_terminal_the_auth_import_has_a_bar_of_users_with_those_created():
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    progress = RunProgress(console, {})
+    with progress.shown():
+        progress.users_total(4082)
+        progress.users(2000, 1500)
+        progress.users(2082, 1452)
+        (task,) = progress._bars.tasks  # type: ignore[union-attr]
+        assert (task.completed, task.total, task.fields["unit"]) == (4082, 4082, "users")
+        assert task.description == "auth users (2,952 created)"
+    assert "users/s" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_without_a_terminal_a_run_logs_the_auth_imports_real_counts_as_it_goes(seed_dbs):
+    source, target = seed_dbs
+    shipped = Path(__file__).resolve().parent.parent / "mappings" / "sync.toml"
+    command = [sys.executable, "-m", "sync", "run", "--since", "2024-11-18", "--mapping", str(shipped)]
+    env = {**os.environ, "SYNC_SOURCE_URL": source.url, "SYNC_TARGET_URL": target.url}
+    # Every batch logs (instead of every 5 s), so the lines do not depend on how fast the machine is.
+    env["SYNC_PROGRESS_EVERY"] = "0"
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+    assert done.returncode == 0, done.stderr
+    users = [line for line in done.stderr.splitlines() if line.startswith("auth users: ")]
+    counts = [
+        int(re.match(r"auth users: ([\d,]+) of 4,082 users", line)[1].replace(",", "")) for line in users
+    ]
+    assert counts[:3] == [2000, 4000, 4082], users  # one line per batch of 2,000, then the last one
+    assert users[-1].startswith("auth users: 4,082 of 4,082 users, 2,952 created ("), users
+    profiles = [line for line in done.stderr.splitlines() if line.startswith("public.profiles: ")]
+    assert profiles[-1].startswith("public.profiles: 3,331 rows ("), profiles  # 2,991 in the window + parents
+    assert not re.search(r": 0 (rows|users) \(", done.stderr), done.stderr

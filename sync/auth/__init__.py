@@ -91,7 +91,7 @@ from uuid import UUID
 from sync.auth.admin_api_user import create_attributes
 from sync.auth.columns import STRING_COLUMNS
 from sync.auth.direct import TargetWriter
-from sync.auth.importer import UserImport
+from sync.auth.importer import UserImport, UserProgress
 from sync.auth.match import MatchKind, SourceKey, TargetKey, UserMatch, match_users
 from sync.auth.options import AdminApi, AuthMode, AuthOptions, TriggerMode
 from sync.auth.preflight import SOURCE_PRIVILEGES, TARGET_PRIVILEGES, check_privileges, check_trigger_skip
@@ -116,6 +116,7 @@ __all__ = [
     "SourceKey",
     "TargetKey",
     "UserMatch",
+    "UserProgress",
     "check_admin_api",
     "create_attributes",
     "import_users",
@@ -138,6 +139,7 @@ async def import_users(
     guard: WriteGuard | None = None,
     changes: Changes | None = None,
     deleted_accounts: Collection[UUID] = (),
+    progress: UserProgress | None = None,
 ) -> AuthReport:
     """Bring every source auth user onto the target (rules in the package docstring); return the report.
 
@@ -149,7 +151,7 @@ async def import_users(
     row or identities a transaction wrote since the previous run's snapshot, whatever their clock
     columns say. ``deleted_accounts``: target users whose production account was deleted; no one else
     is matched to them (a person who signed up again is a new user, held back while the old account is
-    there).
+    there). ``progress`` hears of the users ahead and of each batch as it lands.
 
     ``direct`` needs ``target``. ``admin-api`` needs ``admin_api`` and, when ``target`` is given too,
     writes there what the API cannot carry, the id map and the quarantine. Raises UsageError before
@@ -181,7 +183,9 @@ async def import_users(
                 await check_trigger_skip(target_conn)
             await ensure_state(target_conn)
             await writer.prepare()
-        run = UserImport(options, report, writer, changed_since, only_ids, changes, deleted_accounts)
+        run = UserImport(
+            options, report, writer, changed_since, only_ids, changes, deleted_accounts, progress
+        )
         if api is not None:
             api.claimed = run.claimed
             if writer is not None:

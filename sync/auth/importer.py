@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 from uuid import UUID
 
 import asyncpg
@@ -32,6 +32,14 @@ if TYPE_CHECKING:
     from sync.auth.admin_api import AdminApiCreator
 
 
+class UserProgress(Protocol):
+    """What the import tells a progress display: the users ahead, then each batch as it lands."""
+
+    def users_total(self, users: int) -> None: ...
+
+    def users(self, users: int, created: int) -> None: ...
+
+
 class UserImport:
     """One auth import: match everyone first, then stream the source in batches to the writer or the API."""
 
@@ -44,7 +52,9 @@ class UserImport:
         only_ids: Sequence[UUID] | None = None,
         changes: Changes | None = None,
         deleted_accounts: Collection[UUID] = (),
+        progress: UserProgress | None = None,
     ) -> None:
+        self.progress = progress
         self.changed_since = changed_since
         self.only_ids = only_ids
         self.changes = changes
@@ -63,7 +73,10 @@ class UserImport:
             keys = await snapshot.keys()
             self.report.source_users = len(keys)
             await self._match(keys)
+            if self.progress is not None:
+                self.progress.users_total(len(keys))
             async for rows in snapshot.batches(self.options.batch_size):
+                created = self.report.created
                 identities: dict[UUID, list[asyncpg.Record]] = {row["id"]: [] for row in rows}
                 for identity in await snapshot.identities(list(identities)):
                     identities[identity["user_id"]].append(identity)
@@ -71,6 +84,8 @@ class UserImport:
                     await self._through_api(rows, identities)
                 else:
                     await self._direct(rows, identities)
+                if self.progress is not None:
+                    self.progress.users(len(rows), self.report.created - created)
             self.report.not_copied = await snapshot.not_copied()
 
     async def _match(self, keys: list[SourceKey]) -> None:
