@@ -7,6 +7,7 @@ variables, are declared here; it holds no logic of its own (printing is in :mod:
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import logging
 import sys
@@ -22,6 +23,7 @@ from pydantic import SecretStr
 
 from sync import render
 from sync.auth import AdminApi, AuthOptions, AuthReport
+from sync.auth.columns import DEFAULT_AUD
 from sync.connect import Endpoint, Side, redact
 from sync.errors import EXIT_FAILED, EXIT_USAGE, SyncError, cause_of, first_cause, first_line
 from sync.follow import DEFAULT_EVERY, FollowRound, RunRound, follow, parse_every
@@ -37,6 +39,7 @@ from sync.storage.rules import storage_rules
 from sync.storage.stage import StorageAccess, StorageStage
 from sync.storage.transfer import TransferSettings
 from sync.verify import VerifyReport
+from sync.verify.signin import check_sign_in
 
 T = TypeVar("T")
 
@@ -541,8 +544,28 @@ def status_command(target: str | None, show: bool, as_json: bool) -> None:
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the checks as JSON (the VerifyReport model), every key."
 )
+@click.option(
+    "--check-password",
+    "check_email",
+    metavar="EMAIL",
+    help="Only say whether a password would sign this user in on the target, by the Auth server's own "
+    "checks. The password is read without echo (one line from stdin when it is not a terminal) and never "
+    "printed. Exit 0 yes, 4 no (with the reason), 1 a hash kind this tool cannot check.",
+)
+@click.option(
+    "--aud",
+    default=DEFAULT_AUD,
+    show_default=True,
+    help="With --check-password: the audience the target's Auth server signs in with (GOTRUE_JWT_AUD).",
+)
 def verify_command(
-    source: str | None, target: str | None, mapping_path: Path | None, since: datetime | None, as_json: bool
+    source: str | None,
+    target: str | None,
+    mapping_path: Path | None,
+    since: datetime | None,
+    as_json: bool,
+    check_email: str | None,
+    aud: str,
 ) -> None:
     """Prove the target holds production's users and rows, equal on the common columns.
 
@@ -551,6 +574,8 @@ def verify_command(
     or orphaned, and every user the Auth server could not load or sign in. Reads both databases,
     writes nothing. Exit 0 when everything in scope is equal, 4 otherwise, 2 when refused.
     """
+    if check_email is not None:
+        _check_password(target, check_email, aud, as_json=as_json)
     endpoints = _endpoints(source, target)
     try:
         mapping = load_mapping(mapping_path)
@@ -563,6 +588,27 @@ def verify_command(
     else:
         render.verify(report)
     sys.exit(report.exit_code)
+
+
+def _check_password(target: str | None, email: str, aud: str, *, as_json: bool) -> NoReturn:
+    """``sync verify --check-password``: one line (or the SignIn model), exit 0, 4 or 1."""
+    if not email.strip():
+        fail("--check-password needs the user's e-mail address.")
+    try:
+        endpoint = Endpoint.parse(Side.TARGET, target)
+    except SyncError as exc:
+        fail(str(exc), exc.exit_code)
+    stdin = sys.stdin
+    if stdin.isatty():
+        password = getpass.getpass(f"Password for {email}: ")
+    else:
+        password = stdin.readline().removesuffix("\n").removesuffix("\r")
+    answer = _run_pipeline(endpoint, endpoint, lambda: check_sign_in(endpoint, email.strip(), password, aud))
+    if as_json:
+        click.echo(answer.model_dump_json(indent=2))
+    else:
+        render.sign_in(answer)
+    sys.exit(answer.exit_code)
 
 
 async def _verify(

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from sync.run import RunReport
     from sync.status import StatusReport
     from sync.verify import VerifyReport
+    from sync.verify.signin import SignIn
 
 # Pipes and CI logs get wide lines rather than tables cut to 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -346,3 +347,13 @@ def verify(report: VerifyReport, shown: int = 20) -> None:
         "verified: everything in scope is equal" if report.ok else "verification found differences (exit 4)",
         None if report.ok else "red",
     )
+
+
+def sign_in(answer: SignIn) -> None:
+    """``sync verify --check-password``: yes or no, with the reason, in one line (never the password)."""
+    if answer.signs_in:
+        say(f"yes: {answer.email} would sign in on the target: {answer.reason}.")
+    elif answer.checked:
+        say(f"no: {answer.email} would not sign in on the target: {answer.reason}.", "red")
+    else:
+        say(f"unknown: {answer.email}: {answer.reason}.", "yellow")
