@@ -32,7 +32,7 @@ from sync.modes import DeleteMode
 from sync.preview import preview
 from sync.progress import RunProgress
 from sync.resources import example_mapping
-from sync.run import RunOptions, RunReport, auth_import, run_auth_only, run_sync
+from sync.run import RunOptions, RunReport, admin_api_checks, auth_import, run_auth_only, run_sync
 from sync.state import CATCH_UP_OVERLAP
 from sync.status import read_status
 from sync.storage.rules import storage_rules
@@ -455,6 +455,7 @@ def run_command(
             round_options,
             auth_stage=auth_import(auth_options, admin_api, progress),
             progress=progress,
+            checks=[] if skip_auth else admin_api_checks(auth_options, admin_api),
             storage_stage=storage,
         )
 

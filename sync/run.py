@@ -353,11 +353,8 @@ async def run_auth_only(
 ) -> AuthReport:
     """The auth import alone (``sync run --auth-only``): under the run lock, inside an exported snapshot."""
     source, target = await reach(source, target)
-    await preflight(source, target, Plan(tables=[], auth_mode=options.mode), Needs(writes=True, auth=True))
-    if admin_api is not None and options.mode == "admin-api":
-        from sync.auth import check_admin_api  # the admin API's client loads only in this mode
-
-        await check_admin_api(admin_api, options)  # a refused key: one line, before the lock is written
+    needs = Needs(writes=True, auth=True, extra=admin_api_checks(options, admin_api))
+    await preflight(source, target, Plan(tables=[], auth_mode=options.mode), needs)
     lock = RunLock(target)
     await lock.acquire()
     snapshot = SourceSnapshot(source)
@@ -375,6 +372,20 @@ async def run_auth_only(
     finally:
         await snapshot.close()
         await lock.release()
+
+
+def admin_api_checks(options: AuthOptions, admin_api: AdminApi | None) -> list[Check]:
+    """In admin-api mode, the preflight's check that the Auth server answers and accepts the key (one
+    authenticated request): an unreachable URL or a refused key is one line before anything is written."""
+    if admin_api is None or options.mode != "admin-api":
+        return []
+
+    async def check() -> None:
+        from sync.auth import check_admin_api  # the admin API's client loads only in this mode
+
+        await check_admin_api(admin_api, options)
+
+    return [check]
 
 
 def failure_line(exc: BaseException, source: Endpoint, target: Endpoint) -> str:

@@ -6,6 +6,7 @@ Each refusal is one line on stderr and exit 2, and both databases dump byte for 
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -378,3 +379,31 @@ def test_verify_names_both_sides_and_refuses_the_same_database(pair, mapping):
     with unchanged(source):
         result = sync("verify", *between(source, source, mapping))
     refused(result, "--source and --target are the same database")
+
+
+# ---------------------------------------------------------------------------------------- admin API
+
+
+def test_an_unreachable_auth_server_in_admin_api_mode_is_refused_before_anything_is_written(pair, mapping):
+    source, target = pair
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    api = [
+        "--auth-mode",
+        "admin-api",
+        "--supabase-url",
+        f"http://127.0.0.1:{port}",
+        "--service-role-key",
+        "k",
+    ]
+    for command in (["run", "--since", "2024-01-01"], ["run", "--auth-only"]):
+        with unchanged(source, target):
+            result = sync(*command, *api, *between(source, target, mapping))
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1] == (
+            f"error: The Auth server at http://127.0.0.1:{port} did not answer (All connection attempts "
+            "failed): check --supabase-url."
+        ), result.stderr
+        assert len(lines) < 10 and "Traceback" not in result.stderr, result.stderr  # a few retries at most
