@@ -66,9 +66,9 @@ class RunOptions:
     jobs: int | None = None
     skip_auth: bool = False
     retry_quarantine: bool = False
+    """Re-attempt only the rows in quarantine (after the cause was fixed); no window, no catch-up mark."""
     deletes: DeleteMode = DeleteMode.REPORT
     """Production deletes: only reported, or applied on the target (users deleted, or soft-deleted)."""
-    """Re-attempt only the rows in quarantine (after the cause was fixed); no window, no catch-up mark."""
 
 
 @dataclass
@@ -228,7 +228,7 @@ async def run_sync(
     try:
         since = options.since
         mark = await catch_up_since(tconn, options.overlap, checked.source_identity)
-        previous_xmin = await catch_up_xmin(tconn)
+        previous_xmin = await catch_up_xmin(tconn, checked.source_identity)
         catch_up = since is None and mark is not None and not options.restart and not options.retry_quarantine
         if catch_up:
             since = mark

@@ -280,11 +280,17 @@ async def catch_up_since(
     return mark - overlap if mark is not None else None
 
 
-async def catch_up_xmin(conn: asyncpg.Connection) -> int | None:
-    """The last successful run's source snapshot xmin: a catch-up reads every row version newer."""
+async def catch_up_xmin(conn: asyncpg.Connection, source: str | None = None) -> int | None:
+    """The last successful run's source snapshot xmin: a catch-up reads every row version newer.
+
+    The same run as :func:`catch_up_since`'s mark: transaction ids of another database mean nothing here.
+    """
     return await conn.fetchval(
         "SELECT snapshot_xmin FROM _sync.runs WHERE status IN ('succeeded', 'quarantined') "
-        "AND high_water IS NOT NULL AND NOT options ? 'retry' ORDER BY id DESC LIMIT 1"
+        "AND high_water IS NOT NULL AND NOT options ? 'retry' AND "
+        + _SAME_SOURCE
+        + " ORDER BY id DESC LIMIT 1",
+        source,
     )
 
 

@@ -20,7 +20,7 @@ from unchanged import unchanged
 from devkit import testbed
 from devkit.embedded import Server
 from sync.cli import main
-from sync.state import begin_run, catch_up_since, ensure_state
+from sync.state import begin_run, catch_up_since, catch_up_xmin, ensure_state
 
 NOTES = """
 CREATE TABLE public.notes (
@@ -310,8 +310,8 @@ def test_a_run_never_resumes_or_catches_up_from_a_run_that_read_another_source(s
             await ensure_state(conn)
             first = await begin_run(conn, None, restart=False, options={}, source="system 1/postgres")
             await conn.execute(
-                "UPDATE _sync.runs SET status = 'succeeded', finished_at = now(), high_water = $2 "
-                "WHERE id = $1",
+                "UPDATE _sync.runs SET status = 'succeeded', finished_at = now(), high_water = $2, "
+                "snapshot_xmin = 7777 WHERE id = $1",
                 first.id,
                 datetime(2024, 11, 18, tzinfo=UTC),
             )
@@ -320,6 +320,8 @@ def test_a_run_never_resumes_or_catches_up_from_a_run_that_read_another_source(s
             other = await begin_run(conn, None, restart=False, options={}, source="system 2/postgres")
             assert not other.resumed and other.id != unfinished.id
             assert await catch_up_since(conn, timedelta(0), "system 2/postgres") is None
+            assert await catch_up_xmin(conn, "system 2/postgres") is None
+            assert await catch_up_xmin(conn, "system 1/postgres") == 7777
             assert await catch_up_since(conn, timedelta(0), "system 1/postgres") == datetime(
                 2024, 11, 18, tzinfo=UTC
             )
