@@ -37,9 +37,10 @@ from sync.plan import (
     draft_plan,
 )
 from sync.preflight import Needs, preflight, reach
-from sync.selection import CLOSURE_PASS, Selection
+from sync.selection import CLOSURE_PASS, Changes, Selection
+from sync.snapshot import current_xids
 from sync.sqltext import Params, ident
-from sync.state import CATCH_UP_OVERLAP, catch_up_since
+from sync.state import CATCH_UP_OVERLAP, catch_up_since, catch_up_xmin, quarantined_keys
 from sync.storage.rules import storage_rules
 from sync.storage.stage import survey_storage
 
@@ -63,9 +64,12 @@ async def preview(
         plan, problems = draft_plan(source_catalog, target_catalog, mapping)
         checked = await preflight(source, target, plan, Needs())
         catch_up = since is None
+        changes = None
         if catch_up:
             async with _failures_named(target):
                 since = await last_mark(tgt, checked.source_identity)
+                if since is not None:
+                    changes = await catch_up_changes(src, tgt)
         async with _failures_named(target):
             problems += await check_casts(tgt, plan.tables)
         tables = [TableReport.of(p) for p in plan.tables]
@@ -76,7 +80,7 @@ async def preview(
             problems += exc.problems
         if not problems:
             sides = _Sessions(source, target, src, tgt, source_catalog, target_catalog)
-            selection = Selection(plan, since)
+            selection = Selection(plan, since, changes=changes)
             tables = [
                 await sides.measure(report, p, selection)
                 for report, p in zip(tables, plan.tables, strict=True)
@@ -150,6 +154,15 @@ async def last_mark(conn: asyncpg.Connection, source_identity: str) -> datetime 
     if not await conn.fetchval("SELECT to_regclass('_sync.runs') IS NOT NULL"):
         return None
     return await catch_up_since(conn, CATCH_UP_OVERLAP, source_identity)
+
+
+async def catch_up_changes(src: asyncpg.Connection, tgt: asyncpg.Connection) -> Changes | None:
+    """What a catch-up run would read besides its window, as ``sync run`` computes it: the writes of the
+    transactions since the last run's snapshot (up to this plan's), and the keys still in quarantine."""
+    previous = await catch_up_xmin(tgt)
+    if previous is None:
+        return None
+    return Changes(previous, (await current_xids(src)).xmax, await quarantined_keys(tgt))
 
 
 def connection_warnings(source: Endpoint, target: Endpoint) -> list[str]:

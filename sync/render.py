@@ -58,7 +58,8 @@ def plan(report: PlanReport) -> None:
     elif report.catch_up and report.since is not None:
         say(
             f"window: catch-up from the last run, rows whose since-column is at or after "
-            f"{report.since.isoformat()} (what `sync run` without --since would copy)"
+            f"{report.since.isoformat()} or that a transaction wrote since that run "
+            "(what `sync run` without --since would copy)"
         )
     elif report.since is None:
         say("window: whole tables (no --since)")

@@ -43,6 +43,7 @@ from sync.state import (
     catch_up_since,
     catch_up_xmin,
     finish_run,
+    quarantined_keys,
     record_high_water,
 )
 from sync.storage import StorageReport
@@ -459,15 +460,6 @@ def _copy_context(
         guard=ctx.guard,
         changes=ctx.changes,
     )
-
-
-async def quarantined_keys(conn: asyncpg.Connection) -> dict[str, list[str]]:
-    """The source keys of the rows still in quarantine, per table."""
-    rows = await conn.fetch(
-        "SELECT table_name, array_agg(source_key ORDER BY source_key) AS keys FROM _sync.quarantine "
-        "WHERE resolved_at IS NULL GROUP BY table_name"
-    )
-    return {r["table_name"]: list(r["keys"]) for r in rows}
 
 
 async def patch_deferred(ctx: RunContext, options: RunOptions) -> None:

@@ -38,6 +38,11 @@ class XidRange:
     xmax: int
 
 
+async def current_xids(conn: asyncpg.Connection) -> XidRange:
+    """The bounds of ``conn``'s current snapshot (in a repeatable-read transaction, the transaction's)."""
+    return XidRange(*await conn.fetchrow(f"SELECT {_XIDS}"))
+
+
 class SourceSnapshot:
     """The run's view of the source: its snapshot id (when one could be exported) and its clock."""
 

@@ -316,3 +316,12 @@ async def finish_run(conn: asyncpg.Connection, run_id: int, status: str, counts:
         status,
         json.dumps(counts, default=str),
     )
+
+
+async def quarantined_keys(conn: asyncpg.Connection) -> dict[str, list[str]]:
+    """The source keys of the rows still in quarantine, per table."""
+    rows = await conn.fetch(
+        "SELECT table_name, array_agg(source_key ORDER BY source_key) AS keys FROM _sync.quarantine "
+        "WHERE resolved_at IS NULL GROUP BY table_name"
+    )
+    return {r["table_name"]: list(r["keys"]) for r in rows}

@@ -6,6 +6,7 @@ Each refusal is one line on stderr and exit 2, and both databases dump byte for 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import uuid
 from collections.abc import Iterator
@@ -269,11 +270,12 @@ def test_a_target_role_that_may_not_set_the_runs_sequences_is_refused_before_any
     # Every table privilege, but not the sequence the run moves past the copied keys.
     name = role([target], WRITER_GRANTS + f"GRANT CREATE ON DATABASE {target.name} TO {{role}};", "BYPASSRLS")
     mapping.write_text('[tables."public.counters"]\nkey = "preserve"\n')
-    with unchanged(source, target):
-        result = sync(
-            "run", "--since", "2024-01-01", *between(source, as_role(server, target, name), mapping)
-        )
-    refused(result, f"GRANT USAGE, UPDATE ON SEQUENCE public.counters_id_seq TO {name}")
+    for command in ("plan", "run"):  # the plan refuses what the run would
+        with unchanged(source, target):
+            result = sync(
+                command, "--since", "2024-01-01", *between(source, as_role(server, target, name), mapping)
+            )
+        refused(result, f"GRANT USAGE, UPDATE ON SEQUENCE public.counters_id_seq TO {name}")
     execute(target.admin_url, f"GRANT USAGE, UPDATE ON SEQUENCE public.counters_id_seq TO {name}")
     granted = sync("run", "--since", "2024-01-01", *between(source, as_role(server, target, name), mapping))
     assert granted.exit_code == 0, granted.output
@@ -369,8 +371,25 @@ def test_plan_without_since_plans_the_catch_up_the_run_would_do_and_says_so(pair
     assert after.exit_code == 0, after.output
     assert (
         f"window: catch-up from the last run, rows whose since-column is at or after {mark.isoformat()} "
-        "(what `sync run` without --since would copy)"
+        "or that a transaction wrote since that run (what `sync run` without --since would copy)"
     ) in after.output
+
+
+def test_a_catch_up_plan_counts_the_edits_the_run_then_reads_whatever_their_clock_says(pair, mapping):
+    source, target = pair
+    execute(source.admin_url, "UPDATE public.notes SET updated_at = '2024-06-01'")
+    assert sync("run", "--since", "2024-01-01", *between(source, target, mapping)).exit_code == 0
+    # An edit that leaves updated_at alone: only the transaction that wrote it tells.
+    execute(source.admin_url, "UPDATE public.notes SET body = 'editada'")
+
+    shown = sync("plan", "--json", *between(source, target, mapping))
+    ran = sync("run", "--json", *between(source, target, mapping))
+
+    assert shown.exit_code == 0 and ran.exit_code == 0, shown.output + ran.output
+    planned = {t["name"]: t["window_rows"] + t["parent_rows"] for t in json.loads(shown.stdout)["tables"]}
+    read = {t["table"]: t["read"] for t in json.loads(ran.stdout)["tables"]}
+    assert planned == read == {"public.notes": 1}
+    assert fetch(target.url, "SELECT body FROM public.notes")[0][0] == "editada"
 
 
 def test_verify_names_both_sides_and_refuses_the_same_database(pair, mapping):
