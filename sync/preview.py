@@ -69,7 +69,7 @@ async def preview(
             async with _failures_named(target):
                 since = await last_mark(tgt, checked.source_identity)
                 if since is not None:
-                    changes = await catch_up_changes(src, tgt)
+                    changes = await catch_up_changes(src, tgt, checked.source_identity)
         async with _failures_named(target):
             problems += await check_casts(tgt, plan.tables)
         tables = [TableReport.of(p) for p in plan.tables]
@@ -156,10 +156,13 @@ async def last_mark(conn: asyncpg.Connection, source_identity: str) -> datetime 
     return await catch_up_since(conn, CATCH_UP_OVERLAP, source_identity)
 
 
-async def catch_up_changes(src: asyncpg.Connection, tgt: asyncpg.Connection) -> Changes | None:
+async def catch_up_changes(
+    src: asyncpg.Connection, tgt: asyncpg.Connection, source_identity: str
+) -> Changes | None:
     """What a catch-up run would read besides its window, as ``sync run`` computes it: the writes of the
-    transactions since the last run's snapshot (up to this plan's), and the keys still in quarantine."""
-    previous = await catch_up_xmin(tgt)
+    transactions since the snapshot of the last run that read this source (up to this plan's), and the
+    keys still in quarantine."""
+    previous = await catch_up_xmin(tgt, source_identity)
     if previous is None:
         return None
     return Changes(previous, (await current_xids(src)).xmax, await quarantined_keys(tgt))
