@@ -68,6 +68,8 @@ class RunProgress:
         self._done: dict[str, int] = {}
         self._last_log: dict[str, float] = {}
         self._started: dict[str, float] = {}
+        self._updated: dict[str, float] = {}
+        self._logged: dict[str, int] = {}
         self._files_total = (0, 0)
         self._files_done = (0, 0)
         self._resumed_at: dict[str, int] = {}
@@ -99,6 +101,7 @@ class RunProgress:
     def __call__(self, table: str, rows: int) -> None:
         self._done[table] = self._done.get(table, 0) + rows
         self._started.setdefault(table, time.monotonic())
+        self._updated[table] = time.monotonic()
         if not self.enabled:
             return
         if self._bars is not None:
@@ -133,7 +136,7 @@ class RunProgress:
         total = self.totals.get(table)
         of = f" of {total:,}" if total is not None else ""
         unit = _unit(table)
-        done = self._done[table]
+        done = self._logged[table] = self._done[table]
         created = f", {self._created:,} created" if table == USERS else ""
         speed = (done - self._resumed_at.get(table, 0)) / elapsed
         log.info("%s: %s%s %s%s (%.0f %s/s)", table, f"{done:,}", of, unit, created, speed, unit)
@@ -169,10 +172,10 @@ class RunProgress:
         """Show live bars for the duration (on a terminal only)."""
         if not self.live:
             yield self
-            if self.enabled:  # every table's final count, however fast it went
-                now = time.monotonic()
-                for table in self._done:
-                    self._log(table, now)
+            if self.enabled:  # every table's final count, however fast it went, at its own last speed
+                for table, done in self._done.items():
+                    if self._logged.get(table) != done:
+                        self._log(table, self._updated.get(table, time.monotonic()))
             return
         self._bars = Progress(
             TextColumn("{task.description:<28}"),
