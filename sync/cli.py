@@ -25,6 +25,8 @@ from sync import render
 from sync.auth import AdminApi, AuthOptions, AuthReport
 from sync.auth.columns import DEFAULT_AUD
 from sync.connect import Endpoint, Side, redact
+from sync.cutover import CutoverReport, check_report_paths, cutover
+from sync.cutover.markdown import to_markdown
 from sync.errors import EXIT_FAILED, EXIT_USAGE, SyncError, cause_of, first_cause, first_line
 from sync.follow import DEFAULT_EVERY, FollowRound, RunRound, follow, parse_every
 from sync.mapping import Mapping, load_mapping
@@ -35,10 +37,10 @@ from sync.resources import example_mapping
 from sync.run import RunOptions, RunReport, admin_api_checks, auth_import, run_auth_only, run_sync
 from sync.state import CATCH_UP_OVERLAP
 from sync.status import read_status
-from sync.storage.rules import storage_rules
 from sync.storage.stage import StorageAccess, StorageStage
 from sync.storage.transfer import TransferSettings
 from sync.verify import VerifyReport
+from sync.verify.sides import verify_sides
 from sync.verify.signin import check_sign_in
 
 T = TypeVar("T")
@@ -70,6 +72,63 @@ def mapping_option(help_text: str) -> Callable[[Callable[..., object]], Callable
     return click.option(
         "--mapping", "mapping_path", type=click.Path(path_type=Path), metavar="FILE", help=help_text
     )
+
+
+def project_options(command: Callable[..., object]) -> Callable[..., object]:
+    """Both projects' URLs and service-role keys (files; the target's for admin-api too), and how many
+    files move at once."""
+    options = [
+        click.option(
+            "--supabase-url",
+            envvar="SUPABASE_URL",
+            metavar="URL",
+            help="The target project's URL, for --auth-mode admin-api and for files [env SUPABASE_URL].",
+        ),
+        click.option(
+            "--service-role-key",
+            envvar="SUPABASE_SERVICE_ROLE_KEY",
+            metavar="KEY",
+            help="The target project's service-role key, for admin-api and files; never printed "
+            "[env SUPABASE_SERVICE_ROLE_KEY].",
+        ),
+        click.option(
+            "--source-supabase-url",
+            envvar="SYNC_SOURCE_SUPABASE_URL",
+            metavar="URL",
+            help="The production project's URL: files the mapping names are read through its Storage API "
+            "[env SYNC_SOURCE_SUPABASE_URL].",
+        ),
+        click.option(
+            "--source-service-role-key",
+            envvar="SYNC_SOURCE_SERVICE_ROLE_KEY",
+            metavar="KEY",
+            help="The production project's service-role key, for files; never printed "
+            "[env SYNC_SOURCE_SERVICE_ROLE_KEY].",
+        ),
+        click.option(
+            "--storage-concurrency",
+            envvar="SYNC_STORAGE_CONCURRENCY",
+            type=click.IntRange(min=1),
+            help="Files transferred at once (default: the mapping's [storage] concurrency, 4) "
+            "[env SYNC_STORAGE_CONCURRENCY].",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def deletes_option(command: Callable[..., object]) -> Callable[..., object]:
+    """``--deletes report|apply|soft``: what to do with rows and users production deleted."""
+    return click.option(
+        "--deletes",
+        type=click.Choice([m.value for m in DeleteMode]),
+        default=DeleteMode.REPORT.value,
+        show_default=True,
+        help="Rows and users production deleted after they reached the target: report them only, apply "
+        "(delete them on the target; never a development row), or soft (as apply, but users are banned "
+        "and marked deleted as the Auth server's soft delete does).",
+    )(command)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -297,15 +356,7 @@ def _run_pipeline(source: Endpoint, target: Endpoint, work: Callable[[], Awaitab
     metavar="SECONDS",
     help="Catch-up runs re-read this much before the last run's high-water mark.",
 )
-@click.option(
-    "--deletes",
-    type=click.Choice([m.value for m in DeleteMode]),
-    default=DeleteMode.REPORT.value,
-    show_default=True,
-    help="Rows and users production deleted after they reached the target: report them only, apply "
-    "(delete them on the target; never a development row), or soft (as apply, but users are banned and "
-    "marked deleted as the Auth server's soft delete does).",
-)
+@deletes_option
 @click.option("--auth-only", is_flag=True, help="Run only the auth import; copy no table rows.")
 @click.option("--skip-auth", is_flag=True, help="Copy table rows only (the users were imported already).")
 @click.option(
@@ -315,40 +366,7 @@ def _run_pipeline(source: Endpoint, target: Endpoint, work: Callable[[], Awaitab
     "admin API with the service-role key; what the API cannot carry is written through --target. "
     "Default: the mapping's [sync] auth.",
 )
-@click.option(
-    "--supabase-url",
-    envvar="SUPABASE_URL",
-    metavar="URL",
-    help="The target project's URL, for --auth-mode admin-api and for files [env SUPABASE_URL].",
-)
-@click.option(
-    "--service-role-key",
-    envvar="SUPABASE_SERVICE_ROLE_KEY",
-    metavar="KEY",
-    help="The target project's service-role key, for admin-api and files; never printed "
-    "[env SUPABASE_SERVICE_ROLE_KEY].",
-)
-@click.option(
-    "--source-supabase-url",
-    envvar="SYNC_SOURCE_SUPABASE_URL",
-    metavar="URL",
-    help="The production project's URL: files the mapping names are read through its Storage API "
-    "[env SYNC_SOURCE_SUPABASE_URL].",
-)
-@click.option(
-    "--source-service-role-key",
-    envvar="SYNC_SOURCE_SERVICE_ROLE_KEY",
-    metavar="KEY",
-    help="The production project's service-role key, for files; never printed "
-    "[env SYNC_SOURCE_SERVICE_ROLE_KEY].",
-)
-@click.option(
-    "--storage-concurrency",
-    envvar="SYNC_STORAGE_CONCURRENCY",
-    type=click.IntRange(min=1),
-    help="Files transferred at once (default: the mapping's [storage] concurrency, 4) "
-    "[env SYNC_STORAGE_CONCURRENCY].",
-)
+@project_options
 @click.option(
     "--auth-concurrency",
     type=click.IntRange(min=1),
@@ -615,16 +633,92 @@ def _check_password(target: str | None, email: str, aud: str, *, as_json: bool) 
 async def _verify(
     endpoints: tuple[Endpoint, Endpoint], mapping: Mapping, since: datetime | None, *, show: bool = True
 ) -> VerifyReport:
-    from sync.preflight import Needs, preflight, reach
-    from sync.run import load_plan
-    from sync.verify import verify
+    return await verify_sides(*endpoints, mapping, since, named=render.endpoints if show else None)
 
-    source, target = await reach(*endpoints)
-    plan = await load_plan(source, target, mapping)
-    checked = await preflight(source, target, plan, Needs(writes=False))
-    if show:
-        render.endpoints(checked.source.describe(source), checked.target.describe(target))
-    return await verify(source, target, plan, since, storage=storage_rules(plan, mapping))
+
+MAINTENANCE_REFUSED = (
+    "sync cutover needs production in maintenance mode (no writes until it ends): say so with --yes "
+    "(there is no terminal to ask on); nothing was written."
+)
+
+
+@main.command("cutover")
+@source_option("The production database, in maintenance mode; only ever read [env SYNC_SOURCE_URL].")
+@target_option("The database production's users and rows go to [env SYNC_TARGET_URL].")
+@mapping_option("Mapping file (default: mappings/sync.toml when present, else built-in defaults).")
+@click.option(
+    "--yes", is_flag=True, help="Production is in maintenance mode: cut over without asking on the terminal."
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Write the report as JSON to FILE (the CutoverReport model) and as Markdown beside it, FILE "
+    "with its suffix replaced by .md (cutover.json → cutover.md).",
+)
+@deletes_option
+@project_options
+def cutover_command(
+    source: str | None,
+    target: str | None,
+    mapping_path: Path | None,
+    yes: bool,
+    report_path: Path | None,
+    deletes: str,
+    supabase_url: str | None,
+    service_role_key: str | None,
+    source_supabase_url: str | None,
+    source_service_role_key: str | None,
+    storage_concurrency: int | None,
+) -> None:
+    """The final catch-up, verify, and the success metrics, with the downtime this command took.
+
+    Production must be in maintenance mode. Runs the catch-up `sync run` would (files too, with both
+    projects' URLs and keys), then verifies everything production holds, then prints, as measured:
+    users who can sign in on the target (of those who can on production), rows lost, quarantined,
+    files, and the downtime. Exit 0 only when every metric is met; 4 when one is not (named); 1 or 2
+    as `sync run` when the catch-up fails or is refused.
+    """
+    endpoints = _endpoints(source, target)
+    try:
+        mapping = load_mapping(mapping_path)
+        paths = check_report_paths(report_path) if report_path else None
+    except SyncError as exc:
+        fail(str(exc), exc.exit_code)
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(MAINTENANCE_REFUSED)
+        if not click.confirm("Is production in maintenance mode (no writes until the cutover ends)?"):
+            fail("cutover not started: put production in maintenance mode first; nothing was written.")
+    mode = mapping.sync.auth
+    admin_api = _admin_api(mode, supabase_url, service_role_key)
+    auth_options = AuthOptions(mode=mode, triggers=mapping.sync.triggers)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+    progress = RunProgress(render.console, {})
+    access = (source_supabase_url, source_service_role_key, supabase_url, service_role_key)
+    storage = storage_stage(mapping, access, storage_concurrency, progress)
+
+    async def work() -> CutoverReport:
+        with progress.shown():
+            return await cutover(
+                *endpoints,
+                mapping,
+                deletes=DeleteMode(deletes),
+                auth_stage=auth_import(auth_options, admin_api),
+                storage_stage=storage,
+                progress=progress,
+                caught_up=render.run,
+            )
+
+    report = _run_pipeline(*endpoints, work)
+    render.verify(report.verify)
+    render.cutover(report)
+    if paths:
+        paths[0].write_text(report.model_dump_json(indent=2) + "\n")
+        paths[1].write_text(to_markdown(report))
+        render.say(f"report: {paths[0]} and {paths[1]}")
+    sys.exit(report.exit_code)
 
 
 def storage_stage(

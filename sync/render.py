@@ -18,6 +18,7 @@ from sync.status import PROCESS_GONE
 
 if TYPE_CHECKING:
     from sync.auth import AuthReport
+    from sync.cutover import CutoverReport
     from sync.deletes import DeletesReport
     from sync.follow import FollowEnd, FollowRound
     from sync.plan import PlanReport
@@ -340,6 +341,15 @@ def verify(report: VerifyReport, shown: int = 20) -> None:
                 say(f"{c.table}: {len(keys):,} {problem}: {', '.join(keys[:shown])}{more}", "red")
         if c.orphans:
             say(f"{c.table}: {c.orphans:,} row(s) point at a parent the target lacks", "red")
+    if report.sign_ins is not None:
+        say(report.sign_ins.line(), None if report.sign_ins.ok else "red")
+        if report.sign_ins.cannot:
+            more = len(report.sign_ins.cannot) - shown
+            say(
+                f"  cannot sign in on the target: {', '.join(report.sign_ins.cannot[:shown])}"
+                + (f" … and {more:,} more (--json lists all)" if more > 0 else ""),
+                "red",
+            )
     if report.files is not None:
         say(report.files.line(), None if report.files.ok else "red")
         for example in report.files.examples:
@@ -358,3 +368,17 @@ def sign_in(answer: SignIn) -> None:
         say(f"no: {answer.email} would not sign in on the target: {answer.reason}.", "red")
     else:
         say(f"unknown: {answer.email}: {answer.reason}.", "yellow")
+
+
+def cutover(report: CutoverReport) -> None:
+    """The success metrics as measured, then the verdict."""
+    table = Table(title="Cutover: success metrics")
+    for column in ("metric", "measured", "goal", "met"):
+        table.add_column(column, no_wrap=column != "goal")
+    for m in report.metrics:
+        table.add_row(m.name, m.measured, m.goal, "yes" if m.met else "NO", style=None if m.met else "red")
+    console.print(table)
+    if report.ok:
+        say(f"cutover verified: every metric met; downtime {report.downtime_seconds:.1f} s")
+    else:
+        say(f"cutover NOT verified (exit 4): {', '.join(report.unmet())} not met", "red")

@@ -77,6 +77,8 @@ def test_after_a_good_run_everything_in_scope_is_equal(synced):
     assert report["users"]["in_scope"] == report["users"]["equal"] == 4082
     assert sum(t["in_scope"] for t in report["tables"]) == 4082 + 2092 + 1376 + 1004
     assert all(t["equal"] == t["in_scope"] for t in report["tables"])
+    # Everyone who can sign in with a password on production can on the target, by the same checks.
+    assert report["sign_ins"]["production"] == report["sign_ins"]["target"] > 3500
 
 
 def test_since_narrows_the_scope_to_the_window(synced):

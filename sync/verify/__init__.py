@@ -11,7 +11,7 @@ that differ), only on the target though they came from production (production de
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 from pydantic import BaseModel
@@ -24,6 +24,7 @@ from sync.storage.check import StorageCheck, check_storage
 from sync.storage.select import StorageRules
 from sync.verify import tables, users
 from sync.verify.compare import Comparison, Relation, bucket_count, compare
+from sync.verify.logins import SignInCheck, check_sign_ins
 
 SHOWN = 20
 """Keys listed per problem in the text output (``--json`` lists them all)."""
@@ -63,6 +64,8 @@ class VerifyReport(BaseModel):
     tables: list[Check]
     files: StorageCheck | None = None
     """Set when the mapping names Storage objects: each copied row's file, by size and hash."""
+    sign_ins: SignInCheck | None = None
+    """Set when both sides have users: who can sign in with a password on production, and on the target."""
 
     @property
     def checks(self) -> list[Check]:
@@ -70,7 +73,11 @@ class VerifyReport(BaseModel):
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.checks) and (self.files is None or self.files.ok)
+        return (
+            all(c.ok for c in self.checks)
+            and (self.files is None or self.files.ok)
+            and (self.sign_ins is None or self.sign_ins.ok)
+        )
 
     @property
     def exit_code(self) -> int:
@@ -96,9 +103,13 @@ async def verify(
                 await _refuse_hidden_rows(sconn, [tp.source_name for tp in plan.tables])
                 await tables.share_output_settings(sconn, tconn)
                 state = await _state(tconn)
-                checked_users = None
+                checked_users = sign_ins = None
                 if await _has_users(sconn) and await _has_users(tconn):
-                    checked_users = await _check_users(sconn, tconn, state)
+                    buckets = bucket_count(await _estimate(sconn, users.USERS_TABLE))
+                    checked_users = await _check_users(sconn, tconn, state, buckets)
+                    sign_ins = await check_sign_ins(
+                        sconn, tconn, state.has_map, datetime.now(UTC), buckets=buckets
+                    )
                 # A path column the storage stage repoints (owner prefix through the id map) is checked
                 # with the files, not as a value equal to production's.
                 repointed = (
@@ -109,7 +120,9 @@ async def verify(
                     for tp in plan.tables
                 ]
                 files = await check_storage(sconn, tconn, storage, since) if storage else None
-            return VerifyReport(since=since, users=checked_users, tables=checked, files=files)
+            return VerifyReport(
+                since=since, users=checked_users, tables=checked, files=files, sign_ins=sign_ins
+            )
         finally:
             await tconn.close()
     finally:
@@ -184,13 +197,15 @@ async def _estimate(conn: asyncpg.Connection, table: str) -> float:
     )
 
 
-async def _check_users(sconn: asyncpg.Connection, tconn: asyncpg.Connection, state: _State) -> Check:
+async def _check_users(
+    sconn: asyncpg.Connection, tconn: asyncpg.Connection, state: _State, buckets: int
+) -> Check:
     found = await compare(
         sconn,
         tconn,
         users.source_users(),
         users.target_users(state.has_map),
-        buckets=bucket_count(await _estimate(sconn, users.USERS_TABLE)),
+        buckets=buckets,
         held=await tables.quarantined(tconn, users.USERS_TABLE, state.has_quarantine),
         matchers=users.MATCHERS,
     )
@@ -283,4 +298,4 @@ async def _production_deletes(
     return sorted({r[0] for r in rows})
 
 
-__all__ = ["Check", "Difference", "Relation", "VerifyReport", "verify"]
+__all__ = ["Check", "Difference", "Relation", "SignInCheck", "VerifyReport", "verify"]

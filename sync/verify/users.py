@@ -24,11 +24,14 @@ _IDENTITIES = (
     "FROM auth.identities GROUP BY user_id) AS i ON i.user_id = u.id"
 )
 
+LOADABLE = " AND ".join(
+    f"u.{ident(c)} IS NOT NULL"
+    for c in (*STRING_COLUMNS, "email_change_confirm_status", "created_at", "updated_at")
+)
+"""A user row ``u`` the Auth server can scan: no NULL where it reads a Go string, int or time."""
+
 _SHAPE = {
-    "string columns set": " AND ".join(
-        f"u.{ident(c)} IS NOT NULL"
-        for c in (*STRING_COLUMNS, "email_change_confirm_status", "created_at", "updated_at")
-    ),
+    "string columns set": LOADABLE,
     "nil instance_id": "u.instance_id IS NOT DISTINCT FROM '00000000-0000-0000-0000-000000000000'::uuid",
     "lower-case e-mail": "u.email IS NOT DISTINCT FROM lower(u.email)",
 }
@@ -93,15 +96,9 @@ def target_users(has_map: bool) -> Relation:
             [*_common(f"u.{ident(PASSWORD)}", confirmed, "coalesce(i.list, '')"), *shape],
         )
     params = Params()
-    owned = params.bind(USERS_TABLE, "text")
-    entries = f"(SELECT source_key, target_key FROM _sync.id_map WHERE table_name = {owned})"
-    joins = (
-        f"LEFT JOIN {entries} AS r ON r.target_key = u.id::text "
-        f"LEFT JOIN {entries} AS f ON f.source_key = u.id::text AND r.source_key IS NULL"
-    )
     return Relation(
-        f"auth.users AS u {_IDENTITIES} {joins}",
-        "coalesce(r.source_key, u.id::text)",
+        f"auth.users AS u {_IDENTITIES} {production_ids(params)}",
+        PRODUCTION_ID,
         [
             *_common(
                 f"u.{ident(PASSWORD)}",
@@ -110,6 +107,23 @@ def target_users(has_map: bool) -> Relation:
             ),
             *shape,
         ],
-        "f.source_key IS NULL",
+        NOT_TAKEN,
         params,
+    )
+
+
+PRODUCTION_ID = "coalesce(r.source_key, u.id::text)"
+"""A target user ``u``'s production id, over :func:`production_ids`' joins."""
+NOT_TAKEN = "f.source_key IS NULL"
+"""The target user ``u`` is not a production id the map sends to another user (a development twin)."""
+
+
+def production_ids(params: Params) -> str:
+    """Joins of a target user ``u`` to ``_sync.id_map``: ``r`` names the production id it stands for,
+    ``f`` the user a production id that ``u`` holds was mapped to instead (see :data:`NOT_TAKEN`)."""
+    owned = params.bind(USERS_TABLE, "text")
+    entries = f"(SELECT source_key, target_key FROM _sync.id_map WHERE table_name = {owned})"
+    return (
+        f"LEFT JOIN {entries} AS r ON r.target_key = u.id::text "
+        f"LEFT JOIN {entries} AS f ON f.source_key = u.id::text AND r.source_key IS NULL"
     )
