@@ -43,7 +43,7 @@ from urllib.parse import urlencode
 import asyncpg
 import bcrypt
 from aiohttp import web
-from local_http import LocalHttpService
+from tests.local_http import LocalHttpService
 
 _log = logging.getLogger(__name__)
 
