@@ -1,7 +1,12 @@
-"""The seed scenario on a server: build production and development databases, report their counts."""
+"""The seed scenario on a server: build production and development databases, then tell the whole story.
+
+:func:`tell` is what ``make demo`` shows: the plan, the first run, production going on, a catch-up, the
+cutover and its success metrics, with files through two local Storage APIs.
+"""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,9 +17,19 @@ import bcrypt
 import psycopg
 
 from devkit import SQL_DIR, scenario, testbed
+from devkit.changes import make_production_changes
 from devkit.embedded import ensure_server
-from sync.errors import first_line
-from sync.storage.stage import StorageAccess
+from sync import render
+from sync.auth import AuthOptions
+from sync.connect import Endpoint, Side
+from sync.cutover import cutover
+from sync.errors import EXIT_FAILED, first_line
+from sync.mapping import Mapping
+from sync.modes import DeleteMode
+from sync.preview import preview
+from sync.run import RunOptions, auth_import, run_sync
+from sync.storage.stage import StorageAccess, StorageStage
+from sync.storage.transfer import TransferSettings
 
 DEMO_SOURCE = "sync_demo_production"
 DEMO_TARGET = "sync_demo_development"
@@ -147,3 +162,61 @@ def verify_logins(target_url: str, sample: int = 25) -> tuple[int, int]:
         bcrypt.checkpw(scenario.password_for(email).encode(), hashed.encode()) for email, hashed in rows
     )
     return len(rows), verified
+
+
+@asynccontextmanager
+async def _file_stage(
+    built: DemoDatabases, mapping: Mapping, files: bool
+) -> AsyncIterator[StorageStage | None]:
+    """The runs' storage stage between the two local Storage APIs, or None without files."""
+    if not files:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="sync-demo-storage-") as root:
+        async with storage_projects(built, Path(root)) as access:
+            yield StorageStage(access, TransferSettings(concurrency=mapping.storage.concurrency))
+
+
+async def tell(built: DemoDatabases, mapping: Mapping, seed: int, *, files: bool = True) -> int:
+    """The story from the first plan to the cutover, printed as the commands would; the exit code.
+
+    ``files``: through two local Storage APIs holding the scenario's files (without: rows and users only).
+    """
+    endpoints = Endpoint.parse(Side.SOURCE, built.source_url), Endpoint.parse(Side.TARGET, built.target_url)
+    since = scenario.COPY_DATE
+    keys = " --source-supabase-url … --supabase-url …" if files else ""
+    async with _file_stage(built, mapping, files) as stage:
+
+        async def run(options: RunOptions) -> None:
+            users = auth_import(AuthOptions())
+            render.run(await run_sync(*endpoints, mapping, options, auth_stage=users, storage_stage=stage))
+
+        render.say(f"\n$ sync plan --since {since:%Y-%m-%d}")
+        render.plan(await preview(*endpoints, mapping, since))
+        render.say(f"\n$ sync run --since {since:%Y-%m-%d}{keys}")
+        await run(RunOptions(since=since))
+        render.say("\nProduction keeps going until the maintenance window:")
+        for line in make_production_changes(built.source_url, seed):
+            render.say(f"  - {line}")
+        render.say(f"\n$ sync run{keys}  (a catch-up: what changed since the last run)")
+        await run(RunOptions())
+        render.say("\nProduction goes into maintenance mode.")
+        render.say(f"$ sync cutover --yes --deletes apply{keys}")
+        report = await cutover(
+            *endpoints,
+            mapping,
+            deletes=DeleteMode.APPLY,
+            auth_stage=auth_import(AuthOptions()),
+            storage_stage=stage,
+            caught_up=render.run,
+        )
+    render.counts(scenario.table_counts(built.source_url), scenario.table_counts(built.target_url))
+    render.verify(report.verify)
+    checked, verified = verify_logins(built.target_url, sample=25)
+    render.say(
+        f"Password check: {verified} of {checked} sampled production users (5 at bcrypt cost 10) verify "
+        "their production password against the target's hash.",
+        None if verified == checked else "red",
+    )
+    render.cutover(report)
+    return report.exit_code or (0 if verified == checked else EXIT_FAILED)

@@ -705,30 +705,48 @@ def build_development(url: str, scenario: Scenario) -> None:
         _run(conn, "development.sql")
     with psycopg.connect(url) as conn:
         dev = scenario.dev_only
-        # These people signed up through the new site: the signup trigger made their profiles.
-        _copy(conn, "auth.users", USER_COLUMNS, dev.users)
-        _copy(conn, "auth.identities", IDENTITY_COLUMNS, dev.identities)
-        with conn.cursor() as cur:
-            cur.executemany(
-                "UPDATE public.profiles SET phone = %s, tags = %s, preferences = %s, onboarding_step = 3, "
-                "created_at = %s, updated_at = %s WHERE id = %s",
-                [
-                    (
-                        p["phone"],
-                        p["tags"],
-                        Jsonb(p["preferences"]),
-                        p["created_at"],
-                        p["updated_at"],
-                        p["id"],
-                    )
-                    for p in dev.rows["profiles"]
-                ],
-            )
+        # These people signed up through the new site, which moves them on to its third onboarding step.
+        sign_up(conn, dev, onboarding_step=3)
         _copy(conn, "public.financing_requests", REQUEST_COLUMNS, dev.rows["financing_requests"])
         _copy(conn, "public.bank_profiles", BANK_COLUMNS, dev.rows["bank_profiles"])
         _copy(conn, "public.documents", DOCUMENT_COLUMNS, dev.rows["documents"])
         _advance_sequences(conn)
         _develop_rows(conn, scenario)
+
+
+def sign_up(conn: psycopg.Connection, side: Side, onboarding_step: int | None = None) -> None:
+    """``side``'s users sign up: their users and identities are written as the Auth server writes them,
+    the signup trigger makes each profile, and the profile is completed (development's new
+    ``onboarding_step`` too, when given)."""
+    _copy(conn, "auth.users", USER_COLUMNS, side.users)
+    _copy(conn, "auth.identities", IDENTITY_COLUMNS, side.identities)
+    step = "" if onboarding_step is None else f"onboarding_step = {int(onboarding_step)}, "
+    with conn.cursor() as cur:
+        cur.executemany(
+            f"UPDATE public.profiles SET phone = %s, tags = %s, preferences = %s, {step}"  # type: ignore[arg-type]
+            "created_at = %s, updated_at = %s WHERE id = %s",
+            [
+                (p["phone"], p["tags"], Jsonb(p["preferences"]), p["created_at"], p["updated_at"], p["id"])
+                for p in side.rows["profiles"]
+            ],
+        )
+
+
+def signups(count: int, at: datetime, seed: int = DEFAULT_SEED) -> Side:
+    """``count`` new people (users, identities, profiles) drawn as the scenario draws its users, created
+    at ``at``; their e-mails are numbered past every scenario user's, so they are nobody's yet."""
+    g = _Generator(seed + 1, 1)
+    side = Side()
+    for k in range(count):
+        user, identities, profile = g.user(SIGNUP_NUMBERS + k, at)
+        side.users.append(user)
+        side.identities += identities
+        side.rows["profiles"].append(profile)
+    return side
+
+
+SIGNUP_NUMBERS = 10**7
+"""Where :func:`signups` numbers its people's e-mails: past any scale's users."""
 
 
 def _develop_rows(conn: psycopg.Connection, scenario: Scenario) -> None:

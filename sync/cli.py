@@ -11,7 +11,6 @@ import getpass
 import json
 import logging
 import sys
-import tempfile
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -153,10 +152,16 @@ def main() -> None:
     help="Seed of the generator: the same seed builds the same rows [default: the scenario's own].",
 )
 @click.option("--no-sync", is_flag=True, help="Only build the scenario; do not run the sync on it.")
-def demo(source: str | None, target: str | None, scale: int, seed: int | None, no_sync: bool) -> None:
-    """Build the seed scenario (production and development), sync it, and verify the result.
+@click.option(
+    "--no-files", is_flag=True, help="Leave the files out (no local Storage APIs): users and rows only."
+)
+def demo(
+    source: str | None, target: str | None, scale: int, seed: int | None, no_sync: bool, no_files: bool
+) -> None:
+    """Build the seed scenario (production and development) and tell the whole story on it.
 
-    With --no-sync, only build it and show both sides' counts.
+    sync plan, sync run --since 2024-11-18, production changes, a catch-up, sync cutover and its success
+    metrics, files through two local Storage APIs. With --no-sync, only build it and show the counts.
     """
     try:  # The development kit lives in a checkout of the project, not in the installed package.
         from devkit import demo as kit
@@ -191,40 +196,11 @@ def demo(source: str | None, target: str | None, scale: int, seed: int | None, n
         )
         return
     endpoints = Endpoint.parse(Side.SOURCE, built.source_url), Endpoint.parse(Side.TARGET, built.target_url)
-    mapping = load_mapping(example_mapping())
-    render.say(
-        f"\n$ sync run --since {scenario.COPY_DATE:%Y-%m-%d} "
-        "--source-supabase-url … --supabase-url …  (files through two local Storage APIs)"
-    )
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
-
-    async def run_with_files() -> RunReport:
-        with tempfile.TemporaryDirectory(prefix="sync-demo-storage-") as root:
-            async with kit.storage_projects(built, Path(root)) as access:
-                return await run_sync(
-                    *endpoints,
-                    mapping,
-                    RunOptions(since=scenario.COPY_DATE),
-                    auth_stage=auth_import(AuthOptions()),
-                    storage_stage=StorageStage(
-                        access, TransferSettings(concurrency=mapping.storage.concurrency)
-                    ),
-                )
-
-    report = _run_pipeline(*endpoints, run_with_files)
-    render.run(report)
-    render.counts(scenario.table_counts(built.source_url), scenario.table_counts(built.target_url))
-    checked, verified = kit.verify_logins(built.target_url, sample=25)
-    render.say(
-        f"Password check: {verified} of {checked} sampled production users (5 at bcrypt cost 10) verify "
-        "their production password against the target's hash.",
-        None if verified == checked else "red",
-    )
-    render.say("\n$ sync verify")
-    checks = _run_pipeline(*endpoints, lambda: _verify(endpoints, mapping, None))
-    render.verify(checks)
+    mapping = load_mapping(example_mapping())
+    code = _run_pipeline(*endpoints, lambda: kit.tell(built, mapping, seed, files=not no_files))
     _demo_reach(built.source_url, built.target_url, own=source is None, since=scenario.COPY_DATE)
-    sys.exit(report.exit_code or (0 if checks.ok and verified == checked else EXIT_FAILED))
+    sys.exit(code)
 
 
 def _demo_reach(source_url: str, target_url: str, *, own: bool, since: datetime) -> None:

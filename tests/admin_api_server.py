@@ -43,6 +43,7 @@ from urllib.parse import urlencode
 import asyncpg
 import bcrypt
 from aiohttp import web
+
 from tests.local_http import LocalHttpService
 
 _log = logging.getLogger(__name__)

@@ -46,6 +46,7 @@ from typing import Any
 
 import asyncpg
 from aiohttp import BodyPartReader, web
+
 from tests.local_http import LocalHttpService
 
 _log = logging.getLogger(__name__)

@@ -145,7 +145,7 @@ def measure(run: RunReport, checks: VerifyReport, downtime: float) -> list[Metri
             Metric(
                 name="users who can sign in on the target",
                 measured=f"{s.target:,} of {s.production:,}",
-                goal="every production user who can sign in with a password there",
+                goal="all who can on production",
                 met=s.ok,
             )
         )
@@ -154,8 +154,8 @@ def measure(run: RunReport, checks: VerifyReport, downtime: float) -> list[Metri
     metrics.append(
         Metric(
             name="rows lost",
-            measured=f"{lost:,} of {in_scope:,} production rows and users",
-            goal="0 (none missing or different on the target)",
+            measured=f"{lost:,} of {in_scope:,} production rows and users (missing or different)",
+            goal="0",
             met=lost == 0,
         )
     )
@@ -168,7 +168,7 @@ def measure(run: RunReport, checks: VerifyReport, downtime: float) -> list[Metri
             Metric(
                 name="files",
                 measured=f"{equal:,} of {f.objects:,} on the target, same size and hash",
-                goal="every file a production row references",
+                goal="all",
                 met=f.ok,
             )
         )
@@ -181,9 +181,7 @@ def measure(run: RunReport, checks: VerifyReport, downtime: float) -> list[Metri
             met=not others,
         )
     )
-    metrics.append(
-        Metric(name="downtime", measured=f"{downtime:.1f} s", goal="as measured: start to verified", met=True)
-    )
+    metrics.append(Metric(name="downtime", measured=f"{downtime:.1f} s", goal="start to verified", met=True))
     return metrics
 
 
