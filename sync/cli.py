@@ -681,7 +681,7 @@ def cutover_command(
                 *endpoints,
                 mapping,
                 deletes=DeleteMode(deletes),
-                auth_stage=auth_import(auth_options, admin_api),
+                auth_stage=auth_import(auth_options, admin_api, progress),
                 storage_stage=storage,
                 progress=progress,
                 caught_up=render.run,
