@@ -22,17 +22,11 @@ def execute(url: str, sql: str, *params: object) -> None:
         conn.execute(sql, params or None)  # type: ignore[arg-type]
 
 
+def seed_command(command: str, source, target, *extra: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """``sync COMMAND`` between two test databases with the seed mapping, plus ``extra``."""
+    return [command, "--source", source.url, "--target", target.url, "--mapping", str(SEED_MAPPING), *extra]
+
+
 def seed_run_args(source, target, *extra: str) -> list[str]:  # type: ignore[no-untyped-def]
     """``sync run --since 2024-11-18`` between two test databases with the seed mapping, plus ``extra``."""
-    return [
-        "run",
-        "--since",
-        "2024-11-18",
-        "--source",
-        source.url,
-        "--target",
-        target.url,
-        "--mapping",
-        str(SEED_MAPPING),
-        *extra,
-    ]
+    return seed_command("run", source, target, "--since", "2024-11-18", *extra)

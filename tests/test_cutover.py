@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 from click.testing import CliRunner
-from queries import SEED_MAPPING, execute, fetch, seed_run_args
+from queries import execute, fetch, seed_command, seed_run_args
 from unchanged import unchanged
 
 from devkit import scenario
@@ -24,16 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cutover_args(source, target, *extra: str) -> list[str]:
-    return [
-        "cutover",
-        "--source",
-        source.url,
-        "--target",
-        target.url,
-        "--mapping",
-        str(SEED_MAPPING),
-        *extra,
-    ]
+    return seed_command("cutover", source, target, *extra)
 
 
 def sync(source, target) -> None:
@@ -206,9 +197,7 @@ async def test_the_reports_and_verify_json_hold_no_hash_token_or_key(seed_dbs, t
         report = tmp_path / "cutover.json"
         code, cut = await _cli(*cutover_args(source, target, "--yes", "--report", str(report), *files))
         assert code == EXIT_OK, cut
-        code, verified = await _cli(
-            "verify", "--source", source.url, "--target", target.url, "--mapping", str(SEED_MAPPING), "--json"
-        )
+        code, verified = await _cli(*seed_command("verify", source, target, "--json"))
         assert code == EXIT_OK, verified
 
     parsed = CutoverReport.model_validate_json(report.read_text())

@@ -138,50 +138,41 @@ def _catch_up(run: RunReport) -> CatchUp:
 
 def measure(run: RunReport, checks: VerifyReport, downtime: float) -> list[Metric]:
     """The seed's success metrics, from the catch-up's and the verification's reports."""
-    metrics = []
+    metrics: list[Metric] = []
+
+    def add(name: str, measured: str, goal: str, met: bool) -> None:
+        metrics.append(Metric(name=name, measured=measured, goal=goal, met=met))
+
     if checks.sign_ins is not None:
         s = checks.sign_ins
-        metrics.append(
-            Metric(
-                name="users who can sign in on the target",
-                measured=f"{s.target:,} of {s.production:,}",
-                goal="all who can on production",
-                met=s.ok,
-            )
+        add(
+            "users who can sign in on the target",
+            f"{s.target:,} of {s.production:,}",
+            "all who can on production",
+            s.ok,
         )
     in_scope = sum(c.in_scope for c in checks.checks)
     lost = sum(len(c.missing) + len(c.different) for c in checks.checks)
-    metrics.append(
-        Metric(
-            name="rows lost",
-            measured=f"{lost:,} of {in_scope:,} production rows and users (missing or different)",
-            goal="0",
-            met=lost == 0,
-        )
+    add(
+        "rows lost",
+        f"{lost:,} of {in_scope:,} production rows and users (missing or different)",
+        "0",
+        lost == 0,
     )
     held = sum(len(c.quarantined) for c in checks.checks) + (run.storage.quarantined if run.storage else 0)
-    metrics.append(Metric(name="quarantined", measured=f"{held:,}", goal="0", met=held == 0))
+    add("quarantined", f"{held:,}", "0", held == 0)
     if checks.files is not None:
         f = checks.files
         equal = f.objects - f.missing - f.different
-        metrics.append(
-            Metric(
-                name="files",
-                measured=f"{equal:,} of {f.objects:,} on the target, same size and hash",
-                goal="all",
-                met=f.ok,
-            )
-        )
+        add("files", f"{equal:,} of {f.objects:,} on the target, same size and hash", "all", f.ok)
     others = [c.table for c in checks.checks if c.production_deletes or c.orphans]
-    metrics.append(
-        Metric(
-            name="everything else verify checks",
-            measured="equal" if not others else f"production deletes or orphans in {', '.join(others)}",
-            goal="equal",
-            met=not others,
-        )
+    add(
+        "everything else verify checks",
+        "equal" if not others else f"production deletes or orphans in {', '.join(others)}",
+        "equal",
+        not others,
     )
-    metrics.append(Metric(name="downtime", measured=f"{downtime:.1f} s", goal="start to verified", met=True))
+    add("downtime", f"{downtime:.1f} s", "start to verified", True)
     return metrics
 
 
