@@ -295,12 +295,13 @@ class _Sessions:
         async with _failures_named(self.source):
             keys = await read_source_keys(self.src)
         async with _failures_named(self.target):
-            target = await read_target_keys(self.tgt)
-            id_map = await read_id_map(self.tgt)
+            id_map = await read_id_map(self.tgt, [k.id for k in keys])
+            target = await read_target_keys(self.tgt, keys, id_map)
+            target_users = await self.tgt.fetchval("SELECT count(*) FROM auth.users")
         kinds = Counter(match.kind for match in match_users(keys, target, id_map))
         return UserReport(
             source=len(keys),
-            target=len(target),
+            target=target_users,
             matched_by_id=kinds[MatchKind.ID],
             matched_by_email=kinds[MatchKind.EMAIL],
             matched_by_phone=kinds[MatchKind.PHONE],

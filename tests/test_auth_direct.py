@@ -27,8 +27,9 @@ from sync.auth import (
     import_users,
     match_users,
 )
+from sync.auth.match import read_target_keys
 from sync.cli import main
-from sync.connect import Endpoint, Side
+from sync.connect import Endpoint, Side, connect
 from sync.errors import UsageError
 
 # ------------------------------------------------------------------------------------- shared checks
@@ -589,3 +590,42 @@ def test_a_moved_address_follows_the_user_unless_another_user_holds_it() -> None
     assert (first.kind, first.keep_email, first.reason) == (MatchKind.ID, True, None)
     assert (second.kind, second.keep_email, second.keep_phone) == (MatchKind.ID, False, True)
     assert f"e-mail taken@x.com (held by target user {other})" in (second.reason or "")
+
+
+async def test_the_matcher_reads_only_the_target_users_it_can_meet_and_matches_as_over_all(
+    seed_dbs: tuple[Database, Database],
+) -> None:
+    _, target = seed_dbs
+    ids = [uuid.uuid4() for _ in range(6)]
+    # Stored as an old import or another tool may have left them: another case, spaces, a "+".
+    sql(
+        target,
+        """
+        INSERT INTO auth.users (id, email, phone, is_sso_user, created_at)
+        VALUES (%s, ' Mixed@Case.com', NULL, false, '2020-01-01'), (%s, 'mixed@case.com', NULL, false, now()),
+               (%s, NULL, '+52 1 55 9999 0099', false, now()), (%s, 'sso@corp.com', NULL, true, now()),
+               (%s, 'plain@x.com', '5215599990098', false, now()), (%s, 'far@away.com', NULL, false, now())
+        """,
+        *ids,
+    )
+    mixed, lower, spaced_phone, sso, plain, _ = ids
+    mapped = uuid.uuid4()
+    source = [
+        SourceKey(uuid.uuid4(), "mixed@case.com", "5215599990099"),
+        SourceKey(uuid.uuid4(), "plain@x.com", None),
+        SourceKey(uuid.uuid4(), "sso@corp.com", "5215599990098", is_sso_user=True),
+        SourceKey(mapped, "someone@else.com", None),
+    ]
+    id_map = {mapped: (ids[5], "email")}
+    conn = await connect(endpoints(target, target, admin=True)[1])
+    try:
+        every = await read_target_keys(conn)
+        met = await read_target_keys(conn, source, id_map)
+    finally:
+        await conn.close()
+    assert {lower, spaced_phone, plain, ids[5]} <= {t.id for t in met}
+    assert mixed in {t.id for t in met}  # a case variant is read too: the oldest may not be the match
+    assert sso not in {t.id for t in met}  # an SSO user is never found by its e-mail
+    assert len(met) < len(every) // 10
+    assert match_users(source, met, id_map) == match_users(source, every, id_map)
+    assert [m.target_id for m in match_users(source, met, id_map)][:2] == [lower, plain]

@@ -26,6 +26,7 @@ from sync.auth.columns import (
     table_columns,
 )
 from sync.auth.direct_sql import (
+    IDENTITY_KEY_INDEXED,
     INSERT_IDENTITIES,
     LAND_USERS,
     MAP_IDS,
@@ -50,7 +51,6 @@ from sync.auth.report import AuthReport, QuarantinedUser
 from sync.connect import Endpoint, connect
 from sync.errors import SyncError, UsageError
 from sync.retry import is_transient_db_error, retrying
-from sync.sqltext import ident
 from sync.state import WriteGuard
 
 # What a created user gets when production's row has no audience or role (as a signup would write).
@@ -130,16 +130,15 @@ class TargetWriter:
         self._restore_users = ""
         self._stage_users = create_stage_sql(STAGE_USERS, STAGE_USER_FIELDS)
         self._stage_identities = create_stage_sql(STAGE_IDENTITIES, IDENTITY_FIELDS)
-        # A fresh temporary table has no statistics; the joins below plan better with them.
-        self._analyze_stage = f"ANALYZE {ident(STAGE_USERS)}"
 
     async def prepare(self) -> None:
         """Build the statements for the target's own ``auth.users`` columns."""
         columns = await table_columns(self.conn, USERS_TABLE, writable=True)
-        if "provider_id" not in await table_columns(self.conn, IDENTITIES_TABLE):
+        identities = await table_columns(self.conn, IDENTITIES_TABLE)
+        if "provider_id" not in identities or not await self.conn.fetchval(IDENTITY_KEY_INDEXED):
             raise UsageError(
                 "The target's auth.identities has the shape of Auth servers before November 2023 (no "
-                "provider_id): upgrade the target project's Auth first."
+                "provider_id, or no unique (provider_id, provider)): upgrade the target project's Auth first."
             )
         self._insert_users = insert_users_sql(columns)
         self._set_users = [
@@ -225,7 +224,6 @@ class TargetWriter:
                 records=[tuple(i[n] for n, _ in IDENTITY_FIELDS) for u in batch for i in u.identities],
                 columns=[n for n, _ in IDENTITY_FIELDS],
             )
-            await conn.execute(self._analyze_stage)
             result.created = _rowcount(await conn.execute(self._insert_users))
             for statement, action in self._set_users:
                 result.updated.update(r["source_id"] for r in await conn.fetch(statement, action))

@@ -128,6 +128,8 @@ _INCOMING_IDENTITIES = """(
     ) AS d
 ) AS n"""
 
+# A (provider_id, provider) the target already has is skipped: one probe of its unique index per identity
+# (``IDENTITY_KEY_INDEXED`` checks it is there), never a scan of the whole table.
 INSERT_IDENTITIES = f"""
 INSERT INTO auth.identities (id, provider_id, user_id, identity_data, provider, last_sign_in_at,
                              created_at, updated_at)
@@ -136,8 +138,17 @@ SELECT CASE WHEN n.source_identity_id IS NULL
             THEN gen_random_uuid() ELSE n.source_identity_id END,
        n.provider_id, n.target_id, n.data, n.provider, n.last_sign_in_at, n.created_at, n.updated_at
 FROM {_INCOMING_IDENTITIES}
-WHERE NOT EXISTS (SELECT FROM auth.identities AS x
-                  WHERE x.provider_id = n.provider_id AND x.provider = n.provider)
+ON CONFLICT (provider_id, provider) DO NOTHING
+"""
+
+# True when the target's ``auth.identities`` has the unique (provider_id, provider) of Auth since 2023.
+IDENTITY_KEY_INDEXED = """
+SELECT EXISTS (
+    SELECT FROM pg_index AS i
+    WHERE i.indrelid = 'auth.identities'::regclass AND i.indisunique AND i.indpred IS NULL
+      AND i.indexprs IS NULL AND i.indnatts = 2
+      AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute AS a
+           WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)) = ARRAY['provider', 'provider_id'])
 """
 
 # The admin API wrote e-mail/phone identities with its own timestamps and minimal data: take the source's.

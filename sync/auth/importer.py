@@ -89,9 +89,11 @@ class UserImport:
             self.report.not_copied = await snapshot.not_copied()
 
     async def _match(self, keys: list[SourceKey]) -> None:
+        if not keys:
+            return  # nothing changed: no target user needs reading
         if self.writer is not None:
-            target = await read_target_keys(self.writer.conn)
-            id_map = await read_id_map(self.writer.conn)
+            id_map = await read_id_map(self.writer.conn, [k.id for k in keys])
+            target = await read_target_keys(self.writer.conn, keys, id_map)
         else:
             assert self.api is not None
             target, id_map = await self.api.list_target(), {}

@@ -216,11 +216,46 @@ def _held_contacts(s: SourceKey, email_holder: str | None, phone_holder: str | N
     )
 
 
-async def read_target_keys(conn: asyncpg.Connection) -> list[TargetKey]:
-    """Every target user's matching keys."""
+# Stored exactly as :func:`normal_email` / :func:`normal_phone` would leave them: printable ASCII without
+# spaces, upper-case letters (e-mail) or ``+`` (phone). Any other stored value is read whatever it is.
+_PLAIN_EMAIL = r"^[!-@\[-~]*$"
+_PLAIN_PHONE = r"^[!-*,-~]*$"
+_TARGET_KEY = "SELECT id, email, phone, coalesce(is_sso_user, false) AS sso, created_at FROM auth.users"
+
+
+async def read_target_keys(
+    conn: asyncpg.Connection,
+    source: Sequence[SourceKey] | None = None,
+    id_map: Mapping[UUID, tuple[UUID, str]] | None = None,
+) -> list[TargetKey]:
+    """The matching keys of the target users the matcher can meet for ``source`` (every user when None).
+
+    Those are the users with a source user's id or the id it is mapped to, and those whose e-mail or phone,
+    normalised, is a source user's. Stored values already in normal form are found through the indexes on
+    ``id``, ``email`` and ``phone``; the few stored otherwise (another case, spaces, a ``+``) are all read and
+    normalised here. :func:`match_users` gives the same matches over these as over every target user.
+    """
+    if source is None:
+        return _target_keys(await conn.fetch(_TARGET_KEY))
+    if not source:
+        return []
+    ids = {s.id for s in source}
+    ids.update(prior[0] for s in source if (prior := (id_map or {}).get(s.id)) is not None)
+    emails = list({s.email for s in source if s.email})
+    phones = list({s.phone for s in source if s.phone})
     rows = await conn.fetch(
-        "SELECT id, email, phone, coalesce(is_sso_user, false) AS sso, created_at FROM auth.users"
+        f"{_TARGET_KEY} WHERE id = ANY($1::uuid[]) "
+        f"UNION {_TARGET_KEY} WHERE email = ANY($2::text[]) AND is_sso_user = false "
+        f"UNION {_TARGET_KEY} WHERE phone = ANY($3::text[]) "
+        f"UNION {_TARGET_KEY} WHERE email !~ '{_PLAIN_EMAIL}' OR phone !~ '{_PLAIN_PHONE}'",
+        list(ids),
+        emails,
+        phones,
     )
+    return _target_keys(rows)
+
+
+def _target_keys(rows: Iterable[asyncpg.Record]) -> list[TargetKey]:
     return [
         TargetKey(
             r["id"],
@@ -234,11 +269,17 @@ async def read_target_keys(conn: asyncpg.Connection) -> list[TargetKey]:
     ]
 
 
-async def read_id_map(conn: asyncpg.Connection) -> dict[UUID, tuple[UUID, str]]:
-    """Earlier runs' user mappings (source id → target id, reason); none before the first run."""
+async def read_id_map(
+    conn: asyncpg.Connection, source_ids: Collection[UUID] | None = None
+) -> dict[UUID, tuple[UUID, str]]:
+    """Earlier runs' user mappings (source id → target id, reason), of ``source_ids`` when given; none
+    before the first run."""
     if not await conn.fetchval("SELECT to_regclass('_sync.id_map') IS NOT NULL"):
         return {}
-    rows = await conn.fetch(
-        "SELECT source_key, target_key, reason FROM _sync.id_map WHERE table_name = $1", USERS_TABLE
-    )
+    query = "SELECT source_key, target_key, reason FROM _sync.id_map WHERE table_name = $1"
+    if source_ids is None:
+        rows = await conn.fetch(query, USERS_TABLE)
+    else:
+        keys = [str(i) for i in source_ids]
+        rows = await conn.fetch(f"{query} AND source_key = ANY($2::text[])", USERS_TABLE, keys)
     return {UUID(r["source_key"]): (UUID(r["target_key"]), r["reason"]) for r in rows}
