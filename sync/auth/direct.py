@@ -1,9 +1,11 @@
 """The direct writer: staged batches into the target's ``auth.users`` and ``auth.identities`` by SQL.
 
-One target transaction per batch: the batch is copied (binary COPY) into two temporary stage tables,
-then set-based statements (``direct_sql``) create, update and repair users, add identities, keep the id
-map and resolve earlier quarantine records. A batch the database refuses is split in halves until the
-refused users are isolated and quarantined with the database's message.
+One target transaction per batch: the batch is copied (binary COPY) into two temporary stage tables
+(made once per connection and analysed with its first batch, emptied at every commit), then set-based
+statements (``direct_sql``) create, update and repair users, add identities, keep the id map and
+resolve earlier quarantine records; a statement with no row of its kind in the batch is not sent. A
+batch the database refuses is split in halves until the refused users are isolated and quarantined with
+the database's message.
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ class TargetWriter:
         self._restore_users = ""
         self._stage_users = create_stage_sql(STAGE_USERS, STAGE_USER_FIELDS)
         self._stage_identities = create_stage_sql(STAGE_IDENTITIES, IDENTITY_FIELDS)
+        # The connection whose stage tables exist (created and analysed by a committed batch).
+        self._staged_on: asyncpg.Connection | None = None
 
     async def prepare(self) -> None:
         """Build the statements for the target's own ``auth.users`` columns."""
@@ -206,31 +210,44 @@ class TargetWriter:
     async def _write(self, batch: Sequence[StagedUser]) -> BatchResult:
         conn = self.conn
         result = BatchResult()
+        actions = {u.action for u in batch}
+        kinds = {u.match.kind for u in batch}
+        fresh = self._staged_on is not conn
         async with conn.transaction():
             if self.guard is not None:
                 await self.guard(conn)
             if self.options.triggers is TriggerMode.SKIP:
                 # A literal SET LOCAL: hosted Supabase allows it to postgres only in this form.
                 await conn.execute("SET LOCAL session_replication_role = replica")
-            await conn.execute(self._stage_users)
-            await conn.execute(self._stage_identities)
+            if fresh:
+                await conn.execute(self._stage_users)
+                await conn.execute(self._stage_identities)
             await conn.copy_records_to_table(
                 STAGE_USERS,
                 records=[u.record() for u in batch],
                 columns=[n for n, _ in STAGE_USER_FIELDS],
             )
-            await conn.copy_records_to_table(
-                STAGE_IDENTITIES,
-                records=[tuple(i[n] for n, _ in IDENTITY_FIELDS) for u in batch for i in u.identities],
-                columns=[n for n, _ in IDENTITY_FIELDS],
-            )
-            result.created = _rowcount(await conn.execute(self._insert_users))
+            identities = [tuple(i[n] for n, _ in IDENTITY_FIELDS) for u in batch for i in u.identities]
+            if identities:
+                await conn.copy_records_to_table(
+                    STAGE_IDENTITIES, records=identities, columns=[n for n, _ in IDENTITY_FIELDS]
+                )
+            if fresh:
+                # Statistics once per connection: later batches are planned with the first one's.
+                await conn.execute(f"ANALYZE {STAGE_USERS}, {STAGE_IDENTITIES}")
+            if "create" in actions:
+                result.created = _rowcount(await conn.execute(self._insert_users))
             for statement, action in self._set_users:
-                result.updated.update(r["source_id"] for r in await conn.fetch(statement, action))
-            await conn.execute(self._restore_users, "restore")
-            result.identities = _rowcount(await conn.execute(INSERT_IDENTITIES))
-            await conn.execute(RESTORE_IDENTITIES)
-            await conn.execute(MAP_IDS, self.run_id, USERS_TABLE)
+                if action in actions:
+                    result.updated.update(r["source_id"] for r in await conn.fetch(statement, action))
+            if "restore" in actions:
+                await conn.execute(self._restore_users, "restore")
+            if identities:
+                result.identities = _rowcount(await conn.execute(INSERT_IDENTITIES))
+                if "restore" in actions:
+                    await conn.execute(RESTORE_IDENTITIES)
+            if kinds & {MatchKind.EMAIL, MatchKind.PHONE}:
+                await conn.execute(MAP_IDS, self.run_id, USERS_TABLE)
             await conn.execute(LAND_USERS, self.run_id, USERS_TABLE)
             await conn.execute(UNMAP_IDS, USERS_TABLE)
             await conn.execute(RESOLVE_QUARANTINE, USERS_TABLE)
@@ -241,6 +258,7 @@ class TargetWriter:
                         f"target user of production user {missing[0]['source_id']} is missing "
                         "(foreign keys are not checked while triggers are skipped)"
                     )
+        self._staged_on = conn
         return result
 
     async def quarantine(self, row: Mapping[str, Any], error: str, sqlstate: str | None = None) -> None:

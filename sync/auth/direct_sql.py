@@ -2,7 +2,10 @@
 ``auth.identities`` rows, id-map entries and quarantine records.
 
 Every statement reads the batch from the two temporary stage tables; the only values it takes are bound
-parameters (the run id, the ``table_name`` of users, the action a statement applies to).
+parameters (the run id, the ``table_name`` of users, the action a statement applies to). A staged row
+meets a target table through one probe of that table's index per row (``LATERAL … LIMIT 1``, or
+``ON CONFLICT`` on a unique index), so a batch costs the same however large the target's tables are and
+whatever the stage's statistics say.
 """
 
 from __future__ import annotations
@@ -133,11 +136,11 @@ _INCOMING_IDENTITIES = """(
 INSERT_IDENTITIES = f"""
 INSERT INTO auth.identities (id, provider_id, user_id, identity_data, provider, last_sign_in_at,
                              created_at, updated_at)
-SELECT CASE WHEN n.source_identity_id IS NULL
-                 OR EXISTS (SELECT FROM auth.identities AS x WHERE x.id = n.source_identity_id)
-            THEN gen_random_uuid() ELSE n.source_identity_id END,
+SELECT CASE WHEN n.source_identity_id IS NULL OR x.taken THEN gen_random_uuid() ELSE n.source_identity_id END,
        n.provider_id, n.target_id, n.data, n.provider, n.last_sign_in_at, n.created_at, n.updated_at
 FROM {_INCOMING_IDENTITIES}
+LEFT JOIN LATERAL (SELECT true AS taken FROM auth.identities AS x WHERE x.id = n.source_identity_id LIMIT 1)
+     AS x ON true
 ON CONFLICT (provider_id, provider) DO NOTHING
 """
 
@@ -180,7 +183,7 @@ LAND_USERS = """
 INSERT INTO _sync.landed (table_name, source_key, target_key, run_id)
 SELECT $2::text, s.source_id::text, s.target_id::text, $1
 FROM _sync_stage_users AS s
-WHERE s.target_id IS NOT NULL AND EXISTS (SELECT FROM auth.users AS t WHERE t.id = s.target_id)
+CROSS JOIN LATERAL (SELECT FROM auth.users AS t WHERE t.id = s.target_id LIMIT 1) AS t
 ON CONFLICT (table_name, source_key) DO UPDATE
 SET target_key = EXCLUDED.target_key, run_id = EXCLUDED.run_id
 WHERE _sync.landed.target_key IS DISTINCT FROM EXCLUDED.target_key
@@ -201,7 +204,8 @@ WHERE q.table_name = $1 AND q.resolved_at IS NULL AND q.source_key = s.source_id
 
 MISSING_USERS = """
 SELECT s.source_id FROM _sync_stage_users AS s
-WHERE NOT EXISTS (SELECT FROM auth.users AS t WHERE t.id = s.target_id)
+LEFT JOIN LATERAL (SELECT true AS found FROM auth.users AS t WHERE t.id = s.target_id LIMIT 1) AS t ON true
+WHERE t.found IS NULL
 """
 
 # $1: the run id, $2: the ``table_name`` of users.
@@ -215,9 +219,10 @@ SET run_id = EXCLUDED.run_id, row_data = EXCLUDED.row_data, error = EXCLUDED.err
 
 
 def create_stage_sql(name: str, fields: Sequence[tuple[str, str]]) -> str:
-    """``CREATE TEMP TABLE`` for a stage that lives until the batch's transaction ends."""
+    """``CREATE TEMP TABLE`` for a stage that lives as long as the connection and is emptied when each
+    batch's transaction ends (its statistics stay)."""
     columns = ", ".join(f"{ident(n)} {t}" for n, t in fields)
-    return f"CREATE TEMP TABLE {ident(name)} ({columns}) ON COMMIT DROP"
+    return f"CREATE TEMP TABLE {ident(name)} ({columns}) ON COMMIT DELETE ROWS"
 
 
 def insert_users_sql(columns: set[str]) -> str:
