@@ -3,7 +3,9 @@ direct writer or through the admin API, counting and noting what became of each 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -25,11 +27,14 @@ from sync.auth.match import (
 )
 from sync.auth.options import AuthOptions, ConflictPolicy
 from sync.auth.report import AuthReport, QuarantinedUser, UserNote, direct_notes
-from sync.auth.source import read_only_snapshot
+from sync.auth.source import SourceSnapshot, read_only_snapshot
 from sync.selection import Changes
 
 if TYPE_CHECKING:
     from sync.auth.admin_api import AdminApiCreator
+
+Batch = tuple[list[asyncpg.Record], dict[UUID, list[asyncpg.Record]]]
+"""Source user rows, and the identities of each (by user id)."""
 
 
 class UserProgress(Protocol):
@@ -75,11 +80,8 @@ class UserImport:
             await self._match(keys)
             if self.progress is not None:
                 self.progress.users_total(len(keys))
-            async for rows in snapshot.batches(self.options.batch_size):
+            async for rows, identities in _read_ahead(_batches(snapshot, self.options.batch_size)):
                 created = self.report.created
-                identities: dict[UUID, list[asyncpg.Record]] = {row["id"]: [] for row in rows}
-                for identity in await snapshot.identities(list(identities)):
-                    identities[identity["user_id"]].append(identity)
                 if self.api is not None:
                     await self._through_api(rows, identities)
                 else:
@@ -219,3 +221,34 @@ class UserImport:
             return
         self.report.quarantined += 1
         self.report.quarantine.append(QuarantinedUser(row["id"], row["email"], reason))
+
+
+async def _batches(snapshot: SourceSnapshot, size: int) -> AsyncIterator[Batch]:
+    """The source's users ``size`` at a time, each batch with its users' identities."""
+    async for rows in snapshot.batches(size):
+        identities: dict[UUID, list[asyncpg.Record]] = {row["id"]: [] for row in rows}
+        for identity in await snapshot.identities(list(identities)):
+            identities[identity["user_id"]].append(identity)
+        yield rows, identities
+
+
+async def _read_ahead(batches: AsyncIterator[Batch]) -> AsyncIterator[Batch]:
+    """``batches``, the next one read (on the source's connection) while the caller writes this one."""
+    queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
+
+    async def produce() -> None:
+        try:
+            async for batch in batches:
+                await queue.put(batch)
+        finally:
+            await queue.put(None)  # the end, or a failure the caller then meets awaiting this task
+
+    producer = asyncio.create_task(produce())
+    try:
+        while (batch := await queue.get()) is not None:
+            yield batch
+        await producer  # its failure, if any
+    finally:
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await producer
