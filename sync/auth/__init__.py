@@ -50,8 +50,9 @@ Written as the Auth server needs it (``reference/supabase-auth.md`` §5): nil-UU
 generated columns never named. Every source identity is copied (OAuth ones with their ``provider_id``
 and ``identity_data``; e-mail and phone ones re-derived to the target id when remapped; e-mail lower-cased
 in ``identity_data``), skipping a (provider_id, provider) the target already has; a user gets exactly
-the identities production has (a Google-only user no e-mail identity). MFA factors, sessions, refresh tokens and one-time tokens are
-not copied: users sign in again, and MFA users enrol again (``include_mfa`` is not available yet).
+the identities production has (a Google-only user no e-mail identity). MFA factors, sessions, refresh
+tokens and one-time tokens are not copied: users sign in again, and MFA users enrol again
+(``include_mfa`` is not available yet).
 
 Two modes:
 
