@@ -51,6 +51,22 @@ def test_on_a_terminal_the_auth_import_has_a_bar_of_users_with_those_created():
     assert "users/s" in console.file.getvalue()  # type: ignore[attr-defined]
 
 
+def test_without_a_terminal_the_auth_import_logs_users_settled_and_created_batch_by_batch(
+    caplog, monkeypatch
+):
+    monkeypatch.setenv("SYNC_PROGRESS_EVERY", "0")
+    progress = RunProgress(Console(file=io.StringIO(), force_terminal=False), {})
+    with caplog.at_level(logging.INFO, logger="sync"), progress.shown():
+        progress.users_total(4082)
+        progress.users(2000, 872)
+        progress.users(2082, 2080)
+    lines = [r.getMessage().split(" (")[0] for r in caplog.records]
+    assert lines == [
+        "auth users: 2,000 of 4,082 users, 872 created",
+        "auth users: 4,082 of 4,082 users, 2,952 created",
+    ]
+
+
 def test_without_a_terminal_a_run_logs_the_auth_imports_real_counts_as_it_goes(seed_dbs):
     source, target = seed_dbs
     shipped = Path(__file__).resolve().parent.parent / "mappings" / "sync.toml"
@@ -65,7 +81,7 @@ def test_without_a_terminal_a_run_logs_the_auth_imports_real_counts_as_it_goes(s
     counts = [
         int(re.match(r"auth users: ([\d,]+) of 4,082 users", line)[1].replace(",", "")) for line in users
     ]
-    assert counts[:3] == [2000, 4000, 4082], users  # one line per batch of 2,000, then the last one
+    assert counts == sorted(set(counts)) and counts[-1] == 4082, users  # a line per batch, each count once
     assert users[-1].startswith("auth users: 4,082 of 4,082 users, 2,952 created ("), users
     profiles = [line for line in done.stderr.splitlines() if line.startswith("public.profiles: ")]
     assert profiles[-1].startswith("public.profiles: 3,331 rows ("), profiles  # 2,991 in the window + parents
