@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime
 
 import asyncpg
@@ -10,6 +11,7 @@ import psycopg
 from queries import SEED_MAPPING, execute, fetch
 
 from sync.auth import AuthOptions
+from sync.auth.source import read_only_snapshot
 from sync.connect import Endpoint, Side
 from sync.mapping import Mapping, load_mapping
 from sync.run import RunOptions, RunReport, auth_import, run_sync
@@ -197,3 +199,32 @@ def test_plan_warns_for_each_since_column_nothing_on_the_source_maintains(make_d
     unmaintained = sorted(w.split(":")[0] for w in report.warnings if "is not maintained" in w)
     assert unmaintained == ["public.notes", "public.tags"]
     assert any("public.tags: since-column created_at" in w for w in report.warnings)
+
+
+def _plan_nodes(node: dict) -> list[dict]:
+    return [node, *(n for child in node.get("Plans", []) for n in _plan_nodes(child))]
+
+
+def test_the_users_a_catch_up_reads_are_found_by_joins_the_planner_does_not_repeat_per_user(seed_dbs):
+    """At any ``work_mem``, a changed identity selects its user through a join, never a per-user subquery."""
+    source, _ = seed_dbs
+
+    async def explain() -> list[dict]:
+        conn = await asyncpg.connect(source.url)
+        try:
+            await conn.execute("SET work_mem = '64kB'")
+            changes = Changes(from_xid=1, upto_xid=2**20)
+            async with read_only_snapshot(conn, SINCE, changes=changes) as snapshot:
+                window = snapshot._window
+                params = snapshot._params
+                plan = await conn.fetchval(
+                    f"EXPLAIN (FORMAT JSON) SELECT id FROM auth.users{window}", *params
+                )
+        finally:
+            await conn.close()
+        return _plan_nodes(json.loads(plan)[0]["Plan"])
+
+    nodes = asyncio.run(explain())
+    assert any(n.get("Relation Name") == "identities" for n in nodes), "identities are read"
+    per_row = [n for n in nodes if n.get("Parent Relationship") == "SubPlan"]
+    assert not per_row, f"a subquery run per user: {per_row[0].get('Subplan Name')}"

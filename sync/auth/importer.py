@@ -77,7 +77,8 @@ class UserImport:
         ) as snapshot:
             keys = await snapshot.keys()
             self.report.source_users = len(keys)
-            await self._match(keys)
+            if keys:  # a catch-up with no changed user reads nothing of the target's users
+                await self._match(keys)
             if self.progress is not None:
                 self.progress.users_total(len(keys))
             async for rows, identities in _read_ahead(_batches(snapshot, self.options.batch_size)):

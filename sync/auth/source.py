@@ -64,11 +64,15 @@ class SourceSnapshot:
                 held = list(self.changes.held.get(USERS_TABLE, []))
                 if held:
                     changed.append(f"id::text = ANY({params.bind(held, 'text[]')})")
-                changed.append(
-                    f"id IN (SELECT i.user_id FROM {table_ident(IDENTITIES_TABLE)} AS i "
+                # One semi-join over a union, not ``… OR id IN (subquery)``: under an OR the planner
+                # runs the subquery as a filter that it re-scans for every user when it cannot hash it.
+                self._window = (
+                    f" WHERE id IN (SELECT id FROM {_USERS} WHERE {' OR '.join(changed)} "
+                    f"UNION SELECT i.user_id FROM {table_ident(IDENTITIES_TABLE)} AS i "
                     f"WHERE {self.changes.sql(params, 'i.')})"
                 )
-            self._window = " WHERE (" + " OR ".join(changed) + ")"
+            else:
+                self._window = " WHERE (" + " OR ".join(changed) + ")"
         if self.only_ids is not None:
             # A quarantine retry reads only the users still in quarantine.
             ids = params.bind(list(self.only_ids), "uuid[]")
