@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
+import asyncpg
 import pytest
 from click.testing import CliRunner
 from queries import SEED_MAPPING, execute, fetch, seed_run_args
 
 from sync.cli import main
 from sync.errors import EXIT_DIFFERENT, EXIT_OK, EXIT_USAGE
+from sync.verify import estimate_rows
+from sync.verify.compare import bucket_count
 
 
 def verify(source, target, *extra: str) -> tuple[int, dict]:
@@ -272,3 +276,25 @@ def test_a_source_role_that_row_level_security_limits_is_refused_before_comparin
         assert "Row level security hides rows of" in result.output and "public.profiles" in result.output
     finally:
         execute(source.admin_url, f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_a_table_never_analyzed_is_still_spread_over_buckets(supabase_db):
+    """A fresh production table has no statistics (reltuples -1): its size still picks the buckets, so
+    one differing row never makes verify read the whole table back."""
+    execute(
+        supabase_db.url,
+        "CREATE TABLE public.fresh (id bigint PRIMARY KEY, body text);"
+        "INSERT INTO public.fresh SELECT g, repeat('x', 40) FROM generate_series(1, 20000) AS g;",
+    )
+
+    async def estimate() -> float:
+        conn = await asyncpg.connect(supabase_db.url)
+        try:
+            assert await conn.fetchval("SELECT reltuples FROM pg_class WHERE relname = 'fresh'") < 0
+            return await estimate_rows(conn, "public.fresh")
+        finally:
+            await conn.close()
+
+    rows = asyncio.run(estimate())
+    assert 5_000 < rows < 80_000
+    assert bucket_count(rows) > 100

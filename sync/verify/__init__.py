@@ -10,6 +10,7 @@ that differ), only on the target though they came from production (production de
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -105,7 +106,7 @@ async def verify(
                 state = await _state(tconn)
                 checked_users = sign_ins = None
                 if await _has_users(sconn) and await _has_users(tconn):
-                    buckets = bucket_count(await _estimate(sconn, users.USERS_TABLE))
+                    buckets = bucket_count(await estimate_rows(sconn, users.USERS_TABLE))
                     checked_users = await _check_users(sconn, tconn, state, buckets)
                     sign_ins = await check_sign_ins(
                         sconn, tconn, state.has_map, datetime.now(UTC), buckets=buckets
@@ -189,12 +190,16 @@ async def _has_users(conn: asyncpg.Connection) -> bool:
     return bool(await conn.fetchval("SELECT to_regclass('auth.users') IS NOT NULL"))
 
 
-async def _estimate(conn: asyncpg.Connection, table: str) -> float:
-    return float(
-        await conn.fetchval(
-            "SELECT coalesce(max(reltuples), -1) FROM pg_class WHERE oid = to_regclass($1)", table
-        )
-    )
+async def estimate_rows(conn: asyncpg.Connection, table: str) -> float:
+    """About how many rows ``table`` holds: its statistics, or for a table never analyzed (-1 there,
+    which would put every row in one bucket) the planner's guess from its size."""
+    rows = await conn.fetchval("SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)", table)
+    if rows is None:
+        return -1.0
+    if rows >= 0:
+        return float(rows)
+    plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) SELECT 1 FROM {table_ident(table)}")
+    return float(json.loads(plan)[0]["Plan"]["Plan Rows"])
 
 
 async def _check_users(
@@ -227,7 +232,7 @@ async def _check_table(
         tconn,
         tables.source_relation(plan, tp, since, castable),
         tables.target_relation(plan, tp, since, state.has_map),
-        buckets=bucket_count(await _estimate(sconn, tp.source_name)),
+        buckets=bucket_count(await estimate_rows(sconn, tp.source_name)),
         held=await tables.quarantined(tconn, tp.name, state.has_quarantine),
     )
     deletes: list[str] = []
