@@ -74,7 +74,7 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_wheel_holds_the_tool_and_its_files_but_not_the_dev_kit(wheel: Path):
     names = zipfile.ZipFile(wheel).namelist()
-    assert "sync/cli.py" in names and "sync/render.py" in names
+    assert "sync/cli/run.py" in names and "sync/render.py" in names
     assert "sync/sql/state.sql" in names
     assert "sync/mappings/sync.toml" in names
     assert not [n for n in names if n.startswith("devkit/")]
