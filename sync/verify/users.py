@@ -38,12 +38,14 @@ _SHAPE = {
 """What the Auth server needs to find and load a user (true on the target when it holds)."""
 
 
-def _common(password: str, confirmed: str, identities: str) -> list[tuple[str, str]]:
+def _common(identities: str) -> list[tuple[str, str]]:
+    """The columns compared, written alike on both sides: an empty hash and an unconfirmed contact are
+    NULL on each, so equal users hash equal and only a real difference sends a bucket row by row."""
     return [
         ("email", "lower(trim(u.email))"),
-        (PASSWORD, password),
-        ("email confirmed", confirmed.format("email_confirmed_at")),
-        ("phone confirmed", confirmed.format("phone_confirmed_at")),
+        (PASSWORD, f"nullif(u.{ident(PASSWORD)}, '')"),
+        ("email confirmed", "CASE WHEN u.email_confirmed_at IS NOT NULL THEN true END"),
+        ("phone confirmed", "CASE WHEN u.phone_confirmed_at IS NOT NULL THEN true END"),
         ("identities", identities),
     ]
 
@@ -75,11 +77,7 @@ def source_users() -> Relation:
         f"auth.users AS u {_IDENTITIES}",
         "u.id::text",
         [
-            *_common(
-                f"nullif(u.{ident(PASSWORD)}, '')",
-                "CASE WHEN u.{} IS NOT NULL THEN true END",
-                "coalesce(i.list, '')",
-            ),
+            *_common("coalesce(i.list, '')"),
             *shape,
         ],
     )
@@ -88,23 +86,18 @@ def source_users() -> Relation:
 def target_users(has_map: bool) -> Relation:
     """The target's users under production ids (a mapped user under the production id it stands for)."""
     shape = [(name, expr) for name, expr in _SHAPE.items()]
-    confirmed = "u.{} IS NOT NULL"
     if not has_map:
         return Relation(
             f"auth.users AS u {_IDENTITIES}",
             "u.id::text",
-            [*_common(f"u.{ident(PASSWORD)}", confirmed, "coalesce(i.list, '')"), *shape],
+            [*_common("coalesce(i.list, '')"), *shape],
         )
     params = Params()
     return Relation(
         f"auth.users AS u {_IDENTITIES} {production_ids(params)}",
         PRODUCTION_ID,
         [
-            *_common(
-                f"u.{ident(PASSWORD)}",
-                confirmed,
-                "CASE WHEN r.source_key IS NOT NULL THEN '~' ELSE '' END || coalesce(i.list, '')",
-            ),
+            *_common("CASE WHEN r.source_key IS NOT NULL THEN '~' ELSE '' END || coalesce(i.list, '')"),
             *shape,
         ],
         NOT_TAKEN,
