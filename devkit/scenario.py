@@ -15,6 +15,7 @@ Passwords are reproducible from the e-mail (:func:`password_for`), so tests can 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import random
@@ -50,6 +51,7 @@ DEV = {"financing_requests": 883, "bank_profiles": 442, "documents": 548}
 DEV_TEST_ROWS = {"financing_requests": 12, "bank_profiles": 6, "documents": 8}
 DEV_NOTIFICATIONS = 40
 COST10_USERS = 5
+SOFT_DELETED_USERS = 3
 
 APP_TABLES = ("profiles", "financing_requests", "bank_profiles", "documents")
 TERMS = (6, 12, 18, 24, 36, 48)
@@ -219,6 +221,8 @@ class Scenario:
     reregistered_emails: list[str]
     edited: dict[str, set[Any]]
     scale: int
+    soft_deleted: list[uuid.UUID] = field(default_factory=list)
+    """Production users created after the copy that the Auth server soft-deleted; their rows stay."""
 
 
 class _Hasher:
@@ -599,6 +603,8 @@ def generate(scale: int = 1, seed: int = DEFAULT_SEED) -> Scenario:
         b["updated_at"] = g.moment(COPY_DATE, PROPOSAL_DATE)
         edited["bank_profiles"].add(b["id"])
 
+    soft_deleted = _soft_delete_some(prod, n_old, set(rereg_emails), random.Random(seed * 7 + scale))
+
     development = Side(
         users=old.users + dev_only.users,
         identities=old.identities + dev_only.identities,
@@ -612,7 +618,68 @@ def generate(scale: int = 1, seed: int = DEFAULT_SEED) -> Scenario:
         reregistered_emails=rereg_emails,
         edited=edited,
         scale=scale,
+        soft_deleted=soft_deleted,
     )
+
+
+def _soft_delete_some(prod: Side, n_old: int, reregistered: set[str], rng: random.Random) -> list[uuid.UUID]:
+    """Soft-delete a few of production's new users that have financing requests, as the Auth server
+    does (its admin delete with ``should_soft_delete``); their profiles and rows stay. A separate RNG, so
+    every other row is the same as without them."""
+    owners = {r["profile_id"] for r in prod.rows["financing_requests"]}
+    latest: dict[uuid.UUID, datetime] = {}
+    for table in ("financing_requests", "bank_profiles", "documents"):
+        for row in prod.rows[table]:
+            owner = row["profile_id"]
+            latest[owner] = max(row["created_at"], latest.get(owner, row["created_at"]))
+    candidates = [
+        u
+        for u in prod.users[n_old:]
+        if u["email"] and u["id"] in owners and u["email"] not in reregistered and not u["is_anonymous"]
+    ]
+    google = {i["user_id"] for i in prod.identities if i["provider"] == "google"}
+    count = SOFT_DELETED_USERS * (len(prod.users) // PROD_USERS)
+    chosen = rng.sample([u for u in candidates if u["id"] in google], 1)
+    chosen += rng.sample([u for u in candidates if u["id"] not in google], count - 1)
+    for user in chosen:
+        # After the user's last row and sign-in: the app kept the rows, the account went.
+        floor = max(latest[user["id"]], user["last_sign_in_at"], user["updated_at"])
+        at = floor + timedelta(hours=rng.randint(1, 72))
+        soft_delete(user, [i for i in prod.identities if i["user_id"] == user["id"]], at)
+    return [u["id"] for u in chosen]
+
+
+def soft_delete(user: dict[str, Any], identities: Sequence[dict[str, Any]], at: datetime) -> None:
+    """What the Auth server's soft delete writes (``SoftDeleteUser``, ``SoftDeleteUserIdentities`` in
+    its ``internal/models/user.go``): e-mail and phone (even none) and their pending changes replaced by
+    scrambles, no password, tokens cleared, metadata emptied, ``deleted_at``; each identity's data
+    emptied and its provider id scrambled."""
+    user_id = user["id"]
+    user["email"] = obfuscated(user_id, user["email"] or "")
+    user["phone"] = obfuscated(user_id, user["phone"] or "")[:15]
+    user["email_change"] = obfuscated(user_id, user["email_change"] or "")
+    user["phone_change"] = obfuscated(user_id, user["phone_change"] or "")[:15]
+    user["encrypted_password"] = None
+    for column in (
+        "confirmation_token",
+        "recovery_token",
+        "email_change_token_current",
+        "email_change_token_new",
+        "phone_change_token",
+    ):
+        user[column] = ""
+    user["raw_user_meta_data"], user["raw_app_meta_data"] = {}, {}
+    user["deleted_at"] = user["updated_at"] = at
+    for identity in identities:
+        identity["identity_data"] = {}
+        identity["provider_id"] = obfuscated(user_id, f"{identity['provider']}:{identity['provider_id']}")
+        identity["updated_at"] = at
+
+
+def obfuscated(user_id: uuid.UUID, value: str) -> str:
+    """The Auth server's scramble: base64url (unpadded) of sha256 of the user id's text and the value."""
+    digest = hashlib.sha256((str(user_id) + value).encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def _documents(

@@ -24,7 +24,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -45,6 +44,8 @@ import bcrypt
 from aiohttp import web
 
 from tests.local_http import LocalHttpService
+
+from devkit.scenario import obfuscated
 
 _log = logging.getLogger(__name__)
 
@@ -526,11 +527,6 @@ def _random_password() -> str:
     # Auth generates 64 characters (10 of them digits, no symbols) when no password is given.
     alphabet = string.ascii_letters + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(64))
-
-
-def _obfuscate(user_id: uuid.UUID, value: str) -> str:
-    digest = hashlib.sha256((str(user_id) + value).encode()).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1393,10 +1389,10 @@ async def _upsert_identity(
 async def _soft_delete(conn: asyncpg.Connection, user: dict[str, Any]) -> None:
     """Auth's SoftDeleteUser and SoftDeleteUserIdentities, then factors and sessions dropped."""
     user_id = user["id"]
-    user["email"] = _obfuscate(user_id, user.get("email") or "")
-    user["phone"] = _obfuscate(user_id, user.get("phone") or "")[:15]
-    user["email_change"] = _obfuscate(user_id, user.get("email_change") or "")
-    user["phone_change"] = _obfuscate(user_id, user.get("phone_change") or "")[:15]
+    user["email"] = obfuscated(user_id, user.get("email") or "")
+    user["phone"] = obfuscated(user_id, user.get("phone") or "")[:15]
+    user["email_change"] = obfuscated(user_id, user.get("email_change") or "")
+    user["phone_change"] = obfuscated(user_id, user.get("phone_change") or "")[:15]
     user["encrypted_password"] = None
     for column in (
         "confirmation_token",
@@ -1434,7 +1430,7 @@ async def _soft_delete(conn: asyncpg.Connection, user: dict[str, Any]) -> None:
         await conn.execute(
             "UPDATE auth.identities SET identity_data = '{}'::jsonb, provider_id = $2 WHERE id = $1",
             row["id"],
-            _obfuscate(user_id, f"{row['provider']}:{row['provider_id']}"),
+            obfuscated(user_id, f"{row['provider']}:{row['provider_id']}"),
         )
     await conn.execute("DELETE FROM auth.mfa_factors WHERE user_id = $1", user_id)
     await conn.execute("DELETE FROM auth.refresh_tokens WHERE user_id = $1", str(user_id))

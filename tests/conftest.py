@@ -74,8 +74,10 @@ def seed_templates(server: Server, supabase_template: testbed.Database) -> tuple
 
         return run
 
-    prod = testbed.ensure_template(server, "sync_tpl_seed_production", digest, build("production"))
-    dev = testbed.ensure_template(server, "sync_tpl_seed_development", digest, build("development"))
+    # The digest is in the name: checkouts with another scenario share the server without rebuilding
+    # each other's templates.
+    prod = testbed.ensure_template(server, f"sync_tpl_seed_production_{digest}", digest, build("production"))
+    dev = testbed.ensure_template(server, f"sync_tpl_seed_development_{digest}", digest, build("development"))
     return prod.name, dev.name
 
 

@@ -113,7 +113,7 @@ def load_users(db: Database, users: list[dict[str, Any]], identities: list[dict[
 def few(make_db: Any, seed: scenario.Scenario) -> tuple[Database, Database, list[dict[str, Any]]]:
     """A source holding the 40 newest production users with an e-mail, and an empty target."""
     source, target = make_db(), make_db()
-    users = [u for u in seed.production.users if u["email"]][-40:]
+    users = [u for u in seed.production.users if u["email"] and not u["deleted_at"]][-40:]
     ids = {u["id"] for u in users}
     load_users(source, users, [i for i in seed.production.identities if i["user_id"] in ids])
     return source, target, users
@@ -128,7 +128,9 @@ async def test_every_production_user_lands_through_the_api_and_signs_in_with_the
     assert report.quarantined == 0 and report.exit_code == 0
     anonymous = [u for u in seed.production.users if u["is_anonymous"]]
     assert report.created == created_by_a_first_run(seed)
-    assert api.creates == report.created - len(anonymous), "anonymous users cannot go through the API"
+    direct = len(anonymous) + len(seed.soft_deleted)
+    assert api.creates == report.created - direct, "anonymous and soft-deleted users cannot go through the API"
+    assert not set(map(str, seed.soft_deleted)) & set(api.created_ids)
     assert report.matched_by_email == len(seed.reregistered_emails)
     assert_every_production_user_has_one_target_user(seed, target)
     assert_reregistered_users_keep_their_production_password(seed, target)
@@ -155,6 +157,18 @@ async def test_every_production_user_lands_through_the_api_and_signs_in_with_the
         assert google[identity["provider_id"]] == resolved[identity["user_id"]]
     notes = [n.note for n in report.notes]
     assert sum("anonymous user" in n and "written directly" in n for n in notes) == len(anonymous)
+    assert sum("soft-deleted by the Auth server" in n for n in notes) == len(seed.soft_deleted)
+    # Soft-deleted users land as production has them: scrambled contacts, no password, deleted_at.
+    deleted = [u for u in seed.production.users if u["id"] in set(seed.soft_deleted)]
+    landed_deleted = sql(
+        target,
+        "SELECT id, email, phone, coalesce(encrypted_password, ''), deleted_at FROM auth.users "
+        "WHERE id = ANY(%s) ORDER BY id",
+        seed.soft_deleted,
+    )
+    assert landed_deleted == sorted(
+        (u["id"], u["email"].lower(), u["phone"], "", u["deleted_at"]) for u in deleted
+    )
 
 
 async def test_with_30_percent_failures_every_user_lands_once(
@@ -228,9 +242,12 @@ async def test_without_the_target_dsn_the_report_says_what_the_api_could_not_car
     report = await run_api(source, None, api)
 
     anonymous = {u["id"] for u in seed.production.users if u["is_anonymous"]}
-    assert {q.source_id for q in report.quarantine} == anonymous
+    # Soft-deleted users are refused up front: created through the API they would be live accounts.
+    refused = anonymous | set(seed.soft_deleted)
+    assert {q.source_id for q in report.quarantine} == refused
     assert all("give the target DSN" in q.error for q in report.quarantine)
-    assert report.created == created_by_a_first_run(seed) - len(anonymous) == api.creates
+    assert all("soft-deleted" in q.error for q in report.quarantine if q.source_id not in anonymous)
+    assert report.created == created_by_a_first_run(seed) - len(refused) == api.creates
     notes = {n.source_id: n.note for n in report.notes}
     with_google = {i["user_id"] for i in seed.production.identities if i["provider"] == "google"}
     created_google = [u for u in with_google if str(u) in set(api.created_ids)]

@@ -167,10 +167,12 @@ def assert_identities_as_production_has_them(
             u: ids for u, ids in wanted.items() if resolved[u] == u
         }
     assert all(wanted[u] <= held.get(resolved[u], set()) for u in wanted)
-    # The e-mail identities point at their user the way the Auth server writes them.
+    # The e-mail identities point at their user the way the Auth server writes them (its soft delete
+    # scrambles them: provider id and data).
     wrong = sql(
         target,
-        "SELECT i.id FROM auth.identities AS i WHERE i.provider = 'email' AND "
+        "SELECT i.id FROM auth.identities AS i JOIN auth.users AS u ON u.id = i.user_id "
+        "WHERE i.provider = 'email' AND u.deleted_at IS NULL AND "
         "(i.provider_id <> i.user_id::text OR i.identity_data ->> 'sub' <> i.user_id::text)",
     )
     assert wrong == []
@@ -212,10 +214,15 @@ def created_by_a_first_run(seed: scenario.Scenario) -> int:
 
 
 def new_production_users(seed: scenario.Scenario) -> list[dict[str, Any]]:
-    """Production users created after the copy, with an e-mail and not re-registered in development."""
+    """Production users created after the copy, with an e-mail, live (not soft-deleted) and not
+    re-registered in development."""
     old = {u["id"] for u in seed.pre_copy_production.users}
     taken = {e.lower() for e in seed.reregistered_emails}
-    return [u for u in seed.production.users if u["id"] not in old and u["email"] and u["email"] not in taken]
+    return [
+        u
+        for u in seed.production.users
+        if u["id"] not in old and u["email"] and not u["deleted_at"] and u["email"] not in taken
+    ]
 
 
 # ---------------------------------------------------------------------------------------- the stories
@@ -254,13 +261,20 @@ async def test_oauth_and_phone_identities_arrive_with_their_subjects(
             target, "SELECT provider_id, provider, user_id, identity_data FROM auth.identities"
         )
     }
-    google = [i for i in seed.production.identities if i["provider"] == "google"]
+    deleted = set(seed.soft_deleted)
+    live = [i for i in seed.production.identities if i["user_id"] not in deleted]
+    google = [i for i in live if i["provider"] == "google"]
     assert google
     for identity in google:
         user_id, data = landed[(identity["provider_id"], "google")]
         assert user_id == resolved[identity["user_id"]]
         assert data["sub"] == identity["provider_id"] and data["email"] == data["email"].lower()
-    for identity in (i for i in seed.production.identities if i["provider"] == "phone"):
+    # The Auth server's soft delete scrambled these subjects and emptied their data: they come as they are.
+    scrambled = [i for i in seed.production.identities if i["user_id"] in deleted]
+    assert {i["provider"] for i in scrambled} >= {"email", "google"}
+    for identity in scrambled:
+        assert landed[(identity["provider_id"], identity["provider"])] == (identity["user_id"], {})
+    for identity in (i for i in live if i["provider"] == "phone"):
         target_id = resolved[identity["user_id"]]
         user_id, data = landed[(str(target_id), "phone")]
         assert user_id == target_id and data["sub"] == str(target_id)
