@@ -634,7 +634,12 @@ def _now() -> datetime:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    """JSON as Go's encoding/json writes it: map keys sorted, UTF-8 kept, ``<``, ``>``, ``&`` and the
+    line and paragraph separators escaped (it matters where the column is ``json``, not ``jsonb``)."""
+    text = json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    for char in "<>&\u2028\u2029":
+        text = text.replace(char, f"\\u{ord(char):04x}")
+    return text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -655,6 +660,9 @@ class Exchange:
 
 
 _EXCHANGE = web.RequestKey("exchange", Exchange)
+_ADMIN_ROLE = web.RequestKey("admin_role", str)
+# Auth's ActionLogTypeMap, for the actions the admin user endpoints record.
+_AUDIT_LOG_TYPES = {"user_signedup": "team", "user_deleted": "team", "user_modified": "user"}
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -771,7 +779,7 @@ class AdminApiServer(LocalHttpService):
                     await request.read()
                 await asyncio.sleep(self.faults.delay_seconds)
             try:
-                self._authorise(request)
+                request[_ADMIN_ROLE] = self._authorise(request)
                 response = await handler(request)
             except ApiError as err:
                 response = error_response(request, err)
@@ -828,8 +836,8 @@ class AdminApiServer(LocalHttpService):
             )
         return web.Response(status=504, text="upstream request timeout")
 
-    def _authorise(self, request: web.Request) -> None:
-        """Auth's requireAdminCredentials: a Bearer token whose role is an admin role."""
+    def _authorise(self, request: web.Request) -> str:
+        """Auth's requireAdminCredentials: a Bearer token whose role is an admin role; that role."""
         match = _BEARER_RE.fullmatch(request.headers.get("Authorization", ""))
         if match is None:
             raise ApiError(401, "no_authorization", "This endpoint requires a valid Bearer token")
@@ -847,6 +855,7 @@ class AdminApiServer(LocalHttpService):
             raise ApiError(403, "bad_jwt", f"invalid JWT: unable to parse or verify signature, {reason}")
         if role not in ADMIN_ROLES:
             raise ApiError(403, "not_admin", "User not allowed")
+        return role
 
     @staticmethod
     def _aud(request: web.Request) -> str:
@@ -882,20 +891,24 @@ class AdminApiServer(LocalHttpService):
         )
         return [dict(row) for row in rows]
 
-    async def _audit(self, conn: asyncpg.Connection, action: str, log_type: str, user: Mapping) -> None:
+    async def _audit(
+        self, conn: asyncpg.Connection, request: web.Request, action: str, user: Mapping, **traits: str
+    ) -> None:
+        """Auth's NewAuditLogEntry for an admin call: the actor is the admin user requireAdmin makes from
+        the token (nil id, the token's role as its e-mail, hence its name); the traits name the user."""
         if not self.audit_log:
             return
-        # The admin "actor" Auth records for a service-role token: nil id, the role as its name.
         payload = {
             "actor_id": str(NIL_UUID),
             "actor_via_sso": False,
-            "actor_username": "service_role",
+            "actor_username": request[_ADMIN_ROLE],
             "action": action,
-            "log_type": log_type,
+            "log_type": _AUDIT_LOG_TYPES[action],
             "traits": {
                 "user_id": str(user["id"]),
                 "user_email": user.get("email") or "",
                 "user_phone": user.get("phone") or "",
+                **traits,
             },
         }
         await conn.execute(
@@ -1072,7 +1085,8 @@ class AdminApiServer(LocalHttpService):
                 await _insert_user(conn, user)
                 for identity in identities:
                     await _insert_identity(conn, identity)
-                await self._audit(conn, "user_signedup", "team", user)
+                # The provider trait follows app_metadata's "provider" (the first of e-mail, phone).
+                await self._audit(conn, request, "user_signedup", user, provider=providers[0])
                 user["role"] = DEFAULT_ROLE if not params.get("role") else params["role"].strip()
                 await _update_columns(conn, user, "role")
                 if params.get("app_metadata") is not None:
@@ -1202,7 +1216,7 @@ class AdminApiServer(LocalHttpService):
                 if ban is not None:
                     user["banned_until"] = None if ban == timedelta(0) else _now() + ban
                     await _update_columns(conn, user, "banned_until")
-                await self._audit(conn, "user_modified", "user", user)
+                await self._audit(conn, request, "user_modified", user)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             raise _internal("Error updating user", exc) from exc
         # Auth answers with the user it loaded, updated in memory; identities it updated in place
@@ -1219,7 +1233,7 @@ class AdminApiServer(LocalHttpService):
         params = decode_params(body, _DELETE_PARAMS, "adminUserDeleteParams") if body else {}
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                await self._audit(conn, "user_deleted", "team", user)
+                await self._audit(conn, request, "user_deleted", user)
                 if params.get("should_soft_delete"):
                     if user["deleted_at"] is None:
                         await _soft_delete(conn, user)

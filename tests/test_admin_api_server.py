@@ -173,6 +173,39 @@ async def test_create_with_id_and_hash_writes_the_rows_auth_writes(api_server, d
     assert api_server.creates == 1 and api_server.created_ids == [user_id]
 
 
+def jwt(role: str) -> str:
+    """A JWT-shaped key whose payload names ``role`` (the server judges keys by their role)."""
+
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part({'role': role})}.signature"
+
+
+async def test_audit_rows_are_written_as_auth_writes_them(supabase_db, db) -> None:
+    """The rows Auth's NewAuditLogEntry writes for admin calls (``internal/models/audit_log_entry.go``,
+    ``internal/api/admin.go``): the actor is the token's role; keys sorted, as Go marshals a map."""
+
+    key = jwt("supabase_admin")
+    async with AdminApiServer(supabase_db.url, service_key=key) as server, admin_api(server) as admin:
+        user = (await admin.create_user({"phone": "+52 155 0000 0001", "email": "Ana&Co@Example.com"})).user
+        await admin.update_user_by_id(user.id, {"user_metadata": {"plan": "pro"}})
+        await admin.delete_user(user.id, should_soft_delete=True)
+
+    rows = await db.fetch(
+        "SELECT instance_id, payload::text AS payload, ip_address FROM auth.audit_log_entries "
+        "ORDER BY created_at"
+    )
+    assert [(str(r["instance_id"]), r["ip_address"]) for r in rows] == [(NIL, "")] * 3
+    actor = f'"actor_id":"{NIL}","actor_username":"supabase_admin","actor_via_sso":false'
+    person = f'"user_email":"ana\\u0026co@example.com","user_id":"{user.id}","user_phone":"5215500000001"'
+    assert [r["payload"] for r in rows] == [
+        f'{{"action":"user_signedup",{actor},"log_type":"team","traits":{{"provider":"email",{person}}}}}',
+        f'{{"action":"user_modified",{actor},"log_type":"user","traits":{{{person}}}}}',
+        f'{{"action":"user_deleted",{actor},"log_type":"team","traits":{{{person}}}}}',
+    ]
+
+
 async def test_plain_password_is_bcrypt_cost_10_and_phone_is_digits(api_server, db) -> None:
     async with admin_api(api_server) as admin:
         answer = await admin.create_user(
@@ -421,12 +454,6 @@ async def test_authorisation(api_server) -> None:
 
 
 async def test_jwt_shaped_keys_are_judged_by_their_role(supabase_db) -> None:
-    def jwt(role: str) -> str:
-        def part(data: dict[str, Any]) -> str:
-            return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-        return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part({'role': role})}.signature"
-
     keys = {"service_key": jwt("service_role"), "anon_key": jwt("anon")}
     async with AdminApiServer(supabase_db.url, **keys) as server:
         async with admin_api(server) as admin:

@@ -129,7 +129,7 @@ async def test_every_production_user_lands_through_the_api_and_signs_in_with_the
     anonymous = [u for u in seed.production.users if u["is_anonymous"]]
     assert report.created == created_by_a_first_run(seed)
     direct = len(anonymous) + len(seed.soft_deleted)
-    assert api.creates == report.created - direct, "anonymous and soft-deleted users cannot go through the API"
+    assert api.creates == report.created - direct, "anonymous and soft-deleted users go direct"
     assert not set(map(str, seed.soft_deleted)) & set(api.created_ids)
     assert report.matched_by_email == len(seed.reregistered_emails)
     assert_every_production_user_has_one_target_user(seed, target)
@@ -629,3 +629,140 @@ def test_failures_are_classified_by_the_answer_the_wire_saw() -> None:
     refused = httpx.Response(403, json={"code": "bad_jwt", "message": "invalid JWT"}, request=request)
     failure = failure_of(bare, Exchange(sent=True, response=refused))
     assert failure.refused_key and failure.code == "bad_jwt" and not failure.transient
+
+
+# ----------------------------------------------------------------- look-ups without the target DSN
+
+
+def api_creator(server: AdminApiServer) -> AdminApiCreator:
+    """A creator talking to ``server`` with its service key, short waits."""
+    api = AdminApi(url=server.url, service_role_key=server.service_key)
+    return AdminApiCreator(api, AuthOptions(mode="admin-api", **FAST), {})
+
+
+def insert_target_user(
+    db: Database,
+    *,
+    email: str | None = None,
+    phone: str | None = None,
+    created_at: str = "2024-12-01 10:00:00+00",
+    sso: bool = False,
+) -> uuid.UUID:
+    """A target user written by SQL, as an import script or an SSO sign-in left it; its id."""
+    provider = f"sso:{uuid.UUID(int=7)}" if sso else "email"
+    ((user_id,),) = sql(
+        db,
+        """
+        INSERT INTO auth.users (instance_id, id, aud, role, email, phone, encrypted_password,
+            confirmation_token, recovery_token, email_change_token_new, email_change, raw_app_meta_data,
+            is_sso_user, created_at, updated_at)
+        VALUES ('00000000-0000-0000-0000-000000000000', gen_random_uuid(), 'authenticated', 'authenticated',
+            %s, %s, '', '', '', '', '', jsonb_build_object('provider', %s::text, 'providers',
+            jsonb_build_array(%s::text)), %s, %s::timestamptz, %s::timestamptz)
+        RETURNING id
+        """,
+        email,
+        phone,
+        provider,
+        provider,
+        sso,
+        created_at,
+        created_at,
+    )
+    return user_id
+
+
+async def test_without_the_dsn_a_mixed_case_email_and_another_phone_format_are_matched(
+    few: tuple[Database, Database, list[dict[str, Any]]],
+) -> None:
+    source, target, users = few
+    by_email, by_phone = users[2], users[9]
+    # The target holds the address as an admin script typed it, and the phone as the Auth server stores it;
+    # production wrote its phone with a + and spaces.
+    email_holder = insert_target_user(target, email=by_email["email"].upper())
+    sql(source, "UPDATE auth.users SET phone = '+52 155 9876 5432' WHERE id = %s", by_phone["id"])
+    phone_holder = insert_target_user(target, email="tester@ultima.dev", phone="5215598765432")
+
+    async with AdminApiServer(target.url) as server:
+        report = await run_api(source, None, server)
+
+    assert (report.matched_by_email, report.matched_by_phone, report.quarantined) == (1, 1, 0)
+    mapped = {m.source_id: (m.target_id, m.kind) for m in report.mapped}
+    assert mapped[by_email["id"]] == (email_holder, MatchKind.EMAIL)
+    assert mapped[by_phone["id"]] == (phone_holder, MatchKind.PHONE)
+    assert report.created == len(users) - 2 == server.creates
+    assert not {str(by_email["id"]), str(by_phone["id"])} & set(server.created_ids)
+
+
+async def test_an_email_taken_answer_finds_its_holder_by_the_normalised_address(
+    supabase_db: Database,
+) -> None:
+    # Another run (or a person) took the address and the phone after this run listed the target.
+    email_holder = insert_target_user(supabase_db, email="Ana.Lopez@Example.com")
+    phone_holder = insert_target_user(supabase_db, email="qa@ultima.dev", phone="5215500000001")
+    by_email = source_row(email="ana.lopez@example.com", phone=None)
+    by_phone = source_row(email=None, phone="+52 155 0000 0001")
+    async with AdminApiServer(supabase_db.url) as server, api_creator(server) as creator:
+        results = [
+            await creator.create(row, UserMatch(row["id"], row["id"], MatchKind.NEW))
+            for row in (by_email, by_phone)
+        ]
+
+    assert [(r.outcome, r.target_id, r.kind) for r in results] == [
+        ("mapped", email_holder, MatchKind.EMAIL),
+        ("mapped", phone_holder, MatchKind.PHONE),
+    ]
+    assert server.creates == 0
+
+
+async def test_an_sso_user_with_the_same_email_is_never_matched(
+    few: tuple[Database, Database, list[dict[str, Any]]],
+) -> None:
+    source, target, users = few
+    person, held = users[4], users[6]
+    # The target's SSO users: one with a production user's address, one whose address a tester's Google
+    # identity also carries (the server then answers "email exists" for it).
+    sso_user = insert_target_user(target, email=person["email"], sso=True)
+    insert_target_user(target, email=held["email"], sso=True)
+    tester = insert_target_user(target, email="qa@ultima.dev")
+    sql(
+        target,
+        "INSERT INTO auth.identities (provider_id, user_id, identity_data, provider, created_at, updated_at) "
+        "VALUES ('4242', %s, jsonb_build_object('sub', '4242', 'email', %s::text), 'google', now(), now())",
+        tester,
+        held["email"],
+    )
+
+    async with AdminApiServer(target.url) as server:
+        report = await run_api(source, None, server)
+
+    assert report.matched_by_email == 0
+    assert str(person["id"]) in server.created_ids, "created as its own user, beside the SSO one"
+    (entry,) = report.quarantine
+    assert entry.source_id == held["id"] and "another user's identity" in entry.error
+    same_address = "SELECT id FROM auth.users WHERE email = %s ORDER BY is_sso_user"
+    assert sql(target, same_address, person["email"]) == [(person["id"],), (sso_user,)]
+
+
+async def test_the_target_is_listed_page_by_page_each_user_once_even_when_created_at_ties(
+    supabase_db: Database,
+) -> None:
+    # A bulk import gave 45 users one created_at: the server's pages (ORDER BY created_at, LIMIT/OFFSET)
+    # do not order them the same way from one page to the next.
+    tied = [insert_target_user(supabase_db, email=f"import{k}@ultima.dev") for k in range(45)]
+    later = [
+        insert_target_user(supabase_db, email=f"late{k}@ultima.dev", created_at=f"2024-12-02 10:00:{k}+00")
+        for k in range(6)
+    ]
+    async with AdminApiServer(supabase_db.url) as server, api_creator(server) as creator:
+        creator.page_size = 7
+        keys = await creator.list_target()
+        holder = await creator.find_holder("email", "late5@ultima.dev")
+        pages = sum(1 for e in server.exchanges if e.route == "list")
+        # The hazard is real: read page by page as the server answers, some tied users come twice.
+        paged = [u["id"] for page in range(1, 9) for u in (await creator._list_page(page, 7))[0]]
+
+    assert len(paged) == 51 and len(set(paged)) < 51
+    assert sorted(k.id for k in keys) == sorted(tied + later), "every user once"
+    assert holder == later[-1]
+    assert pages >= 2 * 8, "the list went page by page, 7 users a page"

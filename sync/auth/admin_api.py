@@ -38,7 +38,6 @@ from sync.auth.options import AdminApi, AuthOptions
 from sync.errors import SyncError, UsageError
 from sync.retry import retrying
 
-_PAGE = 1000
 # httpx logs every request at INFO; the tool reports failures itself, in one line.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 _TIME = TypeAdapter(datetime)
@@ -106,6 +105,7 @@ class AdminApiCreator:
         self._client: Any = None
         self._slots = asyncio.Semaphore(options.concurrency)
         self._answer_checked = False
+        self.page_size = 1000  # users per page when listing the target
 
     async def __aenter__(self) -> AdminApiCreator:
         self._http = httpx.AsyncClient(
@@ -159,17 +159,31 @@ class AdminApiCreator:
         return keys
 
     async def _every_user(self, what: str) -> Any:
-        """Every target user as the list answers it, oldest first (new users append, so pages stay put)."""
-        page = 1
+        """Every target user once, as the list answers it, oldest first (new users append, so pages stay
+        put). The server pages with ``ORDER BY created_at LIMIT … OFFSET …``: users that share a
+        ``created_at`` (a bulk import) may come in another order on the next page, one seen twice and
+        another never; when the pages held fewer users than the server counts, the rest come from one
+        read of the whole list."""
+        seen: set[str] = set()
+        page, total = 1, 0
         while True:
-            users = await self._retrying(what)(self._list_page, page, _PAGE)
+            users, total = await self._retrying(what)(self._list_page, page, self.page_size)
             for user in users:
-                yield user
-            if len(users) < _PAGE:
-                return
+                if user["id"] not in seen:
+                    seen.add(user["id"])
+                    yield user
+            if len(users) < self.page_size:
+                break
             page += 1
+        if len(seen) < total:
+            users, _ = await self._retrying(what)(self._list_page, 1, total + self.page_size)
+            for user in users:
+                if user["id"] not in seen:
+                    seen.add(user["id"])
+                    yield user
 
-    async def _list_page(self, page: int, per_page: int) -> list[dict[str, Any]]:
+    async def _list_page(self, page: int, per_page: int) -> tuple[list[dict[str, Any]], int]:
+        """One page of the list and the number of users the server counts (``X-Total-Count``)."""
         assert self._http is not None
         key = self.api.service_role_key.get_secret_value()
 
@@ -187,7 +201,9 @@ class AdminApiCreator:
             return response
 
         response = await self._api(get)
-        return list(response.json().get("users") or [])
+        users = list(response.json().get("users") or [])
+        total = response.headers.get("x-total-count", "")
+        return users, int(total) if total.isdigit() else len(users)
 
     async def _list_holder(self, kind: str, value: str) -> UUID | None:
         """The oldest non-SSO target user whose normalised e-mail/phone is ``value`` (the list's ``filter``
