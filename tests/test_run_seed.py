@@ -9,8 +9,10 @@ import asyncpg
 import bcrypt
 import psycopg
 import pytest
+from admin_api_server import AdminApiServer
 from click.testing import CliRunner
 from queries import SEED_MAPPING, execute, fetch, seed_run_args
+from test_verify import problems, verify
 
 from devkit import scenario
 from sync.auth import AuthOptions
@@ -272,3 +274,41 @@ def test_a_source_connection_lost_mid_table_is_retried(seed_dbs):
     assert sum(t.retries for t in report.tables) >= 1
     prod = fetch(source.url, "SELECT count(*) FROM public.documents")[0][0]
     assert fetch(target.url, "SELECT count(*) FROM public.documents")[0][0] == prod + 8
+
+
+@pytest.mark.parametrize("mode", ["direct", "admin-api"])
+def test_soft_deleted_production_users_land_with_their_rows_and_verify_equal(seed_dbs, mode):
+    source, target = seed_dbs
+    deleted = [str(u) for u in scenario.generate().soft_deleted]
+
+    async def run() -> tuple[object, int]:
+        async with AdminApiServer(target.url) as server:
+            extra = ["--auth-mode", "admin-api", "--supabase-url", server.url] if mode == "admin-api" else []
+            runner = CliRunner(env={"SUPABASE_SERVICE_ROLE_KEY": server.service_key})
+            result = await asyncio.to_thread(
+                runner.invoke, main, seed_run_args(source, target, "--json", *extra)
+            )
+            return result, server.creates
+
+    result, creates = asyncio.run(run())
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["auth"]["quarantined"] == 0 and all(t["quarantined"] == 0 for t in report["tables"])
+    if mode == "admin-api":
+        assert creates > 2900, "the live users went through the API"
+        notes = [n["note"] for n in report["auth"]["notes"] if n["source_id"] in deleted]
+        assert len(notes) == len(deleted) and all("soft-deleted by the Auth server" in n for n in notes)
+    # As production has them: scrambled contacts, no password, deleted_at; and every row they own.
+    query = (
+        "SELECT u.id::text, lower(u.email), u.phone, coalesce(u.encrypted_password, ''), u.deleted_at, "
+        "(SELECT count(*) FROM public.financing_requests r WHERE r.profile_id = u.id), "
+        "(SELECT count(*) FROM public.documents d WHERE d.profile_id = u.id) "
+        "FROM auth.users u WHERE u.id = ANY(%s::uuid[]) ORDER BY 1"
+    )
+    production = fetch(source.url, query, deleted)
+    assert len(production) == len(deleted) and all(row[5] > 0 and row[4] for row in production)
+    assert fetch(target.url, query, deleted) == production
+    code, checked = verify(source, target)
+    assert code == 0, problems(checked)
+    assert checked["users"]["equal"] == 4082

@@ -28,6 +28,7 @@ from sync.auth.columns import (
     table_columns,
 )
 from sync.auth.direct_sql import (
+    DROP_UNSOURCED_IDENTITIES,
     IDENTITY_KEY_INDEXED,
     INSERT_IDENTITIES,
     LAND_USERS,
@@ -246,6 +247,8 @@ class TargetWriter:
                 result.identities = _rowcount(await conn.execute(INSERT_IDENTITIES))
                 if "restore" in actions:
                     await conn.execute(RESTORE_IDENTITIES)
+            if "restore" in actions:
+                result.identities -= _rowcount(await conn.execute(DROP_UNSOURCED_IDENTITIES))
             if kinds & {MatchKind.EMAIL, MatchKind.PHONE}:
                 await conn.execute(MAP_IDS, self.run_id, USERS_TABLE)
             await conn.execute(LAND_USERS, self.run_id, USERS_TABLE)

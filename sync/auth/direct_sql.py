@@ -166,6 +166,17 @@ WHERE n.action = 'restore' AND x.provider = n.provider AND x.provider_id = n.pro
       IS DISTINCT FROM ROW(n.data, n.last_sign_in_at, n.created_at, n.updated_at)
 """
 
+# The admin API gives each user it creates an e-mail (and a phone) identity; production's user may have
+# none (an account from before identities were backfilled): what production does not have goes.
+DROP_UNSOURCED_IDENTITIES = """
+DELETE FROM auth.identities AS x
+USING _sync_stage_users AS u
+WHERE u.action = 'restore' AND x.user_id = u.target_id AND x.provider IN ('email', 'phone')
+  AND x.provider_id = u.target_id::text
+  AND NOT EXISTS (SELECT FROM _sync_stage_identities AS i
+                  WHERE i.user_id = u.source_id AND i.provider = x.provider)
+"""
+
 # $1: the run id, $2: the ``table_name`` of users; the statements below take that name as $1.
 MAP_IDS = """
 INSERT INTO _sync.id_map (table_name, source_key, target_key, reason, run_id)
