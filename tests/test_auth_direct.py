@@ -140,11 +140,8 @@ def assert_nothing_the_auth_server_scans_is_null(target: Database) -> None:
     assert sql(target, "SELECT count(*) FROM auth.users WHERE phone = '' OR email = ''") == [(0,)]
 
 
-def assert_identities_as_production_has_them(
-    seed: scenario.Scenario, target: Database, *, exact: bool = True
-) -> None:
-    """Each production user's target user has production's identities: no more (unless not ``exact``),
-    no fewer.
+def assert_identities_as_production_has_them(seed: scenario.Scenario, target: Database) -> None:
+    """Each production user's target user has production's identities: no more, no fewer.
 
     E-mail and phone identities are named by provider alone (their provider_id is the user's own id).
     """
@@ -162,10 +159,9 @@ def assert_identities_as_production_has_them(
         held.setdefault(user_id, set()).add(name(provider, provider_id))
     resolved = resolve(target)
     # A person who signed up again on the target keeps the identities of that sign-up too.
-    if exact:
-        assert {u: held.get(resolved[u], set()) for u in wanted if resolved[u] == u} == {
-            u: ids for u, ids in wanted.items() if resolved[u] == u
-        }
+    assert {u: held.get(resolved[u], set()) for u in wanted if resolved[u] == u} == {
+        u: ids for u, ids in wanted.items() if resolved[u] == u
+    }
     assert all(wanted[u] <= held.get(resolved[u], set()) for u in wanted)
     # The e-mail identities point at their user the way the Auth server writes them (its soft delete
     # scrambles them: provider id and data).
