@@ -321,6 +321,21 @@ async def test_duplicate_phone_and_taken_id(api_server) -> None:
     assert body["code"] == "23505" and "users_pkey" in body["message"] and "detail" in body
 
 
+async def test_bodies_are_capped_at_one_mebibyte(api_server) -> None:
+    """http.MaxBytesReader at 1,048,576 bytes: that many are read, one more is 413."""
+
+    def body(size: int) -> bytes:
+        head, tail = b'{"user_metadata": {"bio": "', b'"}}'
+        return head + b"x" * (size - len(head) - len(tail)) + tail
+
+    async with raw_http(api_server) as http:
+        at_cap = await http.post("/users", content=body(1_048_576), headers=VERSIONED)
+        over = await http.post("/users", content=body(1_048_577), headers=VERSIONED)
+    assert (at_cap.status_code, at_cap.json()["code"]) == (400, "validation_failed")  # read: no address
+    assert (over.status_code, over.json()["code"]) == (413, "request_entity_too_large")
+    assert api_server.creates == 0
+
+
 async def test_create_checks_in_auth_order(api_server) -> None:
     async with raw_http(api_server) as http:
         await http.post("/users", json={"email": "first@example.com"}, headers=VERSIONED)

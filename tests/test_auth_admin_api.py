@@ -766,3 +766,17 @@ async def test_the_target_is_listed_page_by_page_each_user_once_even_when_create
     assert sorted(k.id for k in keys) == sorted(tied + later), "every user once"
     assert holder == later[-1]
     assert pages >= 2 * 8, "the list went page by page, 7 users a page"
+
+
+async def test_a_key_refused_on_every_look_up_after_the_check_is_one_line_not_a_traceback(
+    few: tuple[Database, Database, list[dict[str, Any]]],
+) -> None:
+    source, target, _ = few
+    # The key check passes; then the list the matching reads is refused, on every retry.
+    faults = Faults(routes=frozenset({"list"}), script=[None], bad_jwt=1.0)
+    async with AdminApiServer(target.url, faults=faults) as server:
+        with pytest.raises(UsageError, match=r"refused the service-role key \(403 bad_jwt\)") as raised:
+            await run_api(source, None, server)
+
+    assert faults.injected["bad_jwt"] == 4, "three retries, then it stops"
+    assert "\n" not in str(raised.value) and server.creates == 0

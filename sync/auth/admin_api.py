@@ -141,21 +141,32 @@ class AdminApiCreator:
             raise _usage_error(exc.failure, self.api.url) from None
 
     async def list_target(self) -> list[TargetKey]:
-        """Every target user's keys (when no target DSN is at hand); SSO users match by id only."""
+        """Every target user's keys (when no target DSN is at hand); SSO users match by id only. A list
+        the server keeps refusing stops the run with one line."""
         keys = []
-        async for user in self._every_user("listing the target's users"):
-            sso = _is_sso(user)
-            email = None if sso else normal_email(user.get("email"))
-            keys.append(
-                TargetKey(
-                    UUID(user["id"]),
-                    email,
-                    None if sso else normal_phone(user.get("phone")),
-                    is_sso_user=sso,
-                    exact_email=user.get("email") == email,
-                    created_at=_TIME.validate_python(user["created_at"]) if user.get("created_at") else None,
+        try:
+            async for user in self._every_user("listing the target's users"):
+                sso = _is_sso(user)
+                email = None if sso else normal_email(user.get("email"))
+                keys.append(
+                    TargetKey(
+                        UUID(user["id"]),
+                        email,
+                        None if sso else normal_phone(user.get("phone")),
+                        is_sso_user=sso,
+                        exact_email=user.get("email") == email,
+                        created_at=_TIME.validate_python(user["created_at"])
+                        if user.get("created_at")
+                        else None,
+                    )
                 )
-            )
+        except ApiCallError as exc:
+            if exc.failure.refused_key:
+                raise _usage_error(exc.failure, self.api.url) from None
+            raise AuthServerError(
+                f"The Auth server at {self.api.url} kept failing to list the target's users "
+                f"({exc.failure.line()}): rerun the same command."
+            ) from None
         return keys
 
     async def _every_user(self, what: str) -> Any:
