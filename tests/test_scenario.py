@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import bcrypt
 import psycopg
 import pytest
 from click.testing import CliRunner
+from test_auth_admin_api import load_users, soft_delete_in
 
 from devkit import scenario, testbed
 from sync.cli import main
@@ -90,6 +93,51 @@ def test_oauth_identities_and_phone_identities_exist_on_both_sides(seed_dbs):
         "SELECT provider_id, identity_data->>'sub' FROM auth.identities WHERE provider = 'google' LIMIT 5",
     )
     assert all(pid == sub and pid.isdigit() for pid, sub in google)
+
+
+def test_some_new_users_were_soft_deleted_as_the_auth_server_does_it_and_their_rows_stay(seed_dbs, make_db):
+    source, _ = seed_dbs
+    seed = scenario.generate()
+    assert len(seed.soft_deleted) == scenario.SOFT_DELETED_USERS
+    assert rows(
+        source.url,
+        "SELECT count(DISTINCT profile_id) FROM public.financing_requests WHERE profile_id = ANY(%s)",
+        seed.soft_deleted,
+    ) == [(len(seed.soft_deleted),)], "their requests stay"
+    deleted = rows(
+        source.url,
+        "SELECT length(email), position('@' in email), length(phone), encrypted_password, deleted_at "
+        "FROM auth.users WHERE id = ANY(%s)",
+        seed.soft_deleted,
+    )
+    assert all(row[:4] == (43, 0, 15, None) and row[4] is not None for row in deleted)
+
+    # What the scenario writes is what the local Auth server's soft delete writes, for a live user with
+    # an e-mail, a phone and a Google identity.
+    person = copy.deepcopy(
+        next(
+            u
+            for u in seed.production.users
+            if u["phone"]
+            and not u["deleted_at"]
+            and any(i["user_id"] == u["id"] and i["provider"] == "google" for i in seed.production.identities)
+        )
+    )
+    owned = [copy.deepcopy(i) for i in seed.production.identities if i["user_id"] == person["id"]]
+    live = make_db()
+    load_users(live, [person], owned)
+    soft_delete_in(live, person["id"])
+    scenario.soft_delete(person, owned, person["updated_at"])
+    columns = [c for c in scenario.USER_COLUMNS if c not in ("deleted_at", "updated_at")]
+    query = f"SELECT {', '.join(columns)}, deleted_at IS NOT NULL FROM auth.users WHERE id = %s"
+    assert rows(live.url, query, person["id"]) == [(*(person[c] for c in columns), True)]
+    assert sorted(
+        rows(
+            live.url,
+            "SELECT provider, provider_id, identity_data FROM auth.identities WHERE user_id = %s",
+            person["id"],
+        )
+    ) == sorted((i["provider"], i["provider_id"], i["identity_data"]) for i in owned)
 
 
 def test_a_known_password_verifies_against_the_stored_hash_at_cost_4_and_10(seed_dbs):
