@@ -20,7 +20,7 @@ import hashlib
 import json
 import random
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -651,29 +651,38 @@ def _soft_delete_some(prod: Side, n_old: int, reregistered: set[str], rng: rando
 
 def soft_delete(user: dict[str, Any], identities: Sequence[dict[str, Any]], at: datetime) -> None:
     """What the Auth server's soft delete writes (``SoftDeleteUser``, ``SoftDeleteUserIdentities`` in
-    its ``internal/models/user.go``): e-mail and phone (even none) and their pending changes replaced by
-    scrambles, no password, tokens cleared, metadata emptied, ``deleted_at``; each identity's data
-    emptied and its provider id scrambled."""
-    user_id = user["id"]
-    user["email"] = obfuscated(user_id, user["email"] or "")
-    user["phone"] = obfuscated(user_id, user["phone"] or "")[:15]
-    user["email_change"] = obfuscated(user_id, user["email_change"] or "")
-    user["phone_change"] = obfuscated(user_id, user["phone_change"] or "")[:15]
-    user["encrypted_password"] = None
-    for column in (
-        "confirmation_token",
-        "recovery_token",
-        "email_change_token_current",
-        "email_change_token_new",
-        "phone_change_token",
-    ):
-        user[column] = ""
+    its ``internal/models/user.go``): :func:`soft_deleted_columns`, metadata emptied, ``deleted_at``;
+    each identity's data emptied and its provider id scrambled."""
+    user.update(soft_deleted_columns(user))
     user["raw_user_meta_data"], user["raw_app_meta_data"] = {}, {}
     user["deleted_at"] = user["updated_at"] = at
     for identity in identities:
         identity["identity_data"] = {}
-        identity["provider_id"] = obfuscated(user_id, f"{identity['provider']}:{identity['provider_id']}")
+        identity["provider_id"] = obfuscated(user["id"], f"{identity['provider']}:{identity['provider_id']}")
         identity["updated_at"] = at
+
+
+def soft_deleted_columns(user: Mapping[str, Any]) -> dict[str, Any]:
+    """The columns the Auth server's ``SoftDeleteUser`` writes first, with their new values: e-mail and
+    phone (even none) and their pending changes replaced by scrambles, no password, tokens cleared."""
+    user_id = user["id"]
+    return {
+        "email": obfuscated(user_id, user.get("email") or ""),
+        "phone": obfuscated(user_id, user.get("phone") or "")[:15],
+        "email_change": obfuscated(user_id, user.get("email_change") or ""),
+        "phone_change": obfuscated(user_id, user.get("phone_change") or "")[:15],
+        "encrypted_password": None,
+        **dict.fromkeys(
+            (
+                "confirmation_token",
+                "recovery_token",
+                "email_change_token_current",
+                "email_change_token_new",
+                "phone_change_token",
+            ),
+            "",
+        ),
+    }
 
 
 def obfuscated(user_id: uuid.UUID, value: str) -> str:

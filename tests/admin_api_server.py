@@ -45,7 +45,7 @@ from aiohttp import web
 
 from tests.local_http import LocalHttpService
 
-from devkit.scenario import obfuscated
+from devkit.scenario import obfuscated, soft_deleted_columns
 
 _log = logging.getLogger(__name__)
 
@@ -1403,35 +1403,10 @@ async def _upsert_identity(
 async def _soft_delete(conn: asyncpg.Connection, user: dict[str, Any]) -> None:
     """Auth's SoftDeleteUser and SoftDeleteUserIdentities, then factors and sessions dropped."""
     user_id = user["id"]
-    user["email"] = obfuscated(user_id, user.get("email") or "")
-    user["phone"] = obfuscated(user_id, user.get("phone") or "")[:15]
-    user["email_change"] = obfuscated(user_id, user.get("email_change") or "")
-    user["phone_change"] = obfuscated(user_id, user.get("phone_change") or "")[:15]
-    user["encrypted_password"] = None
-    for column in (
-        "confirmation_token",
-        "recovery_token",
-        "email_change_token_current",
-        "email_change_token_new",
-        "phone_change_token",
-    ):
-        user[column] = ""
+    changes = soft_deleted_columns(user)
+    user.update(changes)
     user["deleted_at"] = _now()
-    await _update_columns(
-        conn,
-        user,
-        "email",
-        "phone",
-        "encrypted_password",
-        "email_change",
-        "phone_change",
-        "confirmation_token",
-        "recovery_token",
-        "email_change_token_current",
-        "email_change_token_new",
-        "phone_change_token",
-        "deleted_at",
-    )
+    await _update_columns(conn, user, *changes, "deleted_at")
     await conn.execute("DELETE FROM auth.one_time_tokens WHERE user_id = $1", user_id)
     user["raw_user_meta_data"] = {}
     user["raw_app_meta_data"] = {}
