@@ -485,6 +485,33 @@ async def test_a_server_that_ignores_the_id_stops_the_run_before_a_second_user_i
     assert "\n" not in str(raised.value)
 
 
+async def test_a_server_that_drops_the_hash_stops_the_run_before_a_second_user_is_created(
+    few: tuple[Database, Database, list[dict[str, Any]]],
+) -> None:
+    source, target, _ = few
+    # As an Auth release before password_hash on admin create does: the user gets a password of its own.
+    sql(
+        target,
+        """
+        CREATE FUNCTION public.own_password() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            new.encrypted_password := '$2a$10$' || repeat('x', 53);
+            RETURN new;
+        END $$;
+        CREATE TRIGGER own_password BEFORE INSERT ON auth.users
+            FOR EACH ROW EXECUTE FUNCTION public.own_password();
+        """,
+    )
+    async with AdminApiServer(target.url) as server:
+        with pytest.raises(
+            AuthServerError, match="ignored the password hash sent with admin create"
+        ) as raised:
+            await run_api(source, target, server)
+
+    assert server.creates == 1
+    assert "\n" not in str(raised.value)
+
+
 async def test_an_intermittent_403_is_retried_and_the_run_completes(
     few: tuple[Database, Database, list[dict[str, Any]]],
 ) -> None:
