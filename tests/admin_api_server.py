@@ -43,9 +43,8 @@ import asyncpg
 import bcrypt
 from aiohttp import web
 
-from tests.local_http import LocalHttpService
-
 from devkit.scenario import obfuscated, soft_deleted_columns
+from tests.local_http import LocalHttpService
 
 _log = logging.getLogger(__name__)
 
