@@ -418,10 +418,10 @@ async def production_deletes(
 async def copy_tables(
     ctx: RunContext, options: RunOptions, progress: table_copy.Progress | None
 ) -> list[table_copy.TableResult]:
-    """Copy every planned table, parents before children; independent tables run concurrently."""
-    jobs = options.jobs or ctx.mapping.sync.jobs
-    copy_ctx = _copy_context(ctx, options, progress)
-    slots = asyncio.Semaphore(jobs)
+    """Copy every planned table, parents before children; independent tables run concurrently, and
+    a large table's key ranges too: ``--jobs`` slots in all, each a source and a target connection."""
+    slots = asyncio.Semaphore(_jobs(ctx, options))
+    copy_ctx = _copy_context(ctx, options, progress, slots)
     names = {t.name for t in ctx.plan.tables}
     deferred = {(t.name, link) for t in ctx.plan.tables for link in t.deferred}
     tasks: dict[str, asyncio.Task[table_copy.TableResult]] = {}
@@ -445,8 +445,15 @@ async def copy_tables(
     return [tasks[t.name].result() for t in ctx.plan.tables]
 
 
+def _jobs(ctx: RunContext, options: RunOptions) -> int:
+    return options.jobs or ctx.mapping.sync.jobs
+
+
 def _copy_context(
-    ctx: RunContext, options: RunOptions, progress: table_copy.Progress | None
+    ctx: RunContext,
+    options: RunOptions,
+    progress: table_copy.Progress | None,
+    slots: asyncio.Semaphore | None,
 ) -> table_copy.CopyContext:
     return table_copy.CopyContext(
         plan=ctx.plan,
@@ -459,12 +466,16 @@ def _copy_context(
         only_keys=ctx.only_keys,
         guard=ctx.guard,
         changes=ctx.changes,
+        jobs=_jobs(ctx, options),
+        slots=slots,
     )
 
 
 async def patch_deferred(ctx: RunContext, options: RunOptions) -> None:
-    """Second pass (cycles, self-references): fill the FK columns inserted NULL, now both sides landed."""
-    copy_ctx = _copy_context(ctx, options, None)
+    """Second pass (cycles, self-references): fill the FK columns inserted NULL, now both sides landed.
+
+    One table at a time; a large one's key ranges on up to ``--jobs`` connections."""
+    copy_ctx = _copy_context(ctx, options, None, asyncio.Semaphore(_jobs(ctx, options) - 1))
     for tp in ctx.plan.tables:
         if tp.patched_later:
             await table_copy.DeferredPatch(copy_ctx, tp).run()

@@ -27,13 +27,21 @@ async def recognise_landed(conn: asyncpg.Connection, tp: TablePlan) -> None:
 
 
 async def record_landed(conn: asyncpg.Connection, tp: TablePlan, run_id: int) -> None:
-    """Record every staged row (now on the target, under its staged key) in the ledger."""
+    """Record every staged row (now on the target, under its staged key) in the ledger.
+
+    An entry whose target key changed is updated, a new one inserted, in one statement (both parts see
+    the ledger as it was before it). Only a run holding the run lock writes the ledger, and the parts
+    of a table copied at once stage disjoint keys, so no other transaction inserts the same entries:
+    a plain insert of the missing ones costs less than ``ON CONFLICT``'s speculative insertion.
+    """
+    key = target_key_sql(tp, "s.")
+    same = "l.table_name = $1 AND l.source_key = s._source_key"
     await conn.execute(
+        f"WITH moved AS (UPDATE _sync.landed AS l SET target_key = {key}, run_id = $2 FROM {STAGE} AS s "
+        f"  WHERE {same} AND l.target_key IS DISTINCT FROM {key}) "
         f"INSERT INTO _sync.landed (table_name, source_key, target_key, run_id) "
-        f"SELECT $1, s._source_key, {target_key_sql(tp, 's.')}, $2 FROM {STAGE} AS s "
-        f"ON CONFLICT (table_name, source_key) DO UPDATE "
-        f"SET target_key = EXCLUDED.target_key, run_id = EXCLUDED.run_id "
-        f"WHERE _sync.landed.target_key IS DISTINCT FROM EXCLUDED.target_key",
+        f"SELECT $1, s._source_key, {key}, $2 FROM {STAGE} AS s "
+        f"WHERE NOT EXISTS (SELECT FROM _sync.landed AS l WHERE {same})",
         tp.name,
         run_id,
     )

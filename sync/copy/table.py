@@ -6,13 +6,22 @@ transaction that also advances the table's checkpoint. Data and checkpoint commi
 crash never loses or duplicates a batch, and a rerun resumes after the last committed key. Transient
 failures (a lost connection, a serialization failure) reconnect and retry the step; a batch the
 target refuses for data reasons is split until the bad rows are isolated in quarantine.
+
+A pass of several batches is split into contiguous key ranges (parts) copied concurrently when the
+run has free job slots: each part on its own source and target connections (the source's inside the
+run's exported snapshot), with its own checkpoint row (``<table> (part N)``: its pass, the last key
+done and where the part ends), so a rerun resumes every part where it stopped. The parts are recorded
+before any of them writes; the next pass starts once every part is done.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,7 +36,7 @@ from sync.copy.apply import Written, apply_staged
 from sync.copy.quarantine import is_data_error, isolate_refused, quarantine_row
 from sync.copy.sequences import advance_past_source
 from sync.copy.stage import Stage
-from sync.errors import first_line
+from sync.errors import first_cause, first_line
 from sync.plan import Plan, TablePlan
 from sync.retry import (
     LOCK_NOT_AVAILABLE,
@@ -77,6 +86,22 @@ class Position:
 
     phase: int
     key: list[str] | None
+    done: bool = False
+    """For a part: its last key is done."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """A key range of one pass, copied concurrently with the pass's other parts: keys in (after, upto]."""
+
+    name: str
+    """Its checkpoint's name."""
+    phase: int
+    after: list[str] | None
+    upto: list[str] | None
+    """The part's last key; None: to the end of the table."""
+    boundaries: Sequence[list[str]] | None = None
+    """The last keys of its full batches, when the pass has just read them (else read again)."""
 
 
 @dataclass
@@ -96,6 +121,10 @@ class CopyContext:
     """Proves the run still holds its lock, inside every write transaction before it commits."""
     changes: Changes | None = None
     """On a catch-up: the transactions since the previous run's snapshot; the rows they wrote are read."""
+    jobs: int = 1
+    """Parts of one pass copied at once, at most (each a source and a target connection)."""
+    slots: asyncio.Semaphore | None = None
+    """The run's job slots: a table's copy holds one, and each further part it copies at once takes one."""
 
 
 class TableCopy:
@@ -136,15 +165,18 @@ class TableCopy:
                 if number < start.phase:
                     continue
                 self.phase, self.phase_number = phase, number
-                last_key = start.key if number == start.phase else None
-                boundaries = await self._with_retries(lambda lk=last_key: self._boundaries(lk))
-                for boundary in [*boundaries, None]:
-                    # The last batch of a pass records the start of the next one.
-                    after = Position(number, boundary) if boundary is not None else Position(number + 1, None)
-                    await self._with_retries(
-                        lambda lk=last_key, b=boundary, a=after: self._copy_range(lk, b, a)
-                    )
-                    last_key = boundary
+                parts = await self._with_retries(lambda n=number: self._recorded_parts(n))
+                if parts is None:
+                    after = start.key if number == start.phase else None
+                    boundaries = await self._with_retries(lambda a=after: self._boundaries(a, None))
+                    parts = self._split(number, after, boundaries)
+                    if not parts:
+                        # The last batch of a pass records the start of the next one.
+                        await self._copy_batches(number, after, boundaries, None, Position(number + 1, None))
+                        continue
+                    await self._with_retries(lambda p=parts: self._record_parts(p))
+                await self._copy_parts(parts)
+                await self._with_retries(lambda n=number: self._advance_after_parts(n))
             await self._with_retries(self._mark_done)
         finally:
             self.result.seconds = time.perf_counter() - started
@@ -222,16 +254,21 @@ class TableCopy:
     # ------------------------------------------------------------------------------ checkpoints
 
     async def _load_checkpoint(self) -> tuple[Position, bool, int]:
-        """Where an earlier attempt of this run stopped: position, whether done, rows committed."""
+        """Where an earlier attempt of this run stopped: position, whether done, rows committed (its
+        parts' included)."""
         row = await self.tconn.fetchrow(
-            "SELECT last_key, done, rows_done FROM _sync.checkpoints WHERE run_id = $1 AND table_name = $2",
+            "SELECT last_key, done, (SELECT sum(rows_done) FROM _sync.checkpoints WHERE run_id = $1 "
+            "AND (table_name = $2 OR starts_with(table_name, $3)))::bigint AS rows_done "
+            "FROM (SELECT) AS one LEFT JOIN _sync.checkpoints ON run_id = $1 AND table_name = $2",
             self.ctx.run_id,
             self.checkpoint_name,
+            self._part_prefix(),
         )
-        if row is None or not row["last_key"]:
-            return Position(0, None), bool(row and row["done"]), row["rows_done"] if row else 0
+        rows_done = row["rows_done"] or 0
+        if not row["last_key"]:
+            return Position(0, None), bool(row["done"]), rows_done
         saved = json.loads(row["last_key"])
-        return Position(saved["pass"], saved["key"]), row["done"], row["rows_done"]
+        return Position(saved["pass"], saved["key"]), row["done"], rows_done
 
     async def _mark_done(self) -> None:
         await self.tconn.execute(
@@ -241,16 +278,133 @@ class TableCopy:
             self.checkpoint_name,
         )
 
-    async def _advance_checkpoint(self, position: Position, rows: int) -> None:
+    async def _advance_checkpoint(self, position: Position, rows: int, part: Part | None = None) -> None:
+        """Move the checkpoint: the table's, or ``part``'s (which also keeps where the part ends)."""
+        saved: dict[str, Any] = {"pass": position.phase, "key": position.key}
+        if part is not None:
+            saved["upto"] = part.upto
         await self.tconn.execute(
-            "INSERT INTO _sync.checkpoints (run_id, table_name, last_key, rows_done) VALUES ($1, $2, $3, $4) "
+            "INSERT INTO _sync.checkpoints (run_id, table_name, last_key, rows_done, done) "
+            "VALUES ($1, $2, $3, $4, $5) "
             "ON CONFLICT (run_id, table_name) DO UPDATE SET last_key = EXCLUDED.last_key, "
-            "rows_done = _sync.checkpoints.rows_done + EXCLUDED.rows_done, updated_at = now()",
+            "rows_done = _sync.checkpoints.rows_done + EXCLUDED.rows_done, done = EXCLUDED.done, "
+            "updated_at = now()",
             self.ctx.run_id,
-            self.checkpoint_name,
-            json.dumps({"pass": position.phase, "key": position.key}),
+            part.name if part is not None else self.checkpoint_name,
+            json.dumps(saved),
             rows,
+            position.done,
         )
+
+    # ------------------------------------------------------------------------------------ parts
+
+    def _part_prefix(self) -> str:
+        return f"{self.checkpoint_name} (part "
+
+    def _split(self, number: int, after: list[str] | None, boundaries: list[list[str]]) -> list[Part]:
+        """The pass's batches in up to ``jobs`` contiguous parts; none when it is copied in one piece.
+
+        A table whose fresh keys come from its highest key (no sequence) is copied in one piece: two
+        parts would pick the same keys.
+        """
+        batches = len(boundaries) + 1
+        if self.ctx.slots is None or self.ctx.jobs < 2 or batches < 2:
+            return []
+        if self.tp.allocates_keys and self.tp.primary_key[0] not in self.tp.sequences:
+            return []
+        count = min(self.ctx.jobs, batches)
+        ends: list[list[str] | None] = [*boundaries, None]
+        parts, first = [], 0
+        for index in range(count):
+            last = first + (batches - first) // (count - index)  # the part's batches: ends[first:last]
+            parts.append(
+                Part(
+                    name=f"{self._part_prefix()}{index + 1})",
+                    phase=number,
+                    after=after if first == 0 else ends[first - 1],
+                    upto=ends[last - 1],
+                    boundaries=boundaries[first : last - 1],
+                )
+            )
+            first = last
+        return parts
+
+    async def _record_parts(self, parts: list[Part]) -> None:
+        """Record every part of a pass before any of them writes, so a rerun copies the same ranges."""
+        async with self._writing():
+            for part in parts:
+                await self._advance_checkpoint(Position(part.phase, part.after), 0, part)
+
+    async def _recorded_parts(self, number: int) -> list[Part] | None:
+        """The unfinished parts of pass ``number`` an earlier attempt of this run recorded; None when
+        the pass was not split (an empty list: it was, and every part is done)."""
+        rows = await self.tconn.fetch(
+            "SELECT table_name, last_key, done FROM _sync.checkpoints "
+            "WHERE run_id = $1 AND starts_with(table_name, $2) ORDER BY table_name",
+            self.ctx.run_id,
+            self._part_prefix(),
+        )
+        parts, split = [], False
+        for row in rows:
+            saved = json.loads(row["last_key"])
+            if saved["pass"] != number:
+                continue  # a part of an earlier pass (all done before this pass began)
+            split = True
+            if not row["done"]:
+                parts.append(Part(row["table_name"], number, saved["key"], saved["upto"]))
+        return parts if split else None
+
+    async def _advance_after_parts(self, number: int) -> None:
+        """Every part of pass ``number`` is done: the table's checkpoint moves to the next pass."""
+        async with self._writing():
+            await self._advance_checkpoint(Position(number + 1, None), 0)
+
+    async def _copy_parts(self, parts: list[Part]) -> None:
+        """Copy the unfinished parts: one lane on this copy's own job slot, one more per free slot.
+
+        A lane takes the next part until none is left; a lane still waiting for a slot then is called
+        off (never waited for: every slot may be held by a table copy waiting for its own lanes).
+        """
+        queue = deque(parts)
+        waiting: set[asyncio.Task[Any]] = set()
+
+        async def lane(worker: TableCopy) -> None:
+            try:
+                while queue:
+                    await worker._copy_part(queue.popleft())
+            finally:
+                if worker is not self:
+                    await worker._close()
+
+        async def extra_lane() -> None:
+            assert self.ctx.slots is not None
+            async with self.ctx.slots:
+                waiting.discard(asyncio.current_task())  # type: ignore[arg-type]
+                if queue:
+                    await lane(self._lane())
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                waiting.update(group.create_task(extra_lane()) for _ in range(len(queue) - 1))
+                await lane(self)
+                for task in waiting:
+                    task.cancel()
+        except BaseExceptionGroup as failures:
+            raise first_cause(failures) from None  # one table, one failure, as for a table in one piece
+
+    def _lane(self) -> TableCopy:
+        """Another worker for this copy's parts: the same table, counts and progress; its own connections."""
+        worker = copy.copy(self)
+        worker._sconn = worker._tconn = None
+        worker._lock_waited = 0.0
+        return worker
+
+    async def _copy_part(self, part: Part) -> None:
+        boundaries = part.boundaries
+        if boundaries is None:
+            boundaries = await self._with_retries(lambda: self._boundaries(part.after, part.upto))
+        final = Position(part.phase, part.upto, done=True)
+        await self._copy_batches(part.phase, part.after, boundaries, part.upto, final, part)
 
     # ---------------------------------------------------------------------------------- reading
 
@@ -297,15 +451,16 @@ class TableCopy:
             )
         )
 
-    async def _boundaries(self, after: list[str] | None) -> list[list[str]]:
-        """The last key of every full batch of the pass after ``after``, from one ordered scan.
+    async def _boundaries(self, after: list[str] | None, upto: list[str] | None) -> list[list[str]]:
+        """The last key of every full batch of the pass in (after, upto], from one ordered scan.
 
         Read once per pass (never an ``OFFSET`` scan per batch): the batches are the ranges between
         consecutive boundaries, then everything after the last one, so a row that appears after this
-        read still falls in a range and is copied.
+        read still falls in a range and is copied. A boundary equal to ``upto`` is left out (the last
+        batch ends there anyway).
         """
         params = Params()
-        where = self._in_range(params, after, None)
+        where = self._in_range(params, after, upto)
         size = params.bind(self.ctx.batch_size, "bigint")
         keys = column_list(self.source_pk)
         texts = ", ".join(f"{ident(c)}::text" for c in self.source_pk)
@@ -315,17 +470,36 @@ class TableCopy:
             f"WHERE s._n % {size} = 0 ORDER BY s._n",
             *params.values,
         )
-        return [list(row.values()) for row in rows]
+        return [key for key in (list(row.values()) for row in rows) if key != upto]
 
     # ---------------------------------------------------------------------------------- writing
 
-    async def _copy_range(self, after: list[str] | None, upto: list[str] | None, position: Position) -> None:
+    async def _copy_batches(
+        self,
+        number: int,
+        after: list[str] | None,
+        boundaries: Sequence[list[str]],
+        upto: list[str] | None,
+        final: Position,
+        part: Part | None = None,
+    ) -> None:
+        """Copy the batches of pass ``number`` in (after, upto] that end at ``boundaries``; the last one
+        (ending at ``upto``) records ``final``."""
+        ends = [*boundaries, upto]
+        for index, end in enumerate(ends):
+            position = final if index == len(ends) - 1 else Position(number, end)
+            await self._with_retries(lambda a=after, e=end, p=position: self._copy_range(a, e, p, part))
+            after = end
+
+    async def _copy_range(
+        self, after: list[str] | None, upto: list[str] | None, position: Position, part: Part | None = None
+    ) -> None:
         """Copy the rows in (after, upto]; split and quarantine if the target refuses some."""
         try:
             async with self._writing():
                 count = await self.stage.stream(self.sconn, self.tconn, *self._select(after, upto))
                 written = await self._apply(count)
-                await self._advance_checkpoint(position, count)
+                await self._advance_checkpoint(position, count, part)
             self._count(written)
             self.result.batches += 1
             self._report(count)
@@ -341,7 +515,7 @@ class TableCopy:
             records = list(await self.sconn.fetch(query, *args))
             await isolate_refused(records, self._land, self._quarantine)
             async with self._writing():
-                await self._advance_checkpoint(position, len(records))
+                await self._advance_checkpoint(position, len(records), part)
             self.result.batches += 1
             self._report(len(records))
 
