@@ -78,7 +78,11 @@ from sync.state import CATCH_UP_OVERLAP
 @click.option(
     "--batch-size", type=click.IntRange(min=1), help="Rows per target transaction (default: mapping)."
 )
-@click.option("--jobs", type=click.IntRange(min=1), help="Tables copied in parallel (default: mapping).")
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    help="Tables, and key ranges of a large table, copied at once (default: mapping).",
+)
 @click.option(
     "--follow",
     is_flag=True,

@@ -2,7 +2,8 @@
 
 A batch is a key range of the source table in the run's selection (:mod:`sync.selection`: the window
 and the closure). Each batch is ONE target transaction: stage it (:mod:`.stage`), rewrite its keys and
-upsert it (:mod:`.apply`), advance the table's checkpoint (:mod:`.table`). Rows the target refuses go
+upsert it (:mod:`.apply`), advance the table's checkpoint (:mod:`.checkpoint`); a large table's pass
+is split into key ranges copied at once (:mod:`.table`). Rows the target refuses go
 to quarantine (:mod:`.quarantine`); cycles get a second pass (:mod:`.deferred`); sequences move past
 the copied keys (:mod:`.sequences`).
 """

@@ -7,18 +7,20 @@ crash never loses or duplicates a batch, and a rerun resumes after the last comm
 failures (a lost connection, a serialization failure) reconnect and retry the step; a batch the
 target refuses for data reasons is split until the bad rows are isolated in quarantine.
 
-A pass of several batches is split into contiguous key ranges (parts) copied concurrently when the
-run has free job slots: each part on its own source and target connections (the source's inside the
-run's exported snapshot), with its own checkpoint row (``<table> (part N)``: its pass, the last key
-done and where the part ends), so a rerun resumes every part where it stopped. The parts are recorded
-before any of them writes; the next pass starts once every part is done.
+A pass of several batches is split into contiguous key ranges (parts, :mod:`.checkpoint`) copied at
+once when the run has free job slots: each part on its own source and target connections (the
+source's inside the run's exported snapshot) and with its own checkpoint, so a rerun resumes every
+part where it stopped. The next pass starts once every part is done.
+
+Past ~400 lines because one object holds a copy's connections, retries and batches, and its parts'
+lanes are copies of it; the seam to split along is the source side (key ranges, boundaries, the
+batch query) apart from the target side (staging, applying, quarantine).
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import logging
 import time
 from collections import deque
@@ -33,6 +35,7 @@ from pydantic import BaseModel, field_serializer
 
 from sync.connect import Endpoint, PoolMode, connect
 from sync.copy.apply import Written, apply_staged
+from sync.copy.checkpoint import Checkpoint, Part, Position
 from sync.copy.quarantine import is_data_error, isolate_refused, quarantine_row
 from sync.copy.sequences import advance_past_source
 from sync.copy.stage import Stage
@@ -78,30 +81,6 @@ class TableResult(BaseModel):
     @property
     def written(self) -> int:
         return self.inserted + self.updated
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where a table's copy stands: the pass (window, then closure) and the last source key done."""
-
-    phase: int
-    key: list[str] | None
-    done: bool = False
-    """For a part: its last key is done."""
-
-
-@dataclass(frozen=True)
-class Part:
-    """A key range of one pass, copied concurrently with the pass's other parts: keys in (after, upto]."""
-
-    name: str
-    """Its checkpoint's name."""
-    phase: int
-    after: list[str] | None
-    upto: list[str] | None
-    """The part's last key; None: to the end of the table."""
-    boundaries: Sequence[list[str]] | None = None
-    """The last keys of its full batches, when the pass has just read them (else read again)."""
 
 
 @dataclass
@@ -153,7 +132,7 @@ class TableCopy:
         started = time.perf_counter()
         try:
             await self._connect()
-            start, done, rows_done = await self._load_checkpoint()
+            start, done, rows_done = await self.checkpoint.load(self.tconn)
             if done:
                 return self.result
             self._begin_progress(rows_done)
@@ -165,23 +144,26 @@ class TableCopy:
                 if number < start.phase:
                     continue
                 self.phase, self.phase_number = phase, number
-                parts = await self._with_retries(lambda n=number: self._recorded_parts(n))
-                if parts is None:
-                    after = start.key if number == start.phase else None
-                    boundaries = await self._with_retries(lambda a=after: self._boundaries(a, None))
-                    parts = self._split(number, after, boundaries)
-                    if not parts:
-                        # The last batch of a pass records the start of the next one.
-                        await self._copy_batches(number, after, boundaries, None, Position(number + 1, None))
-                        continue
-                    await self._with_retries(lambda p=parts: self._record_parts(p))
-                await self._copy_parts(parts)
-                await self._with_retries(lambda n=number: self._advance_after_parts(n))
-            await self._with_retries(self._mark_done)
+                await self._copy_pass(number, start.key if number == start.phase else None)
+            await self._with_retries(lambda: self.checkpoint.mark_done(self.tconn))
         finally:
             self.result.seconds = time.perf_counter() - started
             await self._close()
         return self.result
+
+    async def _copy_pass(self, number: int, after: list[str] | None) -> None:
+        """Pass ``number`` after key ``after``: in one piece, or in parts (an earlier attempt's, or new)."""
+        parts = await self._with_retries(lambda: self.checkpoint.recorded_parts(self.tconn, number))
+        if parts is None:
+            boundaries = await self._with_retries(lambda: self._boundaries(after, None))
+            parts = self._split(number, after, boundaries)
+            if not parts:
+                # The last batch of a pass records the start of the next one.
+                await self._copy_batches(number, after, boundaries, None, Position(number + 1, None))
+                return
+            await self._with_retries(lambda: self._record_parts(parts))
+        await self._copy_parts(parts)
+        await self._with_retries(lambda: self._advance_after_parts(number))
 
     async def _connect(self) -> None:
         await self._close()
@@ -251,113 +233,32 @@ class TableCopy:
         assert self._tconn is not None
         return self._tconn
 
-    # ------------------------------------------------------------------------------ checkpoints
-
-    async def _load_checkpoint(self) -> tuple[Position, bool, int]:
-        """Where an earlier attempt of this run stopped: position, whether done, rows committed (its
-        parts' included)."""
-        row = await self.tconn.fetchrow(
-            "SELECT last_key, done, (SELECT sum(rows_done) FROM _sync.checkpoints WHERE run_id = $1 "
-            "AND (table_name = $2 OR starts_with(table_name, $3)))::bigint AS rows_done "
-            "FROM (SELECT) AS one LEFT JOIN _sync.checkpoints ON run_id = $1 AND table_name = $2",
-            self.ctx.run_id,
-            self.checkpoint_name,
-            self._part_prefix(),
-        )
-        rows_done = row["rows_done"] or 0
-        if not row["last_key"]:
-            return Position(0, None), bool(row["done"]), rows_done
-        saved = json.loads(row["last_key"])
-        return Position(saved["pass"], saved["key"]), row["done"], rows_done
-
-    async def _mark_done(self) -> None:
-        await self.tconn.execute(
-            "INSERT INTO _sync.checkpoints (run_id, table_name, done) VALUES ($1, $2, true) "
-            "ON CONFLICT (run_id, table_name) DO UPDATE SET done = true, updated_at = now()",
-            self.ctx.run_id,
-            self.checkpoint_name,
-        )
-
-    async def _advance_checkpoint(self, position: Position, rows: int, part: Part | None = None) -> None:
-        """Move the checkpoint: the table's, or ``part``'s (which also keeps where the part ends)."""
-        saved: dict[str, Any] = {"pass": position.phase, "key": position.key}
-        if part is not None:
-            saved["upto"] = part.upto
-        await self.tconn.execute(
-            "INSERT INTO _sync.checkpoints (run_id, table_name, last_key, rows_done, done) "
-            "VALUES ($1, $2, $3, $4, $5) "
-            "ON CONFLICT (run_id, table_name) DO UPDATE SET last_key = EXCLUDED.last_key, "
-            "rows_done = _sync.checkpoints.rows_done + EXCLUDED.rows_done, done = EXCLUDED.done, "
-            "updated_at = now()",
-            self.ctx.run_id,
-            part.name if part is not None else self.checkpoint_name,
-            json.dumps(saved),
-            rows,
-            position.done,
-        )
-
     # ------------------------------------------------------------------------------------ parts
 
-    def _part_prefix(self) -> str:
-        return f"{self.checkpoint_name} (part "
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.ctx.run_id, self.checkpoint_name)
 
     def _split(self, number: int, after: list[str] | None, boundaries: list[list[str]]) -> list[Part]:
-        """The pass's batches in up to ``jobs`` contiguous parts; none when it is copied in one piece.
+        """The pass in parts copied at once, up to ``--jobs``; none when it is copied in one piece.
 
         A table whose fresh keys come from its highest key (no sequence) is copied in one piece: two
         parts would pick the same keys.
         """
-        batches = len(boundaries) + 1
-        if self.ctx.slots is None or self.ctx.jobs < 2 or batches < 2:
+        if self.ctx.slots is None:
             return []
         if self.tp.allocates_keys and self.tp.primary_key[0] not in self.tp.sequences:
             return []
-        count = min(self.ctx.jobs, batches)
-        ends: list[list[str] | None] = [*boundaries, None]
-        parts, first = [], 0
-        for index in range(count):
-            last = first + (batches - first) // (count - index)  # the part's batches: ends[first:last]
-            parts.append(
-                Part(
-                    name=f"{self._part_prefix()}{index + 1})",
-                    phase=number,
-                    after=after if first == 0 else ends[first - 1],
-                    upto=ends[last - 1],
-                    boundaries=boundaries[first : last - 1],
-                )
-            )
-            first = last
-        return parts
+        return self.checkpoint.split(number, after, boundaries, self.ctx.jobs)
 
     async def _record_parts(self, parts: list[Part]) -> None:
-        """Record every part of a pass before any of them writes, so a rerun copies the same ranges."""
         async with self._writing():
-            for part in parts:
-                await self._advance_checkpoint(Position(part.phase, part.after), 0, part)
-
-    async def _recorded_parts(self, number: int) -> list[Part] | None:
-        """The unfinished parts of pass ``number`` an earlier attempt of this run recorded; None when
-        the pass was not split (an empty list: it was, and every part is done)."""
-        rows = await self.tconn.fetch(
-            "SELECT table_name, last_key, done FROM _sync.checkpoints "
-            "WHERE run_id = $1 AND starts_with(table_name, $2) ORDER BY table_name",
-            self.ctx.run_id,
-            self._part_prefix(),
-        )
-        parts, split = [], False
-        for row in rows:
-            saved = json.loads(row["last_key"])
-            if saved["pass"] != number:
-                continue  # a part of an earlier pass (all done before this pass began)
-            split = True
-            if not row["done"]:
-                parts.append(Part(row["table_name"], number, saved["key"], saved["upto"]))
-        return parts if split else None
+            await self.checkpoint.record_parts(self.tconn, parts)
 
     async def _advance_after_parts(self, number: int) -> None:
         """Every part of pass ``number`` is done: the table's checkpoint moves to the next pass."""
         async with self._writing():
-            await self._advance_checkpoint(Position(number + 1, None), 0)
+            await self.checkpoint.advance(self.tconn, Position(number + 1, None), 0)
 
     async def _copy_parts(self, parts: list[Part]) -> None:
         """Copy the unfinished parts: one lane on this copy's own job slot, one more per free slot.
@@ -499,7 +400,7 @@ class TableCopy:
             async with self._writing():
                 count = await self.stage.stream(self.sconn, self.tconn, *self._select(after, upto))
                 written = await self._apply(count)
-                await self._advance_checkpoint(position, count, part)
+                await self.checkpoint.advance(self.tconn, position, count, part)
             self._count(written)
             self.result.batches += 1
             self._report(count)
@@ -515,7 +416,7 @@ class TableCopy:
             records = list(await self.sconn.fetch(query, *args))
             await isolate_refused(records, self._land, self._quarantine)
             async with self._writing():
-                await self._advance_checkpoint(position, len(records), part)
+                await self.checkpoint.advance(self.tconn, position, len(records), part)
             self.result.batches += 1
             self._report(len(records))
 
