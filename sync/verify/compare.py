@@ -3,9 +3,10 @@
 Each side describes its rows as a :class:`Relation`: a key and named columns, all as text in one
 canonical form (the source's key space, the target's type text). Rows are spread over buckets by a
 hash of their key; each side returns one line per bucket (row count and the sum of 64-bit row hashes),
-which is one scan per side. Only the buckets whose lines differ are read again, row by row (a second
-scan, reading only those buckets' rows), and their rows are compared column by column. An equal table
-therefore costs one aggregate scan on each side; a difference costs the rows of its bucket.
+which is one scan per side. Only the buckets whose lines differ are read again as each row's key and
+hash (a second scan, returning only those buckets' keys); only the keys on both sides whose hashes
+differ are then read whole and compared column by column. An equal table therefore costs one
+aggregate scan on each side; rows on one side only cost their keys, a different row its columns.
 
 Buckets hash the key with md5, which every server computes alike, so source and target agree on them
 whatever their versions; :func:`bucket_of` computes the same number in Python.
@@ -23,8 +24,10 @@ from sync.sqltext import Params
 
 ROWS_PER_BUCKET = 32
 MAX_BUCKETS = 1 << 16
-BUCKETS_PER_READ = 512
-"""Differing buckets read back per statement, so a target that lacks everything is read in slices."""
+BUCKETS_PER_READ = 4096
+"""Differing buckets whose row hashes are read back per statement (a key and a hash a row)."""
+ROWS_PER_READ = 5000
+"""Rows read whole per statement, when their hashes differ."""
 
 
 @dataclass
@@ -97,11 +100,22 @@ async def _bucket_sums(conn: asyncpg.Connection, rel: Relation, buckets: int) ->
     return {r["b"]: (r["n"], r["s"]) for r in await conn.fetch(sql, *rel.params.values)}
 
 
-async def _rows_in(conn: asyncpg.Connection, rel: Relation, buckets: int, wanted: Sequence[int]) -> dict:
+async def _hashes_in(conn: asyncpg.Connection, rel: Relation, buckets: int, wanted: Sequence[int]) -> dict:
+    """Key → row hash of every row in the ``wanted`` buckets."""
     slot = f"${len(rel.params.values) + 1}::int[]"
-    sql = f"SELECT * FROM ({rel.rows_sql()}) AS q WHERE {_bucket_sql('q.k', buckets)} = ANY({slot})"
+    sql = (
+        f"SELECT q.k, {_row_hash_sql(len(rel.columns))} AS h FROM ({rel.rows_sql()}) AS q "
+        f"WHERE {_bucket_sql('q.k', buckets)} = ANY({slot})"
+    )
+    return {r["k"]: r["h"] for r in await conn.fetch(sql, *rel.params.values, list(wanted))}
+
+
+async def _rows_of(conn: asyncpg.Connection, rel: Relation, keys: Sequence[str]) -> dict:
+    """Key → column values of the rows with these keys."""
+    slot = f"${len(rel.params.values) + 1}::text[]"
+    sql = f"SELECT * FROM ({rel.rows_sql()}) AS q WHERE q.k = ANY({slot})"
     rows: dict[str, list[str | None]] = {}
-    for r in await conn.fetch(sql, *rel.params.values, list(wanted)):
+    for r in await conn.fetch(sql, *rel.params.values, list(keys)):
         rows[r["k"]] = [r[f"c{i}"] for i in range(len(rel.columns))]
     return rows
 
@@ -130,24 +144,28 @@ async def compare(
     ordered = sorted(differing)
     for start in range(0, len(ordered), BUCKETS_PER_READ):
         wanted = ordered[start : start + BUCKETS_PER_READ]
-        srows, trows = (
-            await _rows_in(sconn, source, buckets, wanted),
-            await _rows_in(tconn, target, buckets, wanted),
+        shash, thash = (
+            await _hashes_in(sconn, source, buckets, wanted),
+            await _hashes_in(tconn, target, buckets, wanted),
         )
-        for key, values in srows.items():
-            if key in held:
-                result.held.append(key)
-            elif key not in trows:
-                result.missing.append(key)
-            else:
+        result.held += [k for k in shash if k in held]
+        result.missing += [k for k in shash if k not in held and k not in thash]
+        result.only_on_target += [k for k in thash if k not in shash]
+        unlike = sorted(k for k, h in shash.items() if k not in held and k in thash and thash[k] != h)
+        for first in range(0, len(unlike), ROWS_PER_READ):
+            keys = unlike[first : first + ROWS_PER_READ]
+            srows, trows = await _rows_of(sconn, source, keys), await _rows_of(tconn, target, keys)
+            for key in keys:
+                if key not in trows:  # gone from the target since its hash was read
+                    result.missing.append(key)
+                    continue
                 cols = [
                     names[i]
-                    for i, (s, t) in enumerate(zip(values, trows[key], strict=True))
+                    for i, (s, t) in enumerate(zip(srows[key], trows[key], strict=True))
                     if s != t and not matchers.get(names[i], _same)(s, t)
                 ]
                 if cols:
                     result.different[key] = cols
-        result.only_on_target += [k for k in trows if k not in srows]
     for keys in (result.missing, result.held, result.only_on_target):
         keys.sort()
     return result
