@@ -228,7 +228,8 @@ class TargetWriter:
                 records=[u.record() for u in batch],
                 columns=[n for n, _ in STAGE_USER_FIELDS],
             )
-            identities = [tuple(i[n] for n, _ in IDENTITY_FIELDS) for u in batch for i in u.identities]
+            # Read from the source in IDENTITY_FIELDS order: each record is its stage row as it is.
+            identities = [i for u in batch for i in u.identities]
             if identities:
                 await conn.copy_records_to_table(
                     STAGE_IDENTITIES, records=identities, columns=[n for n, _ in IDENTITY_FIELDS]

@@ -81,15 +81,19 @@ class UserImport:
                 await self._match(keys)
             if self.progress is not None:
                 self.progress.users_total(len(keys))
-            async for rows, identities in _read_ahead(_batches(snapshot, self.options.batch_size)):
-                created = self.report.created
-                if self.api is not None:
-                    await self._through_api(rows, identities)
-                else:
-                    await self._direct(rows, identities)
-                if self.progress is not None:
-                    self.progress.users(len(rows), self.report.created - created)
+            if keys:  # else no user changed: the source's users are not read again
+                await self._import(snapshot)
             self.report.not_copied = await snapshot.not_copied()
+
+    async def _import(self, snapshot: SourceSnapshot) -> None:
+        async for rows, identities in _read_ahead(_batches(snapshot, self.options.batch_size)):
+            created = self.report.created
+            if self.api is not None:
+                await self._through_api(rows, identities)
+            else:
+                await self._direct(rows, identities)
+            if self.progress is not None:
+                self.progress.users(len(rows), self.report.created - created)
 
     async def _match(self, keys: list[SourceKey]) -> None:
         if not keys:
