@@ -252,8 +252,11 @@ def set_users_sql(expressions: Mapping[str, str], columns: set[str]) -> str:
     source ids."""
     names = [c for c in expressions if c in columns]
     values = ", ".join(expressions[c] for c in names)
+    # The users are found by their primary key, one probe each: ``= ANY`` of the staged ids keeps the
+    # planner from hashing the stage against a scan of every target user.
     return (
         f"UPDATE auth.users AS t SET ({column_list(names)}) = ROW({values}) FROM _sync_stage_users AS s "
-        f"WHERE t.id = s.target_id AND s.action = $1 AND ROW({column_list(names, 't.')}) "
+        "WHERE t.id = ANY (ARRAY(SELECT target_id FROM _sync_stage_users WHERE action = $1)) "
+        f"AND t.id = s.target_id AND s.action = $1 AND ROW({column_list(names, 't.')}) "
         f"IS DISTINCT FROM ROW({values}) RETURNING s.source_id"
     )
