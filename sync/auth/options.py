@@ -21,7 +21,7 @@ class AuthOptions(BaseModel):
     mode: AuthMode = AuthMode.DIRECT
     policy: ConflictPolicy = ConflictPolicy.SOURCE_WINS
     triggers: TriggerMode = TriggerMode.FIRE
-    batch_size: int = Field(default=5000, ge=1, description="users per target transaction")
+    batch_size: int = Field(default=2000, ge=1, description="users per target transaction")
     concurrency: int = Field(default=8, ge=1, description="admin-api: requests in flight at once")
     include_mfa: bool = Field(default=False, description="copy mfa_factors too (not available yet)")
     retry_attempts: int = Field(default=DEFAULT_ATTEMPTS, ge=1)
