@@ -239,16 +239,17 @@ async def read_target_keys(
         return _target_keys(await conn.fetch(_TARGET_KEY))
     if not source:
         return []
-    ids = {s.id for s in source}
-    ids.update(prior[0] for s in source if (prior := (id_map or {}).get(s.id)) is not None)
-    emails = list({s.email for s in source if s.email})
-    phones = list({s.phone for s in source if s.phone})
+    # Lists of the keys' own values (a repeat costs the server nothing, a copy of each would cost memory).
+    ids = [s.id for s in source]
+    ids += [prior[0] for s in source if (prior := (id_map or {}).get(s.id)) is not None]
+    emails = [s.email for s in source if s.email]
+    phones = [s.phone for s in source if s.phone]
     rows = await conn.fetch(
         f"{_TARGET_KEY} WHERE id = ANY($1::uuid[]) "
         f"UNION {_TARGET_KEY} WHERE email = ANY($2::text[]) AND is_sso_user = false "
         f"UNION {_TARGET_KEY} WHERE phone = ANY($3::text[]) "
         f"UNION {_TARGET_KEY} WHERE email !~ '{_PLAIN_EMAIL}' OR phone !~ '{_PLAIN_PHONE}'",
-        list(ids),
+        ids,
         emails,
         phones,
     )
@@ -280,6 +281,6 @@ async def read_id_map(
     if source_ids is None:
         rows = await conn.fetch(query, USERS_TABLE)
     else:
-        keys = [str(i) for i in source_ids]
-        rows = await conn.fetch(f"{query} AND source_key = ANY($2::text[])", USERS_TABLE, keys)
+        ids = list(source_ids)
+        rows = await conn.fetch(f"{query} AND source_key = ANY($2::uuid[]::text[])", USERS_TABLE, ids)
     return {UUID(r["source_key"]): (UUID(r["target_key"]), r["reason"]) for r in rows}
