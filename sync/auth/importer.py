@@ -77,11 +77,10 @@ class UserImport:
         ) as snapshot:
             keys = await snapshot.keys()
             self.report.source_users = len(keys)
-            if keys:  # a catch-up with no changed user reads nothing of the target's users
-                await self._match(keys)
             if self.progress is not None:
                 self.progress.users_total(len(keys))
-            if keys:  # else no user changed: the source's users are not read again
+            if keys:  # a catch-up with no changed user reads neither side's users again
+                await self._match(keys)
                 await self._import(snapshot)
             self.report.not_copied = await snapshot.not_copied()
 
@@ -96,8 +95,6 @@ class UserImport:
                 self.progress.users(len(rows), self.report.created - created)
 
     async def _match(self, keys: list[SourceKey]) -> None:
-        if not keys:
-            return  # nothing changed: no target user needs reading
         if self.writer is not None:
             id_map = await read_id_map(self.writer.conn, [k.id for k in keys])
             target = await read_target_keys(self.writer.conn, keys, id_map)
