@@ -36,6 +36,7 @@ from pydantic import BaseModel, field_serializer
 from sync.connect import Endpoint, PoolMode, connect
 from sync.copy.apply import Written, apply_staged
 from sync.copy.checkpoint import Checkpoint, Part, Position
+from sync.copy.listing import LISTED_KEYS_MAX, KeyList
 from sync.copy.quarantine import is_data_error, isolate_refused, quarantine_row
 from sync.copy.sequences import advance_past_source
 from sync.copy.stage import Stage
@@ -121,6 +122,8 @@ class TableCopy:
         self.phase: Predicate = lambda params: "true"
         self.phase_number = 0
         self.key_floor: int | None = None
+        self.listed: KeyList | None = None
+        """The current pass's keys, when it is read by its keys (:mod:`.listing`)."""
         self._sconn: asyncpg.Connection | None = None
         self._tconn: asyncpg.Connection | None = None
         self._lock_waited = 0.0
@@ -319,7 +322,12 @@ class TableCopy:
 
     def _in_range(self, params: Params, after: Sequence[str] | None, upto: Sequence[str] | None) -> str:
         """The current pass's rows with keys in (after, upto]; the keys bound as parameters."""
-        parts = [self.phase(params)]
+        if self.listed is None:
+            parts = [self.phase(params)]
+        else:
+            (column,) = self.source_pk
+            listed = params.bind(self.listed.between(after, upto), "text[]")
+            parts = [f"{ident(column)} = ANY({listed}::{self.src_types[column]}[])"]
         keys = row_of(self.source_pk)
         if after is not None:
             parts.append(f"{keys} > {self._key_row(params, after)}")
@@ -358,10 +366,21 @@ class TableCopy:
         Read once per pass (never an ``OFFSET`` scan per batch): the batches are the ranges between
         consecutive boundaries, then everything after the last one, so a row that appears after this
         read still falls in a range and is copied. A boundary equal to ``upto`` is left out (the last
-        batch ends there anyway).
+        batch ends there anyway). The closure's pass lists its keys instead, when it has few enough.
         """
+        self.listed = None
         params = Params()
         where = self._in_range(params, after, upto)
+        if self.phase_number == CLOSURE_PASS and len(self.source_pk) == 1:
+            column = ident(self.source_pk[0])
+            listed = await self.sconn.fetch(
+                f"SELECT {column}::text FROM {table_ident(self.tp.source_name)} "
+                f"WHERE {where} ORDER BY {column} LIMIT {LISTED_KEYS_MAX + 1}",
+                *params.values,
+            )
+            if len(listed) <= LISTED_KEYS_MAX:
+                self.listed = KeyList([row[0] for row in listed])
+                return [key for key in self.listed.boundaries(self.ctx.batch_size) if key != upto]
         size = params.bind(self.ctx.batch_size, "bigint")
         keys = column_list(self.source_pk)
         texts = ", ".join(f"{ident(c)}::text" for c in self.source_pk)
