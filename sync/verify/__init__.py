@@ -10,7 +10,6 @@ that differ), only on the target though they came from production (production de
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -24,7 +23,7 @@ from sync.sqltext import Params, ident, table_ident
 from sync.storage.check import StorageCheck, check_storage
 from sync.storage.select import StorageRules
 from sync.verify import tables, users
-from sync.verify.compare import Comparison, Relation, bucket_count, compare
+from sync.verify.compare import Comparison, Relation, bucket_count, compare, estimate_rows
 from sync.verify.logins import SignInCheck, check_sign_ins
 
 SHOWN = 20
@@ -188,18 +187,6 @@ async def _state(tconn: asyncpg.Connection) -> _State:
 
 async def _has_users(conn: asyncpg.Connection) -> bool:
     return bool(await conn.fetchval("SELECT to_regclass('auth.users') IS NOT NULL"))
-
-
-async def estimate_rows(conn: asyncpg.Connection, table: str) -> float:
-    """About how many rows ``table`` holds: its statistics, or for a table never analyzed (-1 there,
-    which would put every row in one bucket) the planner's guess from its size."""
-    rows = await conn.fetchval("SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)", table)
-    if rows is None:
-        return -1.0
-    if rows >= 0:
-        return float(rows)
-    plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) SELECT 1 FROM {table_ident(table)}")
-    return float(json.loads(plan)[0]["Plan"]["Plan Rows"])
 
 
 async def _check_users(

@@ -8,19 +8,26 @@ hash (a second scan, returning only those buckets' keys); only the keys on both 
 differ are then read whole and compared column by column. An equal table therefore costs one
 aggregate scan on each side; rows on one side only cost their keys, a different row its columns.
 
-Buckets hash the key with md5, which every server computes alike, so source and target agree on them
-whatever their versions; :func:`bucket_of` computes the same number in Python.
+The same buckets describe a set of keys alone (a :class:`Relation` without columns): one line per
+bucket of key count and key-hash sum, so two key sets that differ only a little differ in only a few
+buckets, and those alone need their keys compared (production deletes do that).
+
+Keys and rows are hashed with ``hashtextextended``, PostgreSQL's own 64-bit text hash (the one behind
+hash indexes and hash partitions, kept stable across major versions so that ``pg_upgrade`` can keep
+them): several times cheaper than an md5 in SQL. :func:`same_hashes` checks that both servers compute
+it alike (they do unless one is big-endian); when they do not, everything goes into one bucket, which
+is slow but still exact.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
 
-from sync.sqltext import Params
+from sync.sqltext import Params, table_ident
 
 ROWS_PER_BUCKET = 32
 MAX_BUCKETS = 1 << 16
@@ -45,8 +52,8 @@ class Relation:
 
     def rows_sql(self) -> str:
         """Each row in scope as ``k`` and ``c0``, ``c1``, … (text)."""
-        cols = ", ".join(f"({expr})::text AS c{i}" for i, (_, expr) in enumerate(self.columns))
-        return f"SELECT ({self.key})::text AS k, {cols} FROM {self.from_sql} WHERE {self.where}"
+        cols = "".join(f", ({expr})::text AS c{i}" for i, (_, expr) in enumerate(self.columns))
+        return f"SELECT ({self.key})::text AS k{cols} FROM {self.from_sql} WHERE {self.where}"
 
 
 @dataclass
@@ -78,21 +85,56 @@ def bucket_count(estimated_rows: float) -> int:
     return max(1, min(MAX_BUCKETS, int(max(estimated_rows, 0)) // ROWS_PER_BUCKET))
 
 
-def bucket_of(key: str, buckets: int) -> int:
-    """The bucket of a key, exactly as :func:`_bucket_sql` computes it in the database."""
-    return int(hashlib.md5(key.encode()).hexdigest()[:8], 16) % buckets
+async def estimate_rows(conn: asyncpg.Connection, table: str) -> float:
+    """About how many rows ``table`` holds: its statistics, or for a table never analyzed (-1 there,
+    which would put every row in one bucket) the planner's guess from its size."""
+    rows = await conn.fetchval("SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)", table)
+    if rows is None:
+        return -1.0
+    if rows >= 0:
+        return float(rows)
+    plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) SELECT 1 FROM {table_ident(table)}")
+    return float(json.loads(plan)[0]["Plan"]["Plan Rows"])
+
+
+_HASH_PROBE = "sync 0123456789 abcdefghijklmnopqrstuvwxyz"
+"""Hashed on both sides to tell whether they agree (longer than one hashing block)."""
+
+
+def _hash_sql(text: str) -> str:
+    return f"hashtextextended({text}, 0)"
 
 
 def _bucket_sql(key: str, buckets: int) -> str:
-    return f"((('x' || left(md5({key}), 8))::bit(32)::bigint % {int(buckets)})::int)"
+    # The hash's top bits dropped, so ``b`` of ``n * m`` buckets lies in bucket ``b % n`` of ``n``.
+    return f"(({_hash_sql(key)} & {(1 << 62) - 1}) % {int(buckets)})"
 
 
 def _row_hash_sql(count: int) -> str:
     fields = ", ".join(["k", *(f"c{i}" for i in range(count))])
-    return f"('x' || left(md5(ROW({fields})::text), 16))::bit(64)::bigint"
+    return _hash_sql(f"ROW({fields})::text")
 
 
-async def _bucket_sums(conn: asyncpg.Connection, rel: Relation, buckets: int) -> dict[int, tuple[int, str]]:
+async def same_hashes(sconn: asyncpg.Connection, tconn: asyncpg.Connection) -> bool:
+    """Whether both servers hash text alike (same hash, same encoding): a key lies in one bucket on both."""
+    sql = f"SELECT {_hash_sql('$1::text')}::text || ' ' || current_setting('server_encoding')"
+    return bool(await sconn.fetchval(sql, _HASH_PROBE) == await tconn.fetchval(sql, _HASH_PROBE))
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """Some of the buckets a key space is spread over: ``numbers`` among ``count`` buckets."""
+
+    count: int
+    numbers: tuple[int, ...]
+
+    def sql(self, key: str, params: Params) -> str:
+        """True when the key (SQL text) lies in one of these buckets."""
+        return f"{_bucket_sql(key, self.count)} = ANY({params.bind(list(self.numbers), 'bigint[]')})"
+
+
+async def bucket_sums(conn: asyncpg.Connection, rel: Relation, buckets: int) -> dict[int, tuple[int, str]]:
+    """One line per bucket holding rows of ``rel``: its row count and the sum of its rows' hashes."""
     sql = (
         f"SELECT {_bucket_sql('q.k', buckets)} AS b, count(*) AS n, "
         f"sum({_row_hash_sql(len(rel.columns))})::text AS s FROM ({rel.rows_sql()}) AS q GROUP BY 1"
@@ -100,9 +142,14 @@ async def _bucket_sums(conn: asyncpg.Connection, rel: Relation, buckets: int) ->
     return {r["b"]: (r["n"], r["s"]) for r in await conn.fetch(sql, *rel.params.values)}
 
 
+async def _buckets_of(conn: asyncpg.Connection, keys: Iterable[str], buckets: int) -> set[int]:
+    sql = f"SELECT DISTINCT {_bucket_sql('k', buckets)} AS b FROM unnest($1::text[]) AS k"
+    return {r["b"] for r in await conn.fetch(sql, list(keys))}
+
+
 async def _hashes_in(conn: asyncpg.Connection, rel: Relation, buckets: int, wanted: Sequence[int]) -> dict:
     """Key → row hash of every row in the ``wanted`` buckets."""
-    slot = f"${len(rel.params.values) + 1}::int[]"
+    slot = f"${len(rel.params.values) + 1}::bigint[]"
     sql = (
         f"SELECT q.k, {_row_hash_sql(len(rel.columns))} AS h FROM ({rel.rows_sql()}) AS q "
         f"WHERE {_bucket_sql('q.k', buckets)} = ANY({slot})"
@@ -137,10 +184,13 @@ async def compare(
     """
     names = [name for name, _ in source.columns]
     held = set(held)
-    src, tgt = await _bucket_sums(sconn, source, buckets), await _bucket_sums(tconn, target, buckets)
+    if not await same_hashes(sconn, tconn):
+        buckets = 1
+    src, tgt = await bucket_sums(sconn, source, buckets), await bucket_sums(tconn, target, buckets)
     result = Comparison(in_scope=sum(n for n, _ in src.values()))
     differing = {b for b in src.keys() | tgt.keys() if src.get(b) != tgt.get(b)}
-    differing |= {bucket_of(k, buckets) for k in held}
+    if held:
+        differing |= await _buckets_of(tconn, held, buckets)
     ordered = sorted(differing)
     for start in range(0, len(ordered), BUCKETS_PER_READ):
         wanted = ordered[start : start + BUCKETS_PER_READ]

@@ -1,0 +1,227 @@
+"""Finding production deletes in the databases, at a cost that follows how much differs.
+
+The question, per table: which target rows from production (a ledger pair source key → target key,
+or a row dated before the copy under its own key) have a source key production no longer holds. The
+answer is the anti-join of those rows against every source key, but the keys do not travel unless
+they must. Each side first sums its keys per bucket (:mod:`sync.verify.compare`): the source all its
+keys (an index-only scan where the key index allows), the target the source keys of its rows from
+production. A bucket whose count and key-hash sum are equal on both sides holds no production delete;
+one with no target key cannot hold one either. Only the remaining buckets are resolved key by key:
+their source keys stream into a temporary table on the target (binary COPY) and the target's rows
+from production in those buckets are anti-joined against it, so buckets that differ for other reasons
+(rows production has and the target does not yet, production rows development deleted) give exactly
+the answer a comparison of every key gives. A differing bucket with many keys is first split into
+finer buckets, so a few deletes in a large table cost the keys of a few small buckets. Only counts
+and the first keys come back to Python; the target keys found stay in :data:`GONE` for the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from sync.sqltext import Params, ident, table_ident
+from sync.verify.compare import Buckets, Relation, bucket_count, bucket_sums, estimate_rows, same_hashes
+
+SHOWN = 5
+"""Keys shown per table."""
+GONE = "_sync_gone"
+"""The temporary table (``k``: target keys) the last :meth:`Finder.find` that found some filled."""
+_SOURCE_KEYS = "_sync_source_keys"
+SPLIT_AT = 2048
+"""A differing bucket with more keys than this is split into finer buckets before its keys are read."""
+FAN_OUT = 64
+"""Finer buckets a large one is split into."""
+FINEST = 1 << 40
+"""No finer spread than this: a bucket still large there holds equal hashes (the same key many times)."""
+
+KeySet = Callable[[Params], str]
+"""SQL of a set of keys as one text column ``k``, its values bound into the statement's parameters."""
+
+
+@dataclass(frozen=True)
+class Found:
+    """A table's production deletes: how many target rows, and the first target keys in key order."""
+
+    count: int
+    keys: list[str]
+
+
+@dataclass(frozen=True)
+class Finder:
+    """Both sides of one search (inside the caller's transactions), and what holds for every table."""
+
+    sconn: asyncpg.Connection
+    tconn: asyncpg.Connection
+    copied: datetime | None
+    """The copy date (rows dated before it came with the development copy); None: only the ledger counts."""
+    ledgers: tuple[str, ...]
+    """The target's ledgers of landed rows (``source_key`` → ``target_key`` per ``table_name``)."""
+    splits: bool
+    """Both servers hash alike, so buckets mean the same on both sides (else: one bucket, every key)."""
+
+    @classmethod
+    async def open(
+        cls, sconn: asyncpg.Connection, tconn: asyncpg.Connection, copied: datetime | None
+    ) -> Finder:
+        present = await tconn.fetch(
+            "SELECT t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i) WHERE to_regclass(t) IS NOT NULL "
+            "ORDER BY i",
+            ["_sync.landed", "_sync.id_map"],
+        )
+        ledgers = tuple(r["t"] for r in present)
+        return cls(sconn, tconn, copied, ledgers, await same_hashes(sconn, tconn))
+
+    async def find(
+        self, name: str, source_name: str, source_key: str, target_key: str, dated: str | None
+    ) -> Found:
+        """Target rows of ``name`` from production whose source key ``source_name`` lacks; kept in GONE.
+
+        ``source_key`` and ``target_key`` are SQL text of a row's key (the target's over alias ``t``);
+        ``dated`` the target column that dates a row from the copy.
+        """
+        pairs = _from_production(name, target_key, dated if self.copied else None, self.copied, self.ledgers)
+
+        def source(params: Params) -> str:
+            return f"SELECT {source_key} AS k FROM {table_ident(source_name)}"
+
+        def target(params: Params) -> str:
+            return f"SELECT o.s AS k FROM ({pairs(params)}) AS o"
+
+        buckets = bucket_count(await estimate_rows(self.sconn, source_name)) if self.splits else 1
+        differing = await self._differing(source, target, buckets)
+        if differing == []:
+            return Found(0, [])
+        await self.tconn.execute(
+            f"DROP TABLE IF EXISTS pg_temp.{_SOURCE_KEYS}, pg_temp.{GONE}; "
+            f"CREATE TEMP TABLE {_SOURCE_KEYS} (k text) ON COMMIT DROP"
+        )
+        await _stream(self.sconn, self.tconn, *_within(source, differing, Params()))
+        await self.tconn.execute(f"ANALYZE {_SOURCE_KEYS}")
+        params = Params()
+        await self.tconn.execute(
+            f"CREATE TEMP TABLE {GONE} ON COMMIT DROP AS SELECT DISTINCT o.k FROM ({pairs(params)}) AS o "
+            f"WHERE {_in(differing, 'o.s', params)} "
+            f"AND NOT EXISTS (SELECT FROM {_SOURCE_KEYS} AS x WHERE x.k = o.s)",
+            *params.values,
+        )
+        rows = await self.tconn.fetch(f"SELECT k, count(*) OVER () AS n FROM {GONE} ORDER BY k LIMIT {SHOWN}")
+        return Found(rows[0]["n"] if rows else 0, [r["k"] for r in rows])
+
+    async def _differing(self, source: KeySet, target: KeySet, buckets: int) -> list[Buckets] | None:
+        """The buckets whose keys must be compared one by one (None: every key; empty: none).
+
+        A bucket differs when its count or key-hash sum does on the two sides and the target has keys in
+        it. A differing bucket of more than :data:`SPLIT_AT` keys is summed again, split :data:`FAN_OUT`
+        ways, and only its differing parts are kept; when most of a spread's buckets differ, the whole
+        spread is read (comparing its keys costs about what summing them finer would).
+        """
+        found: list[Buckets] = []
+        within: Buckets | None = None
+        while True:
+            scope = [within] if within else None
+            async with asyncio.TaskGroup() as sides:
+                src = sides.create_task(bucket_sums(self.sconn, _relation(source, scope), buckets))
+                tgt = sides.create_task(bucket_sums(self.tconn, _relation(target, scope), buckets))
+            there, here = src.result(), tgt.result()
+            differ = sorted(b for b, sums in here.items() if there.get(b) != sums)
+            if not differ:
+                return found
+            if not self.splits or (buckets >= FAN_OUT and 2 * len(differ) > len(here)):
+                return [*found, within] if within else None
+            large = [b for b in differ if max(there.get(b, (0, ""))[0], here[b][0]) > SPLIT_AT]
+            if buckets * FAN_OUT > FINEST:
+                large = []
+            small = tuple(b for b in differ if b not in large)
+            if small:
+                found.append(Buckets(buckets, small))
+            if not large:
+                return found
+            within, buckets = Buckets(buckets, tuple(large)), buckets * FAN_OUT
+
+
+def _from_production(
+    name: str, target_key: str, dated: str | None, copied: datetime | None, ledgers: list[str]
+) -> Callable[[Params], str]:
+    """SQL of the target's rows from production: ``k`` a row's target key, ``s`` the source key it came from.
+
+    A row's source keys are the ledgers' (each pair once), else, for a row dated before the copy, its
+    own key. Written as one join per ledger (not a join with their union, which the planner misjudges).
+    """
+
+    def sql(params: Params) -> str:
+        table = params.bind(name, "text") if ledgers else ""
+        branches, earlier = [], []
+        for ledger in ledgers:
+            same = " AND ".join(
+                f"NOT EXISTS (SELECT FROM {e} AS e WHERE e.table_name = {table} "
+                f"AND e.source_key = l.source_key AND e.target_key = l.target_key)"
+                for e in earlier
+            )
+            branches.append(
+                f"SELECT {target_key} AS k, l.source_key AS s FROM {table_ident(name)} AS t "
+                f"JOIN {ledger} AS l ON l.table_name = {table} AND l.target_key = {target_key}"
+                + (f" WHERE {same}" if same else "")
+            )
+            earlier.append(ledger)
+        if dated and copied:
+            unledgered = "".join(
+                f" AND NOT EXISTS (SELECT FROM {e} AS e WHERE e.table_name = {table} "
+                f"AND e.target_key = {target_key})"
+                for e in ledgers
+            )
+            branches.append(
+                f"SELECT {target_key} AS k, {target_key} AS s FROM {table_ident(name)} AS t "
+                f"WHERE t.{ident(dated)} < {params.bind(copied, 'timestamptz')}{unledgered}"
+            )
+        return " UNION ALL ".join(branches) or "SELECT NULL::text AS k, NULL::text AS s WHERE false"
+
+    return sql
+
+
+def _relation(keys: KeySet, scope: list[Buckets] | None) -> Relation:
+    """A key set as a relation of keys alone, kept to the buckets of ``scope`` (None: all)."""
+    params = Params()
+    from_sql = f"({keys(params)}) AS x"
+    return Relation(from_sql, "x.k", [], _in(scope, "x.k", params), params)
+
+
+def _in(scope: list[Buckets] | None, key: str, params: Params) -> str:
+    """SQL true when ``key`` lies in one of the buckets of ``scope`` (None: every key)."""
+    if scope is None:
+        return "true"
+    return "(" + " OR ".join(b.sql(key, params) for b in scope) + ")"
+
+
+def _within(keys: KeySet, scope: list[Buckets] | None, params: Params) -> tuple[str, list]:
+    """The statement reading the keys of ``scope`` and its arguments."""
+    sql = f"SELECT x.k FROM ({keys(params)}) AS x WHERE {_in(scope, 'x.k', params)}"
+    return sql, params.values
+
+
+async def _stream(sconn: asyncpg.Connection, tconn: asyncpg.Connection, query: str, args: list) -> None:
+    """The source's keys (``query`` with ``args``, one text column) into the target's key table, binary."""
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=16)
+
+    async def sink(chunk: bytes) -> None:
+        await queue.put(bytes(chunk))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while (chunk := await queue.get()) is not None:
+            yield chunk
+
+    async def produce() -> None:
+        try:
+            await sconn.copy_from_query(query, *args, output=sink, format="binary")
+        finally:
+            await queue.put(None)
+
+    producer = asyncio.create_task(produce())
+    try:
+        await tconn.copy_to_table(_SOURCE_KEYS, source=chunks(), format="binary")
+    finally:
+        await producer
