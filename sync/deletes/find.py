@@ -25,7 +25,15 @@ from datetime import datetime
 import asyncpg
 
 from sync.sqltext import Params, ident, table_ident
-from sync.verify.compare import Buckets, Relation, bucket_count, bucket_sums, estimate_rows, same_hashes
+from sync.verify.compare import (
+    ROWS_PER_BUCKET,
+    Buckets,
+    Relation,
+    bucket_count,
+    bucket_sums,
+    estimate_rows,
+    same_hashes,
+)
 
 SHOWN = 5
 """Keys shown per table."""
@@ -34,8 +42,8 @@ GONE = "_sync_gone"
 _SOURCE_KEYS = "_sync_source_keys"
 SPLIT_AT = 2048
 """A differing bucket with more keys than this is split into finer buckets before its keys are read."""
-FAN_OUT = 64
-"""Finer buckets a large one is split into."""
+MOSTLY_OF = 16
+"""When more than half of this many buckets (or more) differ, their keys are read without a finer sum."""
 FINEST = 1 << 40
 """No finer spread than this: a bucket still large there holds equal hashes (the same key many times)."""
 
@@ -49,6 +57,8 @@ class Found:
 
     count: int
     keys: list[str]
+    read: int = 0
+    """Source keys read to find them: those of the buckets whose sums differ."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,7 @@ class Finder:
             f"DROP TABLE IF EXISTS pg_temp.{_SOURCE_KEYS}, pg_temp.{GONE}; "
             f"CREATE TEMP TABLE {_SOURCE_KEYS} (k text) ON COMMIT DROP"
         )
-        await _stream(self.sconn, self.tconn, *_within(source, differing, Params()))
+        read = await _stream(self.sconn, self.tconn, *_within(source, differing, Params()))
         await self.tconn.execute(f"ANALYZE {_SOURCE_KEYS}")
         params = Params()
         await self.tconn.execute(
@@ -110,15 +120,15 @@ class Finder:
             *params.values,
         )
         rows = await self.tconn.fetch(f"SELECT k, count(*) OVER () AS n FROM {GONE} ORDER BY k LIMIT {SHOWN}")
-        return Found(rows[0]["n"] if rows else 0, [r["k"] for r in rows])
+        return Found(rows[0]["n"] if rows else 0, [r["k"] for r in rows], read)
 
     async def _differing(self, source: KeySet, target: KeySet, buckets: int) -> list[Buckets] | None:
         """The buckets whose keys must be compared one by one (None: every key; empty: none).
 
         A bucket differs when its count or key-hash sum does on the two sides and the target has keys in
-        it. A differing bucket of more than :data:`SPLIT_AT` keys is summed again, split :data:`FAN_OUT`
-        ways, and only its differing parts are kept; when most of a spread's buckets differ, the whole
-        spread is read (comparing its keys costs about what summing them finer would).
+        it. A differing bucket of more than :data:`SPLIT_AT` keys is summed again, split into buckets of
+        about ``ROWS_PER_BUCKET`` keys, and only its differing parts are kept; when most of a spread's
+        buckets differ, the whole spread is read (comparing its keys costs about what a finer sum would).
         """
         found: list[Buckets] = []
         within: Buckets | None = None
@@ -131,17 +141,19 @@ class Finder:
             differ = sorted(b for b, sums in here.items() if there.get(b) != sums)
             if not differ:
                 return found
-            if not self.splits or (buckets >= FAN_OUT and 2 * len(differ) > len(here)):
+            if not self.splits or (len(here) >= MOSTLY_OF and 2 * len(differ) > len(here)):
                 return [*found, within] if within else None
-            large = [b for b in differ if max(there.get(b, (0, ""))[0], here[b][0]) > SPLIT_AT]
-            if buckets * FAN_OUT > FINEST:
-                large = []
+            sizes = {b: max(there.get(b, (0, ""))[0], here[b][0]) for b in differ}
+            large = tuple(b for b in differ if sizes[b] > SPLIT_AT)
+            fan = max(sizes.values()) // ROWS_PER_BUCKET
+            if buckets * fan > FINEST:
+                large = ()
             small = tuple(b for b in differ if b not in large)
             if small:
                 found.append(Buckets(buckets, small))
             if not large:
                 return found
-            within, buckets = Buckets(buckets, tuple(large)), buckets * FAN_OUT
+            within, buckets = Buckets(buckets, large), buckets * fan
 
 
 def _from_production(
@@ -203,8 +215,9 @@ def _within(keys: KeySet, scope: list[Buckets] | None, params: Params) -> tuple[
     return sql, params.values
 
 
-async def _stream(sconn: asyncpg.Connection, tconn: asyncpg.Connection, query: str, args: list) -> None:
-    """The source's keys (``query`` with ``args``, one text column) into the target's key table, binary."""
+async def _stream(sconn: asyncpg.Connection, tconn: asyncpg.Connection, query: str, args: list) -> int:
+    """The source's keys (``query`` with ``args``, one text column) into the target's key table, binary;
+    how many."""
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=16)
 
     async def sink(chunk: bytes) -> None:
@@ -222,6 +235,7 @@ async def _stream(sconn: asyncpg.Connection, tconn: asyncpg.Connection, query: s
 
     producer = asyncio.create_task(produce())
     try:
-        await tconn.copy_to_table(_SOURCE_KEYS, source=chunks(), format="binary")
+        status = await tconn.copy_to_table(_SOURCE_KEYS, source=chunks(), format="binary")
     finally:
         await producer
+    return int(status.split()[-1])
