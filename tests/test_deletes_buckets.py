@@ -9,17 +9,17 @@ reported, and finding them reads the keys of a few buckets, not the table.
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import asyncpg
 import pytest
+from click.testing import CliRunner
 from queries import execute, fetch
 
-from sync.connect import Endpoint, Side
+from sync.cli import main
 from sync.deletes.find import Finder
-from sync.mapping import Mapping
-from sync.modes import DeleteMode
-from sync.run import RunOptions, RunReport, run_sync
 
 SINCE = datetime(2024, 11, 18, tzinfo=UTC)
 ITEMS = 6000
@@ -27,7 +27,7 @@ ITEMS_TABLE = """
 CREATE TABLE public.items (id bigint PRIMARY KEY, body text, created_at timestamptz NOT NULL);
 INSERT INTO public.items SELECT n, 'item ' || n, '2024-10-01' FROM generate_series(1, {count}) AS n;
 """
-MAPPING = {"tables": {"public.items": {"key": "preserve"}}}
+MAPPING = '[tables."public.items"]\nkey = "preserve"\n'
 
 
 def items(url: str, count: int = ITEMS) -> None:
@@ -52,21 +52,17 @@ def first_keys(ids: set[int]) -> list[str]:
     return sorted(str(i) for i in ids)[:5]
 
 
-def run(source, target, deletes: DeleteMode = DeleteMode.REPORT, **options) -> RunReport:
-    return asyncio.run(
-        run_sync(
-            Endpoint.parse(Side.SOURCE, source.url),
-            Endpoint.parse(Side.TARGET, target.url),
-            Mapping.model_validate(MAPPING),
-            RunOptions(deletes=deletes, **options),
-        )
-    )
+def run(source, target, mapping: Path, *options: str) -> dict:
+    """``sync run --json`` with ``options``: the report it prints."""
+    args = ["run", "--source", source.url, "--target", target.url, "--mapping", str(mapping), "--json"]
+    result = CliRunner().invoke(main, [*args, *options])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
 
 
-def items_deletes(report: RunReport) -> tuple[int, list[str], int]:
-    assert report.deletes is not None
-    (found,) = [d for d in report.deletes.tables if d.table == "public.items"]
-    return found.found, found.keys, found.deleted
+def items_deletes(report: dict) -> tuple[int, list[str], int]:
+    (found,) = [d for d in report["deletes"]["tables"] if d["table"] == "public.items"]
+    return found["found"], found["keys"], found["deleted"]
 
 
 async def find_items(source, target, copied: datetime):
@@ -110,12 +106,14 @@ def test_an_equal_table_reads_no_key(make_db):
     assert (found.count, found.keys, found.read) == (0, [], 0)
 
 
-def test_production_deletes_never_include_rows_development_deleted(make_db):
+def test_production_deletes_never_include_rows_development_deleted(make_db, tmp_path):
     source, target = make_db(), make_db()
+    mapping = tmp_path / "sync.toml"
+    mapping.write_text(MAPPING)
     for db in (source, target):
         items(db.url, 3000)
     add(source.url, range(3001, 3501), "2024-12-01")
-    first = run(source, target, since=SINCE)
+    first = run(source, target, mapping, "--since", "2024-11-18")
     assert items_deletes(first) == (0, [], 0)
     assert fetch(target.url, "SELECT count(*) FROM public.items") == [(3500,)]
 
@@ -128,15 +126,15 @@ def test_production_deletes_never_include_rows_development_deleted(make_db):
     add(target.url, range(9001, 9031), "2024-12-10")
     expected = production_deleted - development_deleted
 
-    reported = run(source, target)
+    reported = run(source, target, mapping)
     assert items_deletes(reported) == (len(expected), first_keys(expected), 0)
     assert fetch(target.url, "SELECT count(*) FROM public.items") == [(3500 - 31 + 30,)]
 
-    applied = run(source, target, DeleteMode.APPLY)
+    applied = run(source, target, mapping, "--deletes", "apply")
     assert items_deletes(applied) == (len(expected), first_keys(expected), len(expected))
     left = {r[0] for r in fetch(target.url, "SELECT id FROM public.items")}
     assert not left & (expected | development_deleted)
     assert set(range(9001, 9031)) <= left
     assert len(left) == 3500 - len(development_deleted) - len(expected) + 30
 
-    assert items_deletes(run(source, target)) == (0, [], 0)
+    assert items_deletes(run(source, target, mapping)) == (0, [], 0)
