@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,13 +10,22 @@ from pathlib import Path
 import pytest
 
 from devkit import SQL_DIR, testbed
-from devkit.embedded import Server, ensure_server
+from devkit.embedded import Server, dedicated_cluster, ensure_server
 
 
 @pytest.fixture(scope="session")
 def server() -> Server:
-    """The PostgreSQL server of this test session, with the Supabase roles in place."""
-    srv = ensure_server()
+    """The PostgreSQL server of this test session, with the Supabase roles in place.
+
+    Tests running side by side (``make test``) each get a server of their own: catch-ups find changes
+    by transaction id, and one server's ids are shared by every database on it, so a transaction held
+    open by one test would widen what another test's catch-up reads.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and not os.environ.get("DATABASE_URL"):
+        srv = dedicated_cluster(f"test-{worker}").ensure_running()
+    else:
+        srv = ensure_server()
     testbed.prepare_cluster(srv)
     return srv
 
