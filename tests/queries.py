@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import psycopg
@@ -30,3 +31,10 @@ def seed_command(command: str, source, target, *extra: str) -> list[str]:  # typ
 def seed_run_args(source, target, *extra: str) -> list[str]:  # type: ignore[no-untyped-def]
     """``sync run --since 2024-11-18`` between two test databases with the seed mapping, plus ``extra``."""
     return seed_command("run", source, target, "--since", "2024-11-18", *extra)
+
+
+def ctrl_c_heard() -> None:
+    """``preexec_fn`` of a child the test sends Ctrl-C (SIGINT): it hears it as at a terminal, even when
+    the test runner was started with SIGINT ignored (a background job inherits that, and Python then
+    leaves it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

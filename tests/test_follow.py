@@ -24,7 +24,7 @@ import bcrypt
 import psycopg
 import pytest
 from click.testing import CliRunner
-from queries import SEED_MAPPING, fetch
+from queries import SEED_MAPPING, ctrl_c_heard, fetch
 
 from sync.cli import main
 from sync.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
@@ -45,6 +45,7 @@ class Follow:
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=ctrl_c_heard,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []

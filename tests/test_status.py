@@ -11,7 +11,7 @@ import time
 
 import psycopg
 from click.testing import CliRunner
-from queries import SEED_MAPPING, execute, fetch, seed_run_args
+from queries import SEED_MAPPING, ctrl_c_heard, execute, fetch, seed_run_args
 
 from sync.cli import main
 
@@ -100,6 +100,7 @@ def test_ctrl_c_stops_the_run_says_how_to_resume_and_the_rerun_finishes(seed_dbs
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=ctrl_c_heard,
     )
     deadline = time.monotonic() + 60
     with psycopg.connect(target.url, autocommit=True) as conn:
