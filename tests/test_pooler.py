@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from pgbouncer import needs_pgbouncer, pgbouncer, through
 from queries import execute, fetch
 from unchanged import unchanged
@@ -60,6 +61,24 @@ def mode_of(url: str) -> PoolMode:
     return asyncio.run(detect_pool_mode(Endpoint.parse(Side.SOURCE, url))).mode
 
 
+def run_since_2024(source_url: str, target_url: str, mapping: Path) -> Result:
+    """``sync run --since 2024-01-01`` between the two URLs with ``mapping``, in process."""
+    return CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--since",
+            "2024-01-01",
+            "--source",
+            source_url,
+            "--target",
+            target_url,
+            "--mapping",
+            str(mapping),
+        ],
+    )
+
+
 def test_a_transaction_pooler_on_any_port_is_recognised_and_a_session_pooler_is_not(server, supabase_db):
     assert mode_of(supabase_db.url) is PoolMode.DIRECT
     with pgbouncer(server.url, "transaction") as port:
@@ -79,20 +98,7 @@ def test_a_source_behind_a_transaction_pooler_is_read_without_prepared_statement
         assert plan.exit_code == 0, plan.output
         assert f"source: postgres@127.0.0.1:{port}/{source.name} (PostgreSQL" in plan.output
         assert ", transaction)" in plan.output
-        run = CliRunner().invoke(
-            main,
-            [
-                "run",
-                "--since",
-                "2024-01-01",
-                "--source",
-                pooled,
-                "--target",
-                target.url,
-                "--mapping",
-                str(mapping),
-            ],
-        )
+        run = run_since_2024(pooled, target.url, mapping)
     assert run.exit_code == 0, run.output
     assert fetch(target.url, "SELECT count(*) FROM public.notes")[0][0] == 30
     assert fetch(target.url, "SELECT count(*) FROM auth.users")[0][0] == 30
@@ -103,20 +109,7 @@ def test_a_target_behind_a_transaction_pooler_is_refused_and_leaves_no_lock_behi
     with pgbouncer(server.url, "transaction") as port:
         pooled = through(target.url, port)
         with unchanged(source, target):
-            result = CliRunner().invoke(
-                main,
-                [
-                    "run",
-                    "--since",
-                    "2024-01-01",
-                    "--source",
-                    source.url,
-                    "--target",
-                    pooled,
-                    "--mapping",
-                    str(mapping),
-                ],
-            )
+            result = run_since_2024(source.url, pooled, mapping)
         assert result.exit_code == 2, result.output
         line = result.stderr.strip()
         assert line.startswith("error: The target ") and len(line.splitlines()) == 1, result.stderr
@@ -125,18 +118,5 @@ def test_a_target_behind_a_transaction_pooler_is_refused_and_leaves_no_lock_behi
         )
         assert "pw" not in line and "postgres:postgres" not in line
         # The pooler is still up, and a direct run is not told that another sync holds the lock.
-        direct = CliRunner().invoke(
-            main,
-            [
-                "run",
-                "--since",
-                "2024-01-01",
-                "--source",
-                source.url,
-                "--target",
-                target.url,
-                "--mapping",
-                str(mapping),
-            ],
-        )
+        direct = run_since_2024(source.url, target.url, mapping)
     assert direct.exit_code == 0, direct.output
