@@ -20,7 +20,7 @@ import asyncpg
 
 from sync.copy.ledger import recognise_landed, record_landed
 from sync.copy.quarantine import RowRejected, resolve_landed
-from sync.copy.stage import STAGE
+from sync.copy.stage import STAGE, staged_values
 from sync.plan import Plan, TablePlan
 from sync.selection import key_owners, links
 from sync.sqltext import column_list, ident, row_of, table_ident
@@ -36,12 +36,19 @@ class Written:
 
 
 async def apply_staged(
-    conn: asyncpg.Connection, tp: TablePlan, plan: Plan, run_id: int, key_floor: int | None = None
+    conn: asyncpg.Connection,
+    tp: TablePlan,
+    plan: Plan,
+    run_id: int,
+    key_floor: int | None = None,
+    *,
+    ledger_fresh: bool = False,
 ) -> Written:
     """Steps 1–4 on the staged rows, inside the caller's transaction; staged rows in quarantine leave it.
 
     ``key_floor`` is where fresh keys for colliding rows start (past the source's highest key plus
-    the plan's margin), for tables that allocate keys.
+    the plan's margin), for tables that allocate keys. ``ledger_fresh``: the ledger had no entry of the
+    table when its copy began, so none of the staged rows (each copied once per run) is in it.
     """
     written = Written()
     if tp.trigger_mode == "skip":
@@ -49,7 +56,8 @@ async def apply_staged(
     await rewrite_parents(conn, tp, plan)
     if tp.key == "remap" and len(tp.primary_key) == 1:
         await map_own_keys(conn, tp)
-        await recognise_landed(conn, tp)
+        if not ledger_fresh:
+            await recognise_landed(conn, tp)
         written.remapped = await remap_keys(conn, tp, run_id, key_floor)
     elif tp.key == "natural":
         await adopt_natural_keys(conn, tp, run_id)
@@ -57,7 +65,7 @@ async def apply_staged(
     if tp.trigger_mode == "skip":
         await check_references(conn, tp)
     written.inserted, written.updated = await conn.fetchrow(upsert_sql(tp))
-    await record_landed(conn, tp, run_id)
+    await record_landed(conn, tp, run_id, fresh=ledger_fresh)
     await resolve_landed(conn, tp.name)
     return written
 
@@ -114,6 +122,7 @@ async def give_fresh_keys(
     sequence fills next, so its next rows do not collide with these at the next catch-up.
     """
     key = tp.primary_key[0]
+    target_key = f"{ident(key)}::{tp.target_types[key]}"
     sequence = tp.sequences.get(key)
     args: list[object] = [tp.name, run_id]
     if sequence:
@@ -129,7 +138,8 @@ async def give_fresh_keys(
         await conn.fetchval(
             f"WITH taken AS ("
             f"  SELECT s._source_key, s.{ident(key)}::text AS source_pk FROM {STAGE} AS s "
-            f"  JOIN {table_ident(tp.name)} AS t ON t.{ident(key)} = s.{ident(key)}::{tp.target_types[key]} "
+            f"  JOIN {table_ident(tp.name)} AS t ON t.{ident(key)} = s.{target_key} "
+            f"  AND t.{ident(key)} = ANY({staged_values(f's.{target_key}', 'NOT s._mapped')}) "
             f"  WHERE NOT s._mapped AND {differs}"
             f"), fresh AS (SELECT _source_key, source_pk, {new_key} AS new_key FROM taken), "
             f"moved AS (UPDATE {STAGE} AS s SET {ident(key)} = fresh.new_key, _mapped = true FROM fresh "
@@ -284,16 +294,20 @@ def upsert_sql(tp: TablePlan) -> str:
             changed += ' AND EXCLUDED."updated_at" > t."updated_at"'
         sets = ", ".join(f"{ident(c)} = EXCLUDED.{ident(c)}" for c in updatable)
         conflict = f"DO UPDATE SET {sets} WHERE {changed}"
-    table = table_ident(tp.name)
-    # Closure rows (out of the window, needed by a child) are only inserted when the target lacks them.
-    same = f"{row_of(conflict_key, 'x.')} = {staged_as_target(tp, conflict_key)}"
-    present = f"SELECT 1 FROM {table} AS x WHERE {same}"
-    wanted = f"s._in_window OR NOT EXISTS ({present})"
+    # OVERRIDING SYSTEM VALUE keeps production's key in a GENERATED ALWAYS identity (a no-op elsewhere).
+    insert = (
+        f"INSERT INTO {table_ident(tp.name)} AS t ({column_list(target_cols)}) OVERRIDING SYSTEM VALUE "
+        f"SELECT {', '.join(select_exprs)} FROM {STAGE} AS s"
+    )
+    arbiter = f"ON CONFLICT ({column_list(conflict_key)})"
+    # Closure rows (out of the window, needed by a child) are only inserted when the target lacks them:
+    # DO NOTHING probes the key's index per row (a NOT EXISTS beside the window's rows would be hashed
+    # over the whole table, once per batch).
     return (
-        # OVERRIDING SYSTEM VALUE keeps production's key in a GENERATED ALWAYS identity (a no-op elsewhere).
-        f"WITH written AS (INSERT INTO {table} AS t ({column_list(target_cols)}) OVERRIDING SYSTEM VALUE "
-        f"SELECT {', '.join(select_exprs)} FROM {STAGE} AS s WHERE {wanted} "
-        f"ON CONFLICT ({column_list(conflict_key)}) {conflict} RETURNING (xmax = 0) AS inserted) "
+        f"WITH written AS ({insert} WHERE s._in_window {arbiter} {conflict} "
+        f"RETURNING (xmax = 0) AS inserted), "
+        f"needed AS ({insert} WHERE s._in_window IS NOT TRUE {arbiter} DO NOTHING "
+        f"RETURNING true AS inserted) "
         f"SELECT count(*) FILTER (WHERE inserted)::int, count(*) FILTER (WHERE NOT inserted)::int "
-        f"FROM written"
+        f"FROM (SELECT inserted FROM written UNION ALL SELECT inserted FROM needed) AS w"
     )

@@ -16,6 +16,12 @@ from sync.selection import target_key_sql
 from sync.sqltext import ident
 
 
+async def has_entries(conn: asyncpg.Connection, tp: TablePlan) -> bool:
+    """Whether any row of the table has landed before (read when its copy begins)."""
+    query = "SELECT EXISTS (SELECT FROM _sync.landed WHERE table_name = $1)"
+    return bool(await conn.fetchval(query, tp.name))
+
+
 async def recognise_landed(conn: asyncpg.Connection, tp: TablePlan) -> None:
     """Give staged rows that landed before the key they landed as (single-column keys), and mark them."""
     key = tp.primary_key[0]
@@ -26,22 +32,25 @@ async def recognise_landed(conn: asyncpg.Connection, tp: TablePlan) -> None:
     )
 
 
-async def record_landed(conn: asyncpg.Connection, tp: TablePlan, run_id: int) -> None:
+async def record_landed(conn: asyncpg.Connection, tp: TablePlan, run_id: int, *, fresh: bool) -> None:
     """Record every staged row (now on the target, under its staged key) in the ledger.
 
-    An entry whose target key changed is updated, a new one inserted, in one statement (both parts see
-    the ledger as it was before it). Only a run holding the run lock writes the ledger, and the parts
-    of a table copied at once stage disjoint keys, so no other transaction inserts the same entries:
-    a plain insert of the missing ones costs less than ``ON CONFLICT``'s speculative insertion.
+    ``fresh``: the ledger held no entry of the table when its copy began. A run copies each row once
+    (its batches, passes and parts are disjoint, a retried batch rolled back, and only the run holding
+    the run lock writes the ledger), so every staged row is new to it: a plain insert. Otherwise
+    ``ON CONFLICT`` probes the ledger's key once per staged row (an entry whose target key changed is
+    updated), whatever the planner thinks of the ledger; its statistics lag behind a run that writes
+    it, and a join of the stage with the table's entries would read them all, once per batch.
     """
-    key = target_key_sql(tp, "s.")
-    same = "l.table_name = $1 AND l.source_key = s._source_key"
+    upsert = (
+        "ON CONFLICT (table_name, source_key) DO UPDATE "
+        "SET target_key = EXCLUDED.target_key, run_id = EXCLUDED.run_id "
+        "WHERE _sync.landed.target_key IS DISTINCT FROM EXCLUDED.target_key"
+    )
     await conn.execute(
-        f"WITH moved AS (UPDATE _sync.landed AS l SET target_key = {key}, run_id = $2 FROM {STAGE} AS s "
-        f"  WHERE {same} AND l.target_key IS DISTINCT FROM {key}) "
         f"INSERT INTO _sync.landed (table_name, source_key, target_key, run_id) "
-        f"SELECT $1, s._source_key, {key}, $2 FROM {STAGE} AS s "
-        f"WHERE NOT EXISTS (SELECT FROM _sync.landed AS l WHERE {same})",
+        f"SELECT $1, s._source_key, {target_key_sql(tp, 's.')}, $2 FROM {STAGE} AS s "
+        f"{'' if fresh else upsert}",
         tp.name,
         run_id,
     )

@@ -20,6 +20,15 @@ from sync.sqltext import Params, column_list, ident, table_ident
 STAGE = "_sync_stage"
 
 
+def staged_values(expr: str, where: str = "true") -> str:
+    """``ARRAY(SELECT expr FROM stage)``: the staged values, for ``column = ANY(…)`` on a target index.
+
+    The stage has no statistics, so a join with a target table may hash that whole table; probing the
+    index with the staged values costs one lookup per staged row, whatever the table's size.
+    """
+    return f"ARRAY(SELECT {expr} FROM {STAGE} AS s WHERE {where})"
+
+
 class Stage:
     """One table's stage: its format, the source query that fills it, and the two ways to fill it."""
 

@@ -36,6 +36,7 @@ from pydantic import BaseModel, field_serializer
 from sync.connect import Endpoint, PoolMode, connect
 from sync.copy.apply import Written, apply_staged
 from sync.copy.checkpoint import Checkpoint, Part, Position
+from sync.copy.ledger import has_entries
 from sync.copy.listing import LISTED_KEYS_MAX, KeyList
 from sync.copy.quarantine import is_data_error, isolate_refused, quarantine_row
 from sync.copy.sequences import advance_past_source
@@ -122,6 +123,8 @@ class TableCopy:
         self.phase: Predicate = lambda params: "true"
         self.phase_number = 0
         self.key_floor: int | None = None
+        self.ledger_fresh = False
+        """No row of the table had landed when this copy began (:func:`.ledger.record_landed`)."""
         self.listed: KeyList | None = None
         """The current pass's keys, when it is read by its keys (:mod:`.listing`)."""
         self._sconn: asyncpg.Connection | None = None
@@ -315,6 +318,7 @@ class TableCopy:
     async def _prepare(self) -> None:
         """Decide the staging format; for a table that allocates keys, where its fresh keys start."""
         await self.stage.choose_format(self.tconn)
+        self.ledger_fresh = not await self._with_retries(lambda: has_entries(self.tconn, self.tp))
         if self.tp.allocates_keys:
             self.key_floor = await self._with_retries(
                 lambda: advance_past_source(self.sconn, self.tconn, self.tp)
@@ -480,4 +484,7 @@ class TableCopy:
         """Land the staged rows, inside the caller's transaction."""
         if staged == 0:
             return Written()
-        return await apply_staged(self.tconn, self.tp, self.ctx.plan, self.ctx.run_id, self.key_floor)
+        ctx = self.ctx
+        return await apply_staged(
+            self.tconn, self.tp, ctx.plan, ctx.run_id, self.key_floor, ledger_fresh=self.ledger_fresh
+        )
