@@ -165,7 +165,8 @@ async def catch_up_changes(
     previous = await catch_up_xmin(tgt, source_identity)
     if previous is None:
         return None
-    return Changes(previous, (await current_xids(src)).xmax, await quarantined_keys(tgt))
+    upto = (await current_xids(src)).xmax
+    return Changes(previous.xmin, upto, await quarantined_keys(tgt), previous.snapshot)
 
 
 def connection_warnings(source: Endpoint, target: Endpoint) -> list[str]:

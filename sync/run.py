@@ -25,15 +25,17 @@ from sync import copy as table_copy
 from sync.auth import AdminApi, AuthOptions, AuthReport, UserProgress, import_users
 from sync.auth.columns import USERS_TABLE
 from sync.catalog import read_catalog
+from sync.census import Census, take_census
 from sync.connect import Endpoint, connect
 from sync.deletes import DeletesReport, find_deletes
+from sync.deletes.basis import Basis, forget_basis, last_basis
 from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, PlanError, first_cause, first_line
 from sync.mapping import Mapping
 from sync.modes import DeleteMode
 from sync.plan import Plan, TablePlan, build_plan, check_casts
 from sync.preflight import AuthScope, Check, Needs, preflight, reach
 from sync.retry import is_transient_db_error, retrying
-from sync.selection import Changes
+from sync.selection import Changes, Selection
 from sync.snapshot import SourceSnapshot
 from sync.state import (
     CATCH_UP_OVERLAP,
@@ -229,7 +231,8 @@ async def run_sync(
     try:
         since = options.since
         mark = await catch_up_since(tconn, options.overlap, checked.source_identity)
-        previous_xmin = await catch_up_xmin(tconn, checked.source_identity)
+        previous = await catch_up_xmin(tconn, checked.source_identity)
+        basis = await last_basis(tconn, checked.source_identity)
         catch_up = since is None and mark is not None and not options.restart and not options.retry_quarantine
         if catch_up:
             since = mark
@@ -248,12 +251,22 @@ async def run_sync(
         await snapshot.open()
         xids = snapshot.xids
         if snapshot.high_water is not None and not options.retry_quarantine:
-            await record_high_water(tconn, run.id, snapshot.high_water, xids.xmin if xids else None)
+            await record_high_water(
+                tconn, run.id, snapshot.high_water, *((xids.xmin, xids.snapshot) if xids else ())
+            )
         changes = (
-            Changes(previous_xmin, xids.xmax, await quarantined_keys(tconn))
-            if catch_up and previous_xmin is not None and xids
+            Changes(previous.xmin, xids.xmax, await quarantined_keys(tconn), previous.snapshot)
+            if catch_up and previous is not None and xids
             else None
         )
+        census = None
+        if not options.retry_quarantine and (changes is not None or basis is not None):
+            selection = Selection(plan, since, None, changes)
+            census = await retrying(what="counting the source's tables")(
+                take_census, snapshot, plan, selection, since if catch_up and users else None, basis
+            )
+            if changes is not None:
+                changes = replace(changes, quiet=census.quiet)
         report = RunReport(
             run_id=run.id, since=since, high_water=run.high_water or snapshot.high_water, resumed=run.resumed
         )
@@ -272,7 +285,9 @@ async def run_sync(
         )
         try:
             if not options.retry_quarantine:
-                report.deletes, gone = await production_deletes(snapshot, target, plan, options.deletes)
+                report.deletes, gone = await production_deletes(
+                    snapshot, target, plan, options.deletes, basis, census
+                )
                 ctx.deleted_accounts = frozenset(UUID(k) for k in gone)
             if auth_stage is not None and users and _users_to_import(only_keys):
                 report.auth = await auth_stage(ctx)
@@ -295,10 +310,14 @@ async def run_sync(
         report.seconds = time.perf_counter() - started
         status = "quarantined" if report.quarantined else "succeeded"
 
+        settled = report.deletes.basis(xids.snapshot) if report.deletes and xids else None
+        if settled is not None and not await snapshot.held():
+            settled = None  # some reads (and so landed rows) came from another snapshot
+
         async def close_run(conn: asyncpg.Connection) -> None:
             async with conn.transaction():
                 await lock.confirm(conn)
-                await finish_run(conn, run.id, status, report.counts())
+                await finish_run(conn, run.id, status, report.counts(), settled)
 
         await bookkeeping.call(close_run)
         return report
@@ -360,6 +379,11 @@ async def run_auth_only(
     await lock.acquire()
     snapshot = SourceSnapshot(source)
     try:
+        conn = await connect(target, application_name="sync run")
+        try:
+            await forget_basis(conn)
+        finally:
+            await conn.close()
         await snapshot.open()
         return await import_users(
             source,
@@ -405,12 +429,21 @@ def _describe(options: RunOptions, mapping: Mapping) -> dict[str, Any]:
 
 
 async def production_deletes(
-    snapshot: SourceSnapshot, target: Endpoint, plan: Plan, mode: DeleteMode
+    snapshot: SourceSnapshot,
+    target: Endpoint,
+    plan: Plan,
+    mode: DeleteMode,
+    basis: Basis | None,
+    census: Census | None,
 ) -> tuple[DeletesReport, set[str]]:
-    """Find (and when asked, apply) production deletes, reading the source in the run's snapshot."""
+    """Find (and when asked, apply) production deletes, reading the source in the run's snapshot (the
+    census's counts, when it took them there)."""
     reader = await snapshot.reader()
     try:
-        return await find_deletes(reader, target, plan.tables, mode=mode)
+        shared = snapshot.shared
+        basis = basis if shared else None
+        tallies = census.tallies if census is not None and shared else None
+        return await find_deletes(reader, target, plan.tables, mode=mode, basis=basis, tallies=tallies)
     finally:
         await reader.close()
 

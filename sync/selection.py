@@ -36,7 +36,12 @@ XID_SPAN = 1 << 32
 
 @dataclass(frozen=True)
 class Changes:
-    """A catch-up's span of transactions: from the previous run's snapshot xmin to this run's xmax.
+    """A catch-up's span of transactions: from the previous run's snapshot to this run's.
+
+    ``seen`` is the previous run's whole snapshot (``pg_current_snapshot()`` as text) when it was
+    recorded: a row version written at or above its xmin that it nevertheless saw (its transaction had
+    committed, while an older one was still open) is not a change. Without it, every version written at
+    or above ``from_xid`` counts as changed (read again, never missed).
 
     ``held`` are the source keys per table (``auth.users`` for users) still in quarantine: an earlier
     run held them back, so every catch-up reads them again until they land, changed or not.
@@ -45,6 +50,15 @@ class Changes:
     from_xid: int
     upto_xid: int
     held: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    seen: str | None = None
+    quiet: frozenset[str] = frozenset()
+    """Tables (``auth.users`` for users) the run's census found nothing to read in: neither rows in
+    their window nor rows their children's windows need (:mod:`sync.census`)."""
+
+    @classmethod
+    def since_snapshot(cls, seen: str, upto_xid: int) -> Changes:
+        """The span from a recorded snapshot (``xmin:xmax:xip,…``) to ``upto_xid``."""
+        return cls(int(seen.split(":", 1)[0]), upto_xid, seen=seen)
 
     def sql(self, params: Params, alias: str = "") -> str:
         """True for row versions written by a transaction in the span, or ``true`` when it is unknowable.
@@ -53,14 +67,21 @@ class Changes:
         snapshot sees was written below ``upto_xid``, and PostgreSQL freezes versions long before they are
         2^31 transactions old, so an offset within the span means a newer version, and one beyond it an
         older version (of the previous epoch too) — safe across wraparound. A span of 2^31 or more (or a
-        negative one: another server) cannot be told apart, and then every row counts as changed.
+        negative one: another server) cannot be told apart, and then every row counts as changed. With
+        the previous snapshot known, a version in the span is a change only when that snapshot did not
+        see it (its 64-bit id is ``from_xid`` plus the offset).
         """
         span = self.upto_xid - self.from_xid
         if not 0 <= span < XID_SPAN // 2:
             return "true"
         start = params.bind(self.from_xid % XID_SPAN, "bigint")
         offset = f"(({alias}xmin::text::bigint - {start} + {XID_SPAN}) % {XID_SPAN})"
-        return f"({offset} < {params.bind(span, 'bigint')})"
+        newer = f"{offset} < {params.bind(span, 'bigint')}"
+        if self.seen is None:
+            return f"({newer})"
+        xid = f"({params.bind(self.from_xid, 'bigint')} + {offset})::text::xid8"
+        seen = f"{params.bind(self.seen, 'text')}::pg_snapshot"
+        return f"({newer} AND NOT pg_visible_in_snapshot({xid}, {seen}))"
 
 
 def source_columns(tp: TablePlan, columns: Sequence[str]) -> list[str]:
@@ -147,6 +168,10 @@ class Selection:
         self.only_keys = only_keys  # when set: exactly these source keys per table (a quarantine retry)
         self._tables = {t.name: t for t in plan.tables}
         self.changes = changes  # on a catch-up: the transactions since the previous run's snapshot
+
+    def quiet(self, tp: TablePlan) -> bool:
+        """Whether the run's census found nothing to read in the table (nor any row a child needs)."""
+        return self.only_keys is None and self.changes is not None and tp.name in self.changes.quiet
 
     def in_window(self, tp: TablePlan, params: Params, alias: str = "", column: str | None = None) -> str:
         """True for rows whose since-column is in the window, or changed since the previous run.

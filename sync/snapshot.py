@@ -22,7 +22,8 @@ log = logging.getLogger("sync")
 # The transaction's snapshot (in REPEATABLE READ, the exported one) as 64-bit transaction ids.
 _XIDS = (
     "pg_snapshot_xmin(pg_current_snapshot())::text::bigint, "
-    "pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+    "pg_snapshot_xmax(pg_current_snapshot())::text::bigint, "
+    "pg_current_snapshot()::text"
 )
 
 
@@ -36,6 +37,8 @@ class XidRange:
 
     xmin: int
     xmax: int
+    snapshot: str
+    """The whole snapshot (``xmin:xmax:xip,…``): which transactions in between it saw."""
 
 
 async def current_xids(conn: asyncpg.Connection) -> XidRange:
@@ -82,6 +85,17 @@ class SourceSnapshot:
             and self._coordinator is not None
             and not self._coordinator.is_closed()
         )
+
+    async def held(self) -> bool:
+        """Whether the snapshot is still there to join (asked of the coordinator): then every reader of
+        the run read in it, and everything the run landed was in it."""
+        if not self.shared:
+            return False
+        try:
+            await self._coordinator.fetchval("SELECT 1")
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+            return False
+        return True
 
     async def reader(self) -> asyncpg.Connection:
         """A new source connection, read-only, inside the shared snapshot when there is one."""

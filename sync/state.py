@@ -28,7 +28,7 @@ from sync.retry import retrying
 
 log = logging.getLogger("sync")
 
-STATE_VERSION = 4
+STATE_VERSION = 5
 CATCH_UP_OVERLAP = timedelta(minutes=10)
 """How much before the last run's high-water mark a catch-up re-reads, unless told otherwise."""
 LOCK_KEY = 0x53594E43  # "SYNC"
@@ -280,41 +280,67 @@ async def catch_up_since(
     return mark - overlap if mark is not None else None
 
 
-async def catch_up_xmin(conn: asyncpg.Connection, source: str | None = None) -> int | None:
-    """The last successful run's source snapshot xmin: a catch-up reads every row version newer.
+@dataclass(frozen=True)
+class CaughtUpTo:
+    """Where the last successful run's source snapshot stood: its xmin (64-bit) and, when recorded, the
+    whole snapshot."""
+
+    xmin: int
+    snapshot: str | None
+
+
+async def catch_up_xmin(conn: asyncpg.Connection, source: str | None = None) -> CaughtUpTo | None:
+    """The last successful run's source snapshot: a catch-up reads every row version it did not see.
 
     The same run as :func:`catch_up_since`'s mark: transaction ids of another database mean nothing here.
     """
-    return await conn.fetchval(
-        "SELECT snapshot_xmin FROM _sync.runs WHERE status IN ('succeeded', 'quarantined') "
+    row = await conn.fetchrow(
+        "SELECT snapshot_xmin, snapshot FROM _sync.runs WHERE status IN ('succeeded', 'quarantined') "
         "AND high_water IS NOT NULL AND NOT options ? 'retry' AND "
         + _SAME_SOURCE
         + " ORDER BY id DESC LIMIT 1",
         source,
     )
+    if row is None or row["snapshot_xmin"] is None:
+        return None
+    return CaughtUpTo(row["snapshot_xmin"], row["snapshot"])
 
 
 async def record_high_water(
-    conn: asyncpg.Connection, run_id: int, high_water: datetime, snapshot_xmin: int | None = None
+    conn: asyncpg.Connection,
+    run_id: int,
+    high_water: datetime,
+    snapshot_xmin: int | None = None,
+    snapshot: str | None = None,
 ) -> None:
-    """Keep the first high-water mark and snapshot xmin of a run: a resumed run keeps the earlier (safer)."""
+    """Keep the first high-water mark and snapshot of a run: a resumed run keeps the earlier (safer)."""
     await conn.execute(
         "UPDATE _sync.runs SET high_water = coalesce(high_water, $2), "
-        "snapshot_xmin = coalesce(snapshot_xmin, $3) WHERE id = $1",
+        "snapshot_xmin = coalesce(snapshot_xmin, $3), "
+        "snapshot = CASE WHEN snapshot_xmin IS NULL THEN $4 ELSE snapshot END WHERE id = $1",
         run_id,
         high_water,
         snapshot_xmin,
+        snapshot,
     )
 
 
-async def finish_run(conn: asyncpg.Connection, run_id: int, status: str, counts: dict[str, Any]) -> None:
-    """Close the run with its final status and counts."""
+async def finish_run(
+    conn: asyncpg.Connection,
+    run_id: int,
+    status: str,
+    counts: dict[str, Any],
+    deletes_basis: dict[str, Any] | None = None,
+) -> None:
+    """Close the run with its final status and counts, and what the next run settles deletes by (none
+    unless given: a run that did not end well leaves none)."""
     await conn.execute(
-        "UPDATE _sync.runs SET status = $2, counts = $3::jsonb, "
+        "UPDATE _sync.runs SET status = $2, counts = $3::jsonb, deletes_basis = $4::jsonb, "
         "finished_at = CASE WHEN $2 IN ('succeeded', 'quarantined') THEN now() END WHERE id = $1",
         run_id,
         status,
         json.dumps(counts, default=str),
+        json.dumps(deletes_basis) if deletes_basis is not None else None,
     )
 
 

@@ -15,7 +15,8 @@ from unchanged import unchanged
 
 from devkit import scenario
 from sync.auth.columns import TOKEN_COLUMNS
-from sync.cli import MAINTENANCE_REFUSED, main
+from sync.cli import main
+from sync.cli.cutover import MAINTENANCE_REFUSED
 from sync.cutover import CutoverReport
 from sync.errors import EXIT_DIFFERENT, EXIT_OK, EXIT_USAGE
 from tests.storage_api_server import StorageApiServer

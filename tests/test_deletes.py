@@ -20,10 +20,12 @@ from sync.cli import main
 from sync.connect import Endpoint, Side
 from sync.mapping import Mapping
 from sync.modes import DeleteMode
-from sync.run import RunOptions, RunReport, auth_import, run_sync
+from sync.run import RunOptions, RunReport, auth_import, run_auth_only, run_sync
 
 SINCE = datetime(2024, 11, 18, tzinfo=UTC)
-ANA, BETO, CARLA, DIEGO, TESTER, ANA_AGAIN = (f"00000000-0000-4000-8000-00000000000{n}" for n in range(1, 7))
+ANA, BETO, CARLA, DIEGO, TESTER, ANA_AGAIN, ELENA = (
+    f"00000000-0000-4000-8000-00000000000{n}" for n in range(1, 8)
+)
 
 APP = """
 CREATE TABLE public.profiles (
@@ -243,3 +245,50 @@ def test_sync_plan_reports_production_deletes_per_table_and_writes_nothing(pair,
     with unchanged(source, target):
         again = CliRunner().invoke(main, ["plan", *args])
     assert "  - public.requests: 3 deleted in production (first: 1, 2, 3)" in again.stdout
+
+
+def counted(report: RunReport) -> set[str]:
+    """The tables whose production deletes the run settled by counting, comparing no key."""
+    assert report.deletes is not None
+    rows = [report.deletes.users, *report.deletes.tables]
+    return {d.table for d in rows if d is not None and d.counted}
+
+
+def test_a_catch_up_settles_deletes_by_counting_and_compares_keys_when_the_count_cannot(pair):
+    source, target = pair
+    assert counted(run(source, target, since=SINCE)) == set(), "a first run has nothing to count against"
+    quiet = run(source, target)
+    assert counted(quiet) == {"auth.users", "public.profiles", "public.requests"}
+    assert found(quiet) == {}
+    # One request deleted and one added: as many rows as before, and the delete is still found.
+    execute(
+        source.url,
+        "DELETE FROM public.requests WHERE id = 2; "
+        "INSERT INTO public.requests (profile_id, amount, created_at, updated_at) "
+        f"VALUES ('{ANA}', 5, now(), now())",
+    )
+    report = run(source, target)
+    assert counted(report) == {"auth.users", "public.profiles"}
+    assert found(report) == {"public.requests": (1, ["2"])}
+    # Reported, not applied: it is still on the target, so the next run compares that table again.
+    again = run(source, target)
+    assert counted(again) == {"auth.users", "public.profiles"}
+    assert found(again) == {"public.requests": (1, ["2"])}
+    applied = run(source, target, DeleteMode.APPLY)
+    assert found(applied) == {"public.requests": (1, ["2"])} and applied.deletes.deleted == 1
+    assert counted(run(source, target)) == {"auth.users", "public.profiles", "public.requests"}
+
+
+def test_a_user_an_auth_only_import_landed_and_production_deleted_is_found(pair):
+    """``--auth-only`` lands users from a snapshot of its own and leaves no run record: the next run
+    cannot count against the last run's and compares the users' keys."""
+    source, target = pair
+    run(source, target, since=SINCE)
+    add_user(source.url, ELENA, "elena@ultima.mx", "2024-12-01")
+    ends = Endpoint.parse(Side.SOURCE, source.url), Endpoint.parse(Side.TARGET, target.url)
+    asyncio.run(run_auth_only(*ends, AuthOptions()))
+    assert ELENA in users(target.url)
+    execute(source.url, f"DELETE FROM auth.users WHERE id = '{ELENA}'")
+    report = run(source, target)
+    assert "auth.users" not in counted(report)
+    assert found(report) == {"auth.users": (1, [ELENA])}

@@ -21,7 +21,7 @@ from unchanged import unchanged
 from devkit import testbed
 from devkit.embedded import Server
 from sync.cli import main
-from sync.state import begin_run, catch_up_since, catch_up_xmin, ensure_state
+from sync.state import CaughtUpTo, begin_run, catch_up_since, catch_up_xmin, ensure_state
 
 NOTES = """
 CREATE TABLE public.notes (
@@ -323,7 +323,7 @@ def test_a_run_never_resumes_or_catches_up_from_a_run_that_read_another_source(s
             assert not other.resumed and other.id != unfinished.id
             assert await catch_up_since(conn, timedelta(0), "system 2/postgres") is None
             assert await catch_up_xmin(conn, "system 2/postgres") is None
-            assert await catch_up_xmin(conn, "system 1/postgres") == 7777
+            assert await catch_up_xmin(conn, "system 1/postgres") == CaughtUpTo(7777, None)
             assert await catch_up_since(conn, timedelta(0), "system 1/postgres") == datetime(
                 2024, 11, 18, tzinfo=UTC
             )

@@ -24,6 +24,24 @@ from sync.sqltext import Params, ident, table_ident
 _USERS = table_ident(USERS_TABLE)
 
 
+def changed_users(
+    columns: set[str], changed_since: datetime, changes: Changes | None, params: Params
+) -> tuple[str, str | None]:
+    """A catch-up's users, as conditions over ``auth.users`` and over ``auth.identities`` (alias ``i``;
+    None without a span of transactions): the users created, changed or signed in since the last run's
+    mark, and those whose row, or one of whose identities, a transaction wrote since its snapshot."""
+    mark = params.bind(changed_since, "timestamptz")
+    stamps = [c for c in ("created_at", "updated_at", "last_sign_in_at") if c in columns]
+    changed = [f"{ident(c)} >= {mark}" for c in stamps]
+    if changes is None:
+        return "(" + " OR ".join(changed) + ")", None
+    changed.append(changes.sql(params))
+    held = list(changes.held.get(USERS_TABLE, []))
+    if held:
+        changed.append(f"id::text = ANY({params.bind(held, 'text[]')})")
+    return "(" + " OR ".join(changed) + ")", changes.sql(params, "i.")
+
+
 class SourceSnapshot:
     """The source's auth users, read in one READ ONLY REPEATABLE READ transaction: keys, then batches.
 
@@ -54,25 +72,17 @@ class SourceSnapshot:
         identities = await table_columns(self.conn, IDENTITIES_TABLE)
         params = Params()
         if self.changed_since is not None:
-            # A catch-up reads only the users created, changed or signed in since the last run's mark,
-            # and those whose row, or one of whose identities, a transaction wrote since its snapshot.
-            mark = params.bind(self.changed_since, "timestamptz")
-            stamps = [c for c in ("created_at", "updated_at", "last_sign_in_at") if c in self._user_columns]
-            changed = [f"{ident(c)} >= {mark}" for c in stamps]
-            if self.changes is not None:
-                changed.append(self.changes.sql(params))
-                held = list(self.changes.held.get(USERS_TABLE, []))
-                if held:
-                    changed.append(f"id::text = ANY({params.bind(held, 'text[]')})")
-                # One semi-join over a union, not ``… OR id IN (subquery)``: under an OR the planner
-                # runs the subquery as a filter that it re-scans for every user when it cannot hash it.
+            users, touched = changed_users(self._user_columns, self.changed_since, self.changes, params)
+            if touched is not None:
+                # The ids first, as one array over a union, then the users by primary key: under an OR
+                # the planner runs ``id IN (subquery)`` as a filter re-scanned for every user when it
+                # cannot hash it, and as a semi-join it hashes every user even when no id comes back.
                 self._window = (
-                    f" WHERE id IN (SELECT id FROM {_USERS} WHERE {' OR '.join(changed)} "
-                    f"UNION SELECT i.user_id FROM {table_ident(IDENTITIES_TABLE)} AS i "
-                    f"WHERE {self.changes.sql(params, 'i.')})"
+                    f" WHERE id = ANY (ARRAY(SELECT id FROM {_USERS} WHERE {users} "
+                    f"UNION SELECT i.user_id FROM {table_ident(IDENTITIES_TABLE)} AS i WHERE {touched}))"
                 )
             else:
-                self._window = " WHERE (" + " OR ".join(changed) + ")"
+                self._window = f" WHERE {users}"
         if self.only_ids is not None:
             # A quarantine retry reads only the users still in quarantine.
             ids = params.bind(list(self.only_ids), "uuid[]")
@@ -94,8 +104,15 @@ class SourceSnapshot:
             "WHERE user_id = ANY($1::uuid[]) ORDER BY created_at"
         )
 
+    @property
+    def quiet(self) -> bool:
+        """Whether the run's census found no user to read (then neither keys nor rows are read)."""
+        return self.changes is not None and USERS_TABLE in self.changes.quiet and self.only_ids is None
+
     async def keys(self) -> list[SourceKey]:
         """Every source user's matching keys, oldest first."""
+        if self.quiet:
+            return []
         sso, deleted = (
             ident(name) if name in self._user_columns else "NULL" for name in ("is_sso_user", "deleted_at")
         )
@@ -111,6 +128,8 @@ class SourceSnapshot:
 
     async def batches(self, size: int) -> AsyncIterator[list[asyncpg.Record]]:
         """Full user rows, ``size`` at a time, in the order of :meth:`keys`."""
+        if self.quiet:
+            return
         cursor = await self.conn.cursor(self._users_query, *self._params)
         while rows := await cursor.fetch(size):
             yield rows

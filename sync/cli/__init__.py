@@ -2,36 +2,42 @@
 
 One module per command (``demo``, ``plan``, ``run`` with ``quarantine retry``, ``status``, ``verify``,
 ``cutover``); what they share (options, one-line failures, running the engine) is in ``common``.
-Printing is in :mod:`sync.render`.
+Printing is in :mod:`sync.render`. A command's module is imported only when that command runs (or
+help lists it), so ``sync run`` starts without loading what ``verify`` or ``demo`` need.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
-from sync.cli.cutover import MAINTENANCE_REFUSED, cutover_command
-from sync.cli.demo import demo
-from sync.cli.plan import plan_command
-from sync.cli.run import quarantine_group, run_command
-from sync.cli.status import status_command
-from sync.cli.verify import verify_command
+COMMANDS = {
+    "demo": ("sync.cli.demo", "demo"),
+    "plan": ("sync.cli.plan", "plan_command"),
+    "run": ("sync.cli.run", "run_command"),
+    "status": ("sync.cli.status", "status_command"),
+    "verify": ("sync.cli.verify", "verify_command"),
+    "cutover": ("sync.cli.cutover", "cutover_command"),
+    "quarantine": ("sync.cli.run", "quarantine_group"),
+}
+"""Command name → (module, attribute) of its click command."""
 
-__all__ = ["MAINTENANCE_REFUSED", "main"]
+
+class Commands(click.Group):
+    """The commands of :data:`COMMANDS`, each imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[cmd_name]
+        return getattr(importlib.import_module(module), attribute)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="supabase-sync")
 def main() -> None:
     """Bring the users and rows a Supabase production database gained into a target whose schema moved on."""
-
-
-for command in (
-    demo,
-    plan_command,
-    run_command,
-    status_command,
-    verify_command,
-    cutover_command,
-    quarantine_group,
-):
-    main.add_command(command)

@@ -75,6 +75,8 @@ class TableResult(BaseModel):
     batches: int = 0
     retries: int = 0
     seconds: float = 0.0
+    quiet: bool = False
+    """Not read at all: the run's census found no row in its window, nor one that a child's needs."""
 
     @field_serializer("seconds")
     def _milliseconds(self, seconds: float) -> float:
@@ -135,6 +137,9 @@ class TableCopy:
 
     async def run(self) -> TableResult:
         """Copy every selected row after the checkpoint, pass by pass; return the counts."""
+        if self.selection.quiet(self.tp):
+            self.result.quiet = True
+            return self.result
         started = time.perf_counter()
         try:
             await self._connect()

@@ -22,15 +22,18 @@ e-mail, phone and identity subjects obfuscated, password and tokens cleared, and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 from pydantic import BaseModel
 
+from sync.census import Tally
 from sync.connect import Endpoint, connect
 from sync.deletes.apply import delete_gone, held, soft_delete_gone_users
-from sync.deletes.find import GONE, Finder
+from sync.deletes.basis import Basis
+from sync.deletes.find import GONE, Finder, Found
 from sync.modes import DeleteMode
 from sync.plan import TablePlan
 from sync.selection import key_text_sql, target_key_sql
@@ -49,6 +52,23 @@ class Deletes(BaseModel):
     held: int = 0
     """Not deleted: a row that stays (development's) references them."""
     held_keys: list[str] = []
+    source: str | None = None
+    """The source table read."""
+    source_rows: int | None = None
+    """Its rows in the snapshot read."""
+    counted: bool = False
+    """Settled by counting the source's rows against the previous run's (no key compared)."""
+
+    @classmethod
+    def of(cls, table: str, source: str, gone: Found) -> Deletes:
+        return cls(
+            table=table,
+            found=gone.count,
+            keys=gone.keys,
+            source=source,
+            source_rows=gone.source_rows,
+            counted=gone.counted,
+        )
 
 
 class DeletesReport(BaseModel):
@@ -86,6 +106,21 @@ class DeletesReport(BaseModel):
             lines.append(line)
         return lines
 
+    def basis(self, snapshot: str) -> dict[str, Any] | None:
+        """What the next run settles tables by (:class:`Basis` as JSON), when every table was read."""
+        every = [*([self.users] if self.users else []), *self.tables]
+        if any(d.source is None or d.source_rows is None for d in every):
+            return None
+        tables = {
+            d.table: {"source": d.source, "rows": d.source_rows, "left": d.found - self._gone(d)}
+            for d in every
+        }
+        return {"snapshot": snapshot, "tables": tables}
+
+    def _gone(self, d: Deletes) -> int:
+        """How many of the table's production deletes left the target (soft-deleted users stay on it)."""
+        return 0 if self.mode is DeleteMode.SOFT and d.table == USERS else d.deleted
+
 
 async def copy_date(tconn: asyncpg.Connection) -> datetime | None:
     """The first run's ``--since``: target rows older than it came with the development copy."""
@@ -104,7 +139,7 @@ async def table_deletes(finder: Finder, tp: TablePlan, mode: DeleteMode = Delete
     dated = next((c for c in ("created_at", since) if c and c in to_target.values()), None)
     key = target_key_sql(tp, "t.")
     gone = await finder.find(tp.name, tp.source_name, key_text_sql(tp), key, dated)
-    found = Deletes(table=tp.name, found=gone.count, keys=gone.keys)
+    found = Deletes.of(tp.name, tp.source_name, gone)
     if mode is DeleteMode.REPORT or not found.found:
         return found
     found.deleted = await delete_gone(finder.tconn, tp.name, key, skip_schema=None)
@@ -119,7 +154,7 @@ async def user_deletes(finder: Finder, mode: DeleteMode = DeleteMode.REPORT) -> 
     stays references them (identities and other auth-schema rows do not count: they go with the user).
     """
     gone = await finder.find(USERS, USERS, "id::text", "t.id::text", "created_at")
-    found = Deletes(table=USERS, found=gone.count, keys=gone.keys)
+    found = Deletes.of(USERS, USERS, gone)
     if not found.found:
         return found, set()
     ids = {r["k"] for r in await finder.tconn.fetch(f"SELECT k FROM {GONE}")}
@@ -139,15 +174,19 @@ async def production_deletes(
     tables: Sequence[TablePlan],
     copied: datetime | None,
     mode: DeleteMode = DeleteMode.REPORT,
+    basis: Basis | None = None,
+    tallies: Mapping[str, Tally] | None = None,
 ) -> tuple[DeletesReport, set[str]]:
     """Every table's production deletes (children first) and then the users', in ``tconn``'s transaction.
 
     ``tables`` come parents first, as the plan orders them. Returns the report and the ids of every
     target user production deleted (the auth import must not hand such an account to anyone else).
-    Under ``report`` the caller rolls the transaction back; it holds only temporary tables.
+    Under ``report`` the caller rolls the transaction back; it holds only temporary tables. ``basis``
+    (the previous run's) settles by counting the tables it can, with the run's census (``tallies``)
+    when it took one.
     """
     report = DeletesReport(mode=mode, copy_date=copied)
-    finder = await Finder.open(sconn, tconn, copied)
+    finder = await Finder.open(sconn, tconn, copied, basis, tallies)
     for tp in reversed(tables):
         report.tables.insert(0, await table_deletes(finder, tp, mode))
     gone: set[str] = set()
@@ -162,6 +201,8 @@ async def find_deletes(
     tables: Sequence[TablePlan],
     copied: datetime | None = None,
     mode: DeleteMode = DeleteMode.REPORT,
+    basis: Basis | None = None,
+    tallies: Mapping[str, Tally] | None = None,
 ) -> tuple[DeletesReport, set[str]]:
     """:func:`production_deletes` on a target connection of its own; committed only when applying.
 
@@ -174,7 +215,7 @@ async def find_deletes(
         try:
             if copied is None:
                 copied = await copy_date(tconn)
-            found = await production_deletes(sconn, tconn, tables, copied, mode)
+            found = await production_deletes(sconn, tconn, tables, copied, mode, basis, tallies)
         except BaseException:
             await transaction.rollback()
             raise

@@ -13,17 +13,26 @@ from production in those buckets are anti-joined against it, so buckets that dif
 the answer a comparison of every key gives. A differing bucket with many keys is first split into
 finer buckets, so a few deletes in a large table cost the keys of a few small buckets. Only counts
 and the first keys come back to Python; the target keys found stay in :data:`GONE` for the caller.
+
+Most runs need not compare a key at all (:class:`Basis`): when the previous run ended having read
+everything in one snapshot and left no production delete of a table on the target, every target row
+from production has a source key that snapshot held. If every row version that snapshot saw is still
+in the source (one count over the table: its rows now that the snapshot saw, against its rows then),
+none of those keys is gone, and the table has no production delete.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
 
+from sync.census import Tally, tally
+from sync.deletes.basis import Basis
+from sync.selection import Changes
 from sync.sqltext import Params, ident, table_ident
 from sync.verify.compare import (
     ROWS_PER_BUCKET,
@@ -59,6 +68,10 @@ class Found:
     keys: list[str]
     read: int = 0
     """Source keys read to find them: those of the buckets whose sums differ."""
+    source_rows: int | None = None
+    """The source table's rows in the snapshot read (what the next run's count is held against)."""
+    counted: bool = False
+    """Settled by the count against the previous run's basis: no key was compared."""
 
 
 @dataclass(frozen=True)
@@ -73,10 +86,20 @@ class Finder:
     """The target's ledgers of landed rows (``source_key`` → ``target_key`` per ``table_name``)."""
     splits: bool
     """Both servers hash alike, so buckets mean the same on both sides (else: one bucket, every key)."""
+    since: Changes | None = None
+    """From the previous run's basis snapshot to the one read now, with what that run left per table."""
+    basis: Basis | None = None
+    tallies: Mapping[str, Tally] = field(default_factory=dict)
+    """The run's census, when it took one: the counts are there already."""
 
     @classmethod
     async def open(
-        cls, sconn: asyncpg.Connection, tconn: asyncpg.Connection, copied: datetime | None
+        cls,
+        sconn: asyncpg.Connection,
+        tconn: asyncpg.Connection,
+        copied: datetime | None,
+        basis: Basis | None = None,
+        tallies: Mapping[str, Tally] | None = None,
     ) -> Finder:
         present = await tconn.fetch(
             "SELECT t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i) WHERE to_regclass(t) IS NOT NULL "
@@ -84,7 +107,12 @@ class Finder:
             ["_sync.landed", "_sync.id_map"],
         )
         ledgers = tuple(r["t"] for r in present)
-        return cls(sconn, tconn, copied, ledgers, await same_hashes(sconn, tconn))
+        since = None
+        if basis is not None:
+            upto = await sconn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+            since = Changes.since_snapshot(basis.snapshot, upto)
+        splits = await same_hashes(sconn, tconn)
+        return cls(sconn, tconn, copied, ledgers, splits, since, basis, tallies or {})
 
     async def find(
         self, name: str, source_name: str, source_key: str, target_key: str, dated: str | None
@@ -94,6 +122,9 @@ class Finder:
         ``source_key`` and ``target_key`` are SQL text of a row's key (the target's over alias ``t``);
         ``dated`` the target column that dates a row from the copy.
         """
+        settled = await self._counted(name, source_name)
+        if settled is not None:
+            return settled
         pairs = _from_production(name, target_key, dated if self.copied else None, self.copied, self.ledgers)
 
         def source(params: Params) -> str:
@@ -103,9 +134,9 @@ class Finder:
             return f"SELECT o.s AS k FROM ({pairs(params)}) AS o"
 
         buckets = bucket_count(await estimate_rows(self.sconn, source_name)) if self.splits else 1
-        differing = await self._differing(source, target, buckets)
+        differing, rows = await self._differing(source, target, buckets)
         if differing == []:
-            return Found(0, [])
+            return Found(0, [], source_rows=rows)
         await self.tconn.execute(
             f"DROP TABLE IF EXISTS pg_temp.{_SOURCE_KEYS}, pg_temp.{GONE}; "
             f"CREATE TEMP TABLE {_SOURCE_KEYS} (k text) ON COMMIT DROP"
@@ -119,11 +150,30 @@ class Finder:
             f"AND NOT EXISTS (SELECT FROM {_SOURCE_KEYS} AS x WHERE x.k = o.s)",
             *params.values,
         )
-        rows = await self.tconn.fetch(f"SELECT k, count(*) OVER () AS n FROM {GONE} ORDER BY k LIMIT {SHOWN}")
-        return Found(rows[0]["n"] if rows else 0, [r["k"] for r in rows], read)
+        first = await self.tconn.fetch(
+            f"SELECT k, count(*) OVER () AS n FROM {GONE} ORDER BY k LIMIT {SHOWN}"
+        )
+        return Found(first[0]["n"] if first else 0, [r["k"] for r in first], read, rows)
 
-    async def _differing(self, source: KeySet, target: KeySet, buckets: int) -> list[Buckets] | None:
-        """The buckets whose keys must be compared one by one (None: every key; empty: none).
+    async def _counted(self, name: str, source_name: str) -> Found | None:
+        """No production delete, proved by one count over the source table (None: not provable)."""
+        entry = self.basis.of(name, source_name) if self.basis is not None else None
+        if entry is None or self.since is None:
+            return None
+        counts = self.tallies.get(name)
+        if counts is None or counts.kept is None:
+            params = Params()
+            kept = {"kept": f"NOT {self.since.sql(params)}"}
+            counts = Tally(**await tally(self.sconn, source_name, kept, params))
+        if counts.kept != entry.rows:
+            return None
+        return Found(0, [], source_rows=counts.rows, counted=True)
+
+    async def _differing(
+        self, source: KeySet, target: KeySet, buckets: int
+    ) -> tuple[list[Buckets] | None, int]:
+        """The buckets whose keys must be compared one by one (None: every key; empty: none), and the
+        source's keys in all.
 
         A bucket differs when its count or key-hash sum does on the two sides and the target has keys in
         it. A differing bucket of more than :data:`SPLIT_AT` keys is summed again, split into buckets of
@@ -132,17 +182,20 @@ class Finder:
         """
         found: list[Buckets] = []
         within: Buckets | None = None
+        rows: int | None = None
         while True:
             scope = [within] if within else None
             async with asyncio.TaskGroup() as sides:
                 src = sides.create_task(bucket_sums(self.sconn, _relation(source, scope), buckets))
                 tgt = sides.create_task(bucket_sums(self.tconn, _relation(target, scope), buckets))
             there, here = src.result(), tgt.result()
+            if rows is None:
+                rows = sum(n for n, _ in there.values())
             differ = sorted(b for b, sums in here.items() if there.get(b) != sums)
             if not differ:
-                return found
+                return found, rows
             if not self.splits or (len(here) >= MOSTLY_OF and 2 * len(differ) > len(here)):
-                return [*found, within] if within else None
+                return ([*found, within] if within else None), rows
             sizes = {b: max(there.get(b, (0, ""))[0], here[b][0]) for b in differ}
             large = tuple(b for b in differ if sizes[b] > SPLIT_AT)
             fan = max(sizes.values()) // ROWS_PER_BUCKET
@@ -152,7 +205,7 @@ class Finder:
             if small:
                 found.append(Buckets(buckets, small))
             if not large:
-                return found
+                return found, rows
             within, buckets = Buckets(buckets, large), buckets * fan
 
 

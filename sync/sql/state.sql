@@ -81,6 +81,14 @@ CREATE TABLE IF NOT EXISTS _sync.storage_objects (
     PRIMARY KEY (bucket, target_path)
 );
 ALTER TABLE _sync.runs ADD COLUMN IF NOT EXISTS snapshot_xmin bigint;
+-- The whole source snapshot (pg_current_snapshot() as text) the run first read with: which
+-- transactions at or above its xmin it saw already, so the next catch-up does not read them again.
+ALTER TABLE _sync.runs ADD COLUMN IF NOT EXISTS snapshot text;
+-- Written when a run ends with every read in one source snapshot: that snapshot, and per table the
+-- source's row count in it and the production deletes it left on the target. The next run proves no
+-- production delete happened since (every row that snapshot saw is still there) by counting, instead
+-- of comparing keys.
+ALTER TABLE _sync.runs ADD COLUMN IF NOT EXISTS deletes_basis jsonb;
 
 -- Bumped by every run that takes the run lock: a run whose lock connection died takes the lock again
 -- only if nobody took it in between (the value is still its own). A row, not a sequence: a sequence
@@ -103,4 +111,4 @@ CREATE TABLE IF NOT EXISTS _sync.landed (
 );
 CREATE INDEX IF NOT EXISTS landed_target_idx ON _sync.landed (table_name, target_key);
 
-INSERT INTO _sync.schema_version (version) VALUES (1), (2), (3), (4) ON CONFLICT DO NOTHING;
+INSERT INTO _sync.schema_version (version) VALUES (1), (2), (3), (4), (5) ON CONFLICT DO NOTHING;

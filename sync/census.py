@@ -1,0 +1,152 @@
+"""A catch-up's census: one count per source table, in the run's snapshot, before anything is read.
+
+Each table (and the users and their identities) is scanned once, counting its rows, the rows in the
+run's window (:meth:`Selection.in_window`: in the since-column window, changed since the previous
+run's snapshot, or held in quarantine) and, when the previous run left a basis for it, the rows that
+run's snapshot saw (what :mod:`sync.deletes` proves no production delete by). A table with no row in
+its window whose children (through every foreign key, recursively) have none either is **quiet**: the
+run reads nothing of it, so a catch-up costs these scans and what changed, not every table's passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from sync.auth.columns import IDENTITIES_TABLE, USERS_TABLE, table_columns
+from sync.auth.source import changed_users
+from sync.plan import Plan
+from sync.selection import Changes, Selection, links
+from sync.snapshot import SourceSnapshot
+from sync.sqltext import Params, table_ident
+
+if TYPE_CHECKING:
+    from sync.deletes.basis import Basis
+
+READERS = 2
+"""Source connections the census scans on at once."""
+
+Job = tuple[str, str, dict[str, str], Params]
+"""One count: the table's name in the census, the source table, the conditions counted, their values."""
+
+
+@dataclass(frozen=True)
+class Tally:
+    """One source table's counts in the run's snapshot."""
+
+    rows: int
+    window: int | None = None
+    """Rows the run's window selects."""
+    kept: int | None = None
+    """Rows the basis snapshot saw (None: the table has no basis)."""
+
+
+@dataclass(frozen=True)
+class Census:
+    tallies: dict[str, Tally]
+    """By target table name (``auth.users`` for the users, their window counting changed identities)."""
+    quiet: frozenset[str]
+
+
+async def tally(
+    conn: asyncpg.Connection, table: str, conditions: Mapping[str, str], params: Params
+) -> dict[str, int]:
+    """``count(*)`` of ``table`` as ``rows``, and of its rows meeting each condition, in one scan."""
+    filters = "".join(f", count(*) FILTER (WHERE {sql}) AS {name}" for name, sql in conditions.items())
+    row = await conn.fetchrow(f"SELECT count(*) AS rows{filters} FROM {table_ident(table)}", *params.values)
+    return dict(row)
+
+
+def quiet_tables(plan: Plan, window: Mapping[str, int]) -> frozenset[str]:
+    """The tables with no row in their window and no child that has one, however far down."""
+    parents = {tp.name: {link.parent for link in links(tp)} for tp in plan.tables}
+    busy = [name for name, n in window.items() if n != 0]
+    needed = set(busy)
+    while busy:
+        for parent in parents.get(busy.pop(), ()):
+            if parent not in needed:
+                needed.add(parent)
+                busy.append(parent)
+    return frozenset(name for name in window if name not in needed)
+
+
+async def take_census(
+    snapshot: SourceSnapshot,
+    plan: Plan,
+    selection: Selection,
+    users_since: datetime | None,
+    basis: Basis | None,
+) -> Census:
+    """Count every planned table (and the users, when ``users_since`` is set) in the run's snapshot,
+    and the rows ``basis`` (the previous run's) saw of each table it can settle."""
+    settled = Changes.since_snapshot(basis.snapshot, snapshot.xids.xmax) if basis and snapshot.xids else None
+    jobs: list[Job] = []
+    for tp in plan.tables:
+        params = Params()
+        conditions = {"window": selection.in_window(tp, params)}
+        if settled is not None and basis.of(tp.name, tp.source_name):
+            conditions["kept"] = f"NOT {settled.sql(params)}"
+        jobs.append((tp.name, tp.source_name, conditions, params))
+    counts: dict[str, dict[str, int]] = {}
+    opened = await asyncio.gather(*(snapshot.reader() for _ in range(READERS)), return_exceptions=True)
+    readers = [conn for conn in opened if isinstance(conn, asyncpg.Connection)]
+    try:
+        for failed in opened:
+            if isinstance(failed, BaseException):
+                raise failed
+        if users_since is not None:
+            kept = settled if basis and basis.of(USERS_TABLE, USERS_TABLE) else None
+            jobs += await _user_jobs(readers[0], selection.changes, users_since, kept)
+        queue = await _largest_first(readers[0], jobs)
+
+        async def scan(conn: asyncpg.Connection) -> None:
+            while queue:
+                name, table, conditions, params = queue.pop(0)
+                counts[name] = await tally(conn, table, conditions, params)
+
+        async with asyncio.TaskGroup() as group:
+            for conn in readers:
+                group.create_task(scan(conn))
+    finally:
+        await asyncio.gather(*(conn.close() for conn in readers))
+    if IDENTITIES_TABLE in counts:
+        touched = counts.pop(IDENTITIES_TABLE)["window"]
+        counts[USERS_TABLE]["window"] += touched
+    tallies = {name: Tally(c["rows"], c["window"], c.get("kept")) for name, c in counts.items()}
+    quiet = quiet_tables(plan, {name: t.window for name, t in tallies.items()})
+    return Census(tallies, quiet)
+
+
+async def _largest_first(conn: asyncpg.Connection, jobs: list[Job]) -> list[Job]:
+    """The jobs by their tables' size on disk, largest first, so the readers end together."""
+    pages = dict(
+        await conn.fetch(
+            "SELECT t, coalesce(pg_relation_size(to_regclass(t)), 0) FROM unnest($1::text[]) AS t",
+            [table_ident(table) for _, table, _, _ in jobs],
+        )
+    )
+    return sorted(jobs, key=lambda job: -pages.get(table_ident(job[1]), 0))
+
+
+async def _user_jobs(
+    conn: asyncpg.Connection,
+    changes: Changes | None,
+    since: datetime,
+    settled: Changes | None,
+) -> list[Job]:
+    """The users' and identities' counts: the users a catch-up's auth stage reads, and those kept."""
+    params = Params()
+    users, _ = changed_users(await table_columns(conn, USERS_TABLE), since, changes, params)
+    conditions = {"window": users}
+    if settled is not None:
+        conditions["kept"] = f"NOT {settled.sql(params)}"
+    jobs = [(USERS_TABLE, USERS_TABLE, conditions, params)]
+    if changes is not None:
+        touched = Params()
+        jobs.append((IDENTITIES_TABLE, IDENTITIES_TABLE, {"window": changes.sql(touched)}, touched))
+    return jobs
