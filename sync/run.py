@@ -27,7 +27,7 @@ from sync.auth.columns import USERS_TABLE
 from sync.catalog import read_catalog
 from sync.census import Census, take_census
 from sync.connect import Endpoint, connect
-from sync.deletes import DeletesReport, find_deletes
+from sync.deletes import DeletesReport, counted, find_deletes
 from sync.deletes.basis import Basis, forget_basis, last_basis
 from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, PlanError, first_cause, first_line
 from sync.mapping import Mapping
@@ -438,11 +438,15 @@ async def production_deletes(
 ) -> tuple[DeletesReport, set[str]]:
     """Find (and when asked, apply) production deletes, reading the source in the run's snapshot (the
     census's counts, when it took them there)."""
+    tallies = census.tallies if census is not None else None
+    settled = counted(plan.tables, mode, basis, tallies) if snapshot.shared else None
+    if settled is not None:
+        return settled, set()
     reader = await snapshot.reader()
     try:
         shared = snapshot.shared
         basis = basis if shared else None
-        tallies = census.tallies if census is not None and shared else None
+        tallies = tallies if shared else None
         return await find_deletes(reader, target, plan.tables, mode=mode, basis=basis, tallies=tallies)
     finally:
         await reader.close()

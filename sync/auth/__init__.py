@@ -90,7 +90,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from sync.auth.admin_api_user import create_attributes
-from sync.auth.columns import STRING_COLUMNS
+from sync.auth.columns import STRING_COLUMNS, USERS_TABLE
 from sync.auth.direct import TargetWriter
 from sync.auth.importer import UserImport, UserProgress
 from sync.auth.match import MatchKind, SourceKey, TargetKey, UserMatch, match_users
@@ -162,6 +162,8 @@ async def import_users(
     _check_options(options, target, admin_api)
     started = time.monotonic()
     report = AuthReport(mode=options.mode, policy=options.policy, triggers=options.triggers)
+    if changes is not None and USERS_TABLE in changes.quiet and only_ids is None:
+        return report  # the run's census found no user to read: nothing to connect for
     async with contextlib.AsyncExitStack() as stack:
         api: AdminApiCreator | None = None
         if admin_api is not None and options.mode is AuthMode.ADMIN_API:

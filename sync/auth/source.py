@@ -104,15 +104,8 @@ class SourceSnapshot:
             "WHERE user_id = ANY($1::uuid[]) ORDER BY created_at"
         )
 
-    @property
-    def quiet(self) -> bool:
-        """Whether the run's census found no user to read (then neither keys nor rows are read)."""
-        return self.changes is not None and USERS_TABLE in self.changes.quiet and self.only_ids is None
-
     async def keys(self) -> list[SourceKey]:
         """Every source user's matching keys, oldest first."""
-        if self.quiet:
-            return []
         sso, deleted = (
             ident(name) if name in self._user_columns else "NULL" for name in ("is_sso_user", "deleted_at")
         )
@@ -128,8 +121,6 @@ class SourceSnapshot:
 
     async def batches(self, size: int) -> AsyncIterator[list[asyncpg.Record]]:
         """Full user rows, ``size`` at a time, in the order of :meth:`keys`."""
-        if self.quiet:
-            return
         cursor = await self.conn.cursor(self._users_query, *self._params)
         while rows := await cursor.fetch(size):
             yield rows

@@ -195,6 +195,25 @@ async def production_deletes(
     return report, gone
 
 
+def counted(
+    tables: Sequence[TablePlan], mode: DeleteMode, basis: Basis | None, tallies: Mapping[str, Tally] | None
+) -> DeletesReport | None:
+    """The report, when the census's counts settle every table and the users (None: some must be found)."""
+    if basis is None or tallies is None or USERS not in basis.tables:
+        return None
+    report = DeletesReport(mode=mode)
+    for name, source in [*((tp.name, tp.source_name) for tp in tables), (USERS, USERS)]:
+        entry, counts = basis.of(name, source), tallies.get(name)
+        if entry is None or counts is None or counts.kept != entry.rows:
+            return None
+        found = Deletes.of(name, source, Found(0, [], source_rows=counts.rows, counted=True))
+        if name == USERS:
+            report.users = found
+        else:
+            report.tables.append(found)
+    return report
+
+
 async def find_deletes(
     sconn: asyncpg.Connection,
     target: Endpoint,
