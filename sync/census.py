@@ -14,14 +14,14 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from sync.auth.columns import IDENTITIES_TABLE, USERS_TABLE, table_columns
 from sync.auth.source import changed_users
 from sync.plan import Plan
-from sync.selection import Changes, Selection, links
+from sync.selection import Changes, Selection, key_text_sql, links
 from sync.snapshot import SourceSnapshot
 from sync.sqltext import Params, table_ident
 
@@ -30,8 +30,10 @@ if TYPE_CHECKING:
 
 READERS = 2
 """Source connections the census scans on at once."""
+LISTED = 10_000
+"""At most this many keys of rows changed since the basis snapshot are listed (see :mod:`sync.deletes`)."""
 
-Job = tuple[str, str, dict[str, str], Params]
+Job = tuple[str, str, dict[str, str], Params, dict[str, tuple[str, str]]]
 """One count: the table's name in the census, the source table, the conditions counted, their values."""
 
 
@@ -44,6 +46,8 @@ class Tally:
     """Rows the run's window selects."""
     kept: int | None = None
     """Rows the basis snapshot saw (None: the table has no basis)."""
+    changed: list[str] | None = None
+    """The keys of the other rows (those it did not see), when there are at most :data:`LISTED`."""
 
 
 @dataclass(frozen=True)
@@ -54,12 +58,30 @@ class Census:
 
 
 async def tally(
-    conn: asyncpg.Connection, table: str, conditions: Mapping[str, str], params: Params
-) -> dict[str, int]:
-    """``count(*)`` of ``table`` as ``rows``, and of its rows meeting each condition, in one scan."""
+    conn: asyncpg.Connection,
+    table: str,
+    conditions: Mapping[str, str],
+    params: Params,
+    listed: Mapping[str, tuple[str, str]] | None = None,
+) -> dict[str, Any]:
+    """``count(*)`` of ``table`` as ``rows``, and of its rows meeting each condition, in one scan; for each
+    of ``listed`` (name → key SQL, condition) the keys of the rows meeting it, None past :data:`LISTED`."""
     filters = "".join(f", count(*) FILTER (WHERE {sql}) AS {name}" for name, sql in conditions.items())
-    row = await conn.fetchrow(f"SELECT count(*) AS rows{filters} FROM {table_ident(table)}", *params.values)
-    return dict(row)
+    for name, (key, sql) in (listed or {}).items():
+        filters += f", (array_agg({key}) FILTER (WHERE {sql}))[1:{LISTED + 1}] AS {name}"
+    row = dict(
+        await conn.fetchrow(f"SELECT count(*) AS rows{filters} FROM {table_ident(table)}", *params.values)
+    )
+    for name in listed or {}:
+        keys = row[name] or []
+        row[name] = keys if len(keys) <= LISTED else None
+    return row
+
+
+def kept_and_changed(settled: Changes, key: str, params: Params) -> tuple[dict[str, str], dict]:
+    """:func:`tally`'s arguments counting the rows ``settled``'s first snapshot saw and listing the others."""
+    changed = settled.sql(params)
+    return {"kept": f"NOT {changed}"}, {"changed": (key, changed)}
 
 
 def quiet_tables(plan: Plan, window: Mapping[str, int]) -> frozenset[str]:
@@ -88,10 +110,11 @@ async def take_census(
     jobs: list[Job] = []
     for tp in plan.tables:
         params = Params()
-        conditions = {"window": selection.in_window(tp, params)}
+        conditions, listed = {"window": selection.in_window(tp, params)}, {}
         if settled is not None and basis.of(tp.name, tp.source_name):
-            conditions["kept"] = f"NOT {settled.sql(params)}"
-        jobs.append((tp.name, tp.source_name, conditions, params))
+            kept, listed = kept_and_changed(settled, key_text_sql(tp), params)
+            conditions.update(kept)
+        jobs.append((tp.name, tp.source_name, conditions, params, listed))
     counts: dict[str, dict[str, int]] = {}
     opened = await asyncio.gather(*(snapshot.reader() for _ in range(READERS)), return_exceptions=True)
     readers = [conn for conn in opened if isinstance(conn, asyncpg.Connection)]
@@ -106,8 +129,8 @@ async def take_census(
 
         async def scan(conn: asyncpg.Connection) -> None:
             while queue:
-                name, table, conditions, params = queue.pop(0)
-                counts[name] = await tally(conn, table, conditions, params)
+                name, table, conditions, params, listed = queue.pop(0)
+                counts[name] = await tally(conn, table, conditions, params, listed)
 
         async with asyncio.TaskGroup() as group:
             for conn in readers:
@@ -117,7 +140,7 @@ async def take_census(
     if IDENTITIES_TABLE in counts:
         touched = counts.pop(IDENTITIES_TABLE)["window"]
         counts[USERS_TABLE]["window"] += touched
-    tallies = {name: Tally(c["rows"], c["window"], c.get("kept")) for name, c in counts.items()}
+    tallies = {name: Tally(**c) for name, c in counts.items()}
     quiet = quiet_tables(plan, {name: t.window for name, t in tallies.items()})
     return Census(tallies, quiet)
 
@@ -127,7 +150,7 @@ async def _largest_first(conn: asyncpg.Connection, jobs: list[Job]) -> list[Job]
     pages = dict(
         await conn.fetch(
             "SELECT t, coalesce(pg_relation_size(to_regclass(t)), 0) FROM unnest($1::text[]) AS t",
-            [table_ident(table) for _, table, _, _ in jobs],
+            [table_ident(job[1]) for job in jobs],
         )
     )
     return sorted(jobs, key=lambda job: -pages.get(table_ident(job[1]), 0))
@@ -142,11 +165,12 @@ async def _user_jobs(
     """The users' and identities' counts: the users a catch-up's auth stage reads, and those kept."""
     params = Params()
     users, _ = changed_users(await table_columns(conn, USERS_TABLE), since, changes, params)
-    conditions = {"window": users}
+    conditions, listed = {"window": users}, {}
     if settled is not None:
-        conditions["kept"] = f"NOT {settled.sql(params)}"
-    jobs = [(USERS_TABLE, USERS_TABLE, conditions, params)]
+        kept, listed = kept_and_changed(settled, "id::text", params)
+        conditions.update(kept)
+    jobs: list[Job] = [(USERS_TABLE, USERS_TABLE, conditions, params, listed)]
     if changes is not None:
         touched = Params()
-        jobs.append((IDENTITIES_TABLE, IDENTITIES_TABLE, {"window": changes.sql(touched)}, touched))
+        jobs.append((IDENTITIES_TABLE, IDENTITIES_TABLE, {"window": changes.sql(touched)}, touched, {}))
     return jobs

@@ -260,6 +260,26 @@ def test_a_catch_up_settles_deletes_by_counting_and_compares_keys_when_the_count
     quiet = run(source, target)
     assert counted(quiet) == {"auth.users", "public.profiles", "public.requests"}
     assert found(quiet) == {}
+    # Edits of rows the target holds from production (one the copy brought, one a run landed): those
+    # rows were there before, so nothing is missing.
+    execute(
+        source.url,
+        f"UPDATE public.requests SET amount = 7 WHERE id = 1; "
+        f"UPDATE public.profiles SET name = 'ana maría', updated_at = now() WHERE id = '{ANA}'; "
+        f"UPDATE auth.users SET raw_user_meta_data = '{{\"a\": 1}}' WHERE id = '{BETO}'",
+    )
+    edited = run(source, target)
+    assert counted(edited) == {"auth.users", "public.profiles", "public.requests"}
+    assert found(edited) == {}
+    # One request deleted and one edited: the edit does not hide the delete.
+    execute(
+        source.url,
+        "DELETE FROM public.requests WHERE id = 3; UPDATE public.requests SET amount = 8 WHERE id = 4",
+    )
+    report = run(source, target)
+    assert counted(report) == {"auth.users", "public.profiles"}
+    assert found(report) == {"public.requests": (1, ["3"])}
+    execute(target.url, "DELETE FROM public.requests WHERE id = 3")  # development's own delete
     # One request deleted and one added: as many rows as before, and the delete is still found.
     execute(
         source.url,

@@ -30,7 +30,7 @@ from datetime import datetime
 
 import asyncpg
 
-from sync.census import Tally, tally
+from sync.census import Tally, kept_and_changed, tally
 from sync.deletes.basis import Basis
 from sync.selection import Changes
 from sync.sqltext import Params, ident, table_ident
@@ -122,10 +122,10 @@ class Finder:
         ``source_key`` and ``target_key`` are SQL text of a row's key (the target's over alias ``t``);
         ``dated`` the target column that dates a row from the copy.
         """
-        settled = await self._counted(name, source_name)
+        pairs = _from_production(name, target_key, dated if self.copied else None, self.copied, self.ledgers)
+        settled = await self._counted(name, source_name, source_key, pairs)
         if settled is not None:
             return settled
-        pairs = _from_production(name, target_key, dated if self.copied else None, self.copied, self.ledgers)
 
         def source(params: Params) -> str:
             return f"SELECT {source_key} AS k FROM {table_ident(source_name)}"
@@ -155,18 +155,36 @@ class Finder:
         )
         return Found(first[0]["n"] if first else 0, [r["k"] for r in first], read, rows)
 
-    async def _counted(self, name: str, source_name: str) -> Found | None:
-        """No production delete, proved by one count over the source table (None: not provable)."""
+    async def _counted(
+        self, name: str, source_name: str, source_key: str, pairs: Callable[[Params], str]
+    ) -> Found | None:
+        """No production delete, proved by counting (None: not provable).
+
+        Of the rows the basis snapshot held, ``kept`` are still there unchanged; each of the others was
+        deleted or changed since. A changed row whose key the target holds from production was there
+        then (every such key was), so when as many changed rows are from production as rows are
+        missing from ``kept``, none was deleted.
+        """
         entry = self.basis.of(name, source_name) if self.basis is not None else None
         if entry is None or self.since is None:
             return None
         counts = self.tallies.get(name)
         if counts is None or counts.kept is None:
             params = Params()
-            kept = {"kept": f"NOT {self.since.sql(params)}"}
-            counts = Tally(**await tally(self.sconn, source_name, kept, params))
-        if counts.kept != entry.rows:
-            return None
+            conditions, listed = kept_and_changed(self.since, source_key, params)
+            counts = Tally(**await tally(self.sconn, source_name, conditions, params, listed))
+        missing = entry.rows - counts.kept
+        if missing > 0:
+            if counts.changed is None or len(counts.changed) < missing:
+                return None
+            params = Params()
+            among = params.bind(counts.changed, "text[]")
+            existed = await self.tconn.fetchval(
+                f"SELECT count(DISTINCT o.s) FROM ({pairs(params)}) AS o WHERE o.s = ANY({among})",
+                *params.values,
+            )
+            if existed < missing:
+                return None
         return Found(0, [], source_rows=counts.rows, counted=True)
 
     async def _differing(
