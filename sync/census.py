@@ -48,6 +48,9 @@ class Tally:
     """Rows the basis snapshot saw (None: the table has no basis)."""
     changed: list[str] | None = None
     """The keys of the other rows (those it did not see), when there are at most :data:`LISTED`."""
+    keyed: list[str] | None = None
+    """The keys of the rows in the window, when there are at most :data:`LISTED` (a catch-up's tables
+    with a one-column key)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,11 @@ class Census:
     tallies: dict[str, Tally]
     """By target table name (``auth.users`` for the users, their window counting changed identities)."""
     quiet: frozenset[str]
+
+    @property
+    def keyed(self) -> dict[str, list[str]]:
+        """The tables whose window rows were listed, with their keys."""
+        return {name: t.keyed for name, t in self.tallies.items() if t.keyed is not None}
 
 
 async def tally(
@@ -110,10 +118,14 @@ async def take_census(
     jobs: list[Job] = []
     for tp in plan.tables:
         params = Params()
-        conditions, listed = {"window": selection.in_window(tp, params)}, {}
+        window = selection.in_window(tp, params)
+        conditions, listed = {"window": window}, {}
+        if selection.changes is not None and len(tp.row_key) == 1:
+            listed["keyed"] = (key_text_sql(tp), window)
         if settled is not None and basis.of(tp.name, tp.source_name):
-            kept, listed = kept_and_changed(settled, key_text_sql(tp), params)
+            kept, changed = kept_and_changed(settled, key_text_sql(tp), params)
             conditions.update(kept)
+            listed.update(changed)
         jobs.append((tp.name, tp.source_name, conditions, params, listed))
     counts: dict[str, dict[str, int]] = {}
     opened = await asyncio.gather(*(snapshot.reader() for _ in range(READERS)), return_exceptions=True)

@@ -266,7 +266,7 @@ async def run_sync(
                 take_census, snapshot, plan, selection, since if catch_up and users else None, basis
             )
             if changes is not None:
-                changes = replace(changes, quiet=census.quiet)
+                changes = replace(changes, quiet=census.quiet, keyed=census.keyed)
         report = RunReport(
             run_id=run.id, since=since, high_water=run.high_water or snapshot.high_water, resumed=run.resumed
         )

@@ -54,6 +54,9 @@ class Changes:
     quiet: frozenset[str] = frozenset()
     """Tables (``auth.users`` for users) the run's census found nothing to read in: neither rows in
     their window nor rows their children's windows need (:mod:`sync.census`)."""
+    keyed: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    """Per table, the keys of every row in its window, as the run's census listed them (when few): the
+    window is then read by its key index instead of by a scan of the table."""
 
     @classmethod
     def since_snapshot(cls, seen: str, upto_xid: int) -> Changes:
@@ -182,6 +185,11 @@ class Selection:
         """
         if self.only_keys is not None or self.since is None:
             return "true"
+        keyed = self.changes.keyed.get(tp.name) if self.changes is not None and column is None else None
+        if keyed is not None:
+            (key,) = source_key_columns(tp)
+            of_type = next(c.source_type for c in tp.columns if c.source == key)
+            return f"({alias}{ident(key)} = ANY({params.bind(list(keyed), 'text[]')}::{of_type}[]))"
         changed = self.changes.sql(params, alias) if self.changes is not None else None
         held = self.changes.held.get(tp.name) if self.changes is not None else None
         if changed is not None and held:
