@@ -80,6 +80,42 @@ def test_a_catch_up_brings_back_the_chain_of_a_thread_deleted_after_the_first_ru
     assert fetch(target.url, "SELECT title FROM threads WHERE id = 2") == [("thread 2",)]
 
 
+def test_a_parent_out_of_the_window_is_brought_only_where_development_lacks_it(make_db):
+    source, target = make_db(), make_db()
+    forum(source, target)
+    # Development deleted thread 1 and edited thread 2 and one of its messages, all out of the window;
+    # production got a reply in each thread.
+    execute(
+        target.url,
+        "DELETE FROM messages WHERE thread_id = 1; DELETE FROM threads WHERE id = 1; "
+        "UPDATE threads SET title = 'renamed in development' WHERE id = 2; "
+        "UPDATE messages SET body = 'edited in development' WHERE id = 70",
+    )
+    execute(
+        source.url,
+        "INSERT INTO messages VALUES (10, 1, 30, 'new reply', '2024-12-01', '2024-12-01'), "
+        "(11, 2, 70, 'late reply', '2024-12-01', '2024-12-01')",
+    )
+
+    report = run(source, target, batch_size=2)
+
+    assert report.exit_code == 0, report.to_json()
+    tables = {t.table: t for t in report.tables}
+    assert tables["public.threads"].parents == 2  # both threads are needed; only thread 1 was missing
+    assert tables["public.threads"].inserted == 1
+    assert tables["public.threads"].updated == 0
+    assert fetch(target.url, "SELECT id, title FROM threads ORDER BY id") == [
+        (1, "thread 1"),
+        (2, "renamed in development"),
+        (9, "dev thread"),
+    ]
+    assert fetch(target.url, "SELECT body FROM messages WHERE id IN (70, 30, 11) ORDER BY id") == [
+        ("late reply",),
+        ("reply to 20",),
+        ("edited in development",),
+    ]
+
+
 CHAIN = """
 CREATE TABLE orgs (id uuid PRIMARY KEY, name text NOT NULL, updated_at timestamptz NOT NULL);
 CREATE TABLE teams (id uuid PRIMARY KEY, org_id uuid NOT NULL REFERENCES orgs (id), name text NOT NULL,
