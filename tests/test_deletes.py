@@ -257,14 +257,19 @@ def counted(report: RunReport) -> set[str]:
 def test_a_catch_up_settles_deletes_by_counting_and_compares_keys_when_the_count_cannot(pair):
     source, target = pair
     assert counted(run(source, target, since=SINCE)) == set(), "a first run has nothing to count against"
+    execute(
+        source.url,
+        "INSERT INTO public.requests (id, profile_id, amount, created_at, updated_at) "
+        f"VALUES (50, '{DIEGO}', 50, now(), now())",
+    )
     quiet = run(source, target)
     assert counted(quiet) == {"auth.users", "public.profiles", "public.requests"}
     assert found(quiet) == {}
-    # Edits of rows the target holds from production (one the copy brought, one a run landed): those
-    # rows were there before, so nothing is missing.
+    # Edits of rows the target holds from production (brought by the copy, and the request landed by the
+    # last run as 50): those rows were there before, so nothing is missing.
     execute(
         source.url,
-        f"UPDATE public.requests SET amount = 7 WHERE id = 1; "
+        f"UPDATE public.requests SET amount = 7 WHERE id IN (1, 50); "
         f"UPDATE public.profiles SET name = 'ana maría', updated_at = now() WHERE id = '{ANA}'; "
         f"UPDATE auth.users SET raw_user_meta_data = '{{\"a\": 1}}' WHERE id = '{BETO}'",
     )

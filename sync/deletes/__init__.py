@@ -37,6 +37,7 @@ from sync.deletes.find import GONE, Finder, Found
 from sync.modes import DeleteMode
 from sync.plan import TablePlan
 from sync.selection import key_text_sql, target_key_sql
+from sync.sqltext import ident
 
 USERS = "auth.users"
 
@@ -138,7 +139,11 @@ async def table_deletes(finder: Finder, tp: TablePlan, mode: DeleteMode = Delete
     since = to_target.get(tp.since) if tp.since else None
     dated = next((c for c in ("created_at", since) if c and c in to_target.values()), None)
     key = target_key_sql(tp, "t.")
-    gone = await finder.find(tp.name, tp.source_name, key_text_sql(tp), key, dated)
+    typed = None
+    if len(tp.row_key) == 1:
+        (column,) = tp.row_key
+        typed = f"t.{ident(column)}", next(c.target_type for c in tp.columns if c.target == column)
+    gone = await finder.find(tp.name, tp.source_name, key_text_sql(tp), key, dated, typed)
     found = Deletes.of(tp.name, tp.source_name, gone)
     if mode is DeleteMode.REPORT or not found.found:
         return found
@@ -153,7 +158,7 @@ async def user_deletes(finder: Finder, mode: DeleteMode = DeleteMode.REPORT) -> 
     Under ``apply`` they are deleted, under ``soft`` marked deleted; either way not when a row that
     stays references them (identities and other auth-schema rows do not count: they go with the user).
     """
-    gone = await finder.find(USERS, USERS, "id::text", "t.id::text", "created_at")
+    gone = await finder.find(USERS, USERS, "id::text", "t.id::text", "created_at", ("t.id", "uuid"))
     found = Deletes.of(USERS, USERS, gone)
     if not found.found:
         return found, set()

@@ -115,17 +115,24 @@ class Finder:
         return cls(sconn, tconn, copied, ledgers, splits, since, basis, tallies or {})
 
     async def find(
-        self, name: str, source_name: str, source_key: str, target_key: str, dated: str | None
+        self,
+        name: str,
+        source_name: str,
+        source_key: str,
+        target_key: str,
+        dated: str | None,
+        typed: tuple[str, str] | None = None,
     ) -> Found:
         """Target rows of ``name`` from production whose source key ``source_name`` lacks; kept in GONE.
 
         ``source_key`` and ``target_key`` are SQL text of a row's key (the target's over alias ``t``);
-        ``dated`` the target column that dates a row from the copy.
+        ``dated`` the target column that dates a row from the copy; ``typed`` a one-column key as its
+        column (over ``t``) and type, so a few keys are looked up through its index.
         """
-        pairs = _from_production(name, target_key, dated if self.copied else None, self.copied, self.ledgers)
-        settled = await self._counted(name, source_name, source_key, pairs)
+        settled = await self._counted(name, source_name, source_key, target_key, typed, dated)
         if settled is not None:
             return settled
+        pairs = _from_production(name, target_key, dated if self.copied else None, self.copied, self.ledgers)
 
         def source(params: Params) -> str:
             return f"SELECT {source_key} AS k FROM {table_ident(source_name)}"
@@ -156,7 +163,13 @@ class Finder:
         return Found(first[0]["n"] if first else 0, [r["k"] for r in first], read, rows)
 
     async def _counted(
-        self, name: str, source_name: str, source_key: str, pairs: Callable[[Params], str]
+        self,
+        name: str,
+        source_name: str,
+        source_key: str,
+        target_key: str,
+        typed: tuple[str, str] | None,
+        dated: str | None,
     ) -> Found | None:
         """No production delete, proved by counting (None: not provable).
 
@@ -178,11 +191,8 @@ class Finder:
             if counts.changed is None or len(counts.changed) < missing:
                 return None
             params = Params()
-            among = params.bind(counts.changed, "text[]")
-            existed = await self.tconn.fetchval(
-                f"SELECT count(DISTINCT o.s) FROM ({pairs(params)}) AS o WHERE o.s = ANY({among})",
-                *params.values,
-            )
+            probe = _held_from_production(name, target_key, typed, dated, self.copied, self.ledgers)
+            existed = await self.tconn.fetchval(probe(params, counts.changed), *params.values)
             if existed < missing:
                 return None
         return Found(0, [], source_rows=counts.rows, counted=True)
@@ -262,6 +272,45 @@ def _from_production(
                 f"WHERE t.{ident(dated)} < {params.bind(copied, 'timestamptz')}{unledgered}"
             )
         return " UNION ALL ".join(branches) or "SELECT NULL::text AS k, NULL::text AS s WHERE false"
+
+    return sql
+
+
+def _held_from_production(
+    name: str,
+    target_key: str,
+    typed: tuple[str, str] | None,
+    dated: str | None,
+    copied: datetime | None,
+    ledgers: tuple[str, ...],
+) -> Callable[[Params, list[str]], str]:
+    """SQL counting the given source keys that a target row from production (as
+    :func:`_from_production` tells them) holds, each looked up on its own (by index where ``typed``)."""
+
+    def holds(key_text: str) -> str:
+        if typed is None:
+            return f"{target_key} = {key_text}"
+        column, of_type = typed
+        return f"{column} = ({key_text})::{of_type}"
+
+    def sql(params: Params, keys: list[str]) -> str:
+        table = params.bind(name, "text")
+        held = [
+            f"EXISTS (SELECT FROM {ledger} AS l JOIN {table_ident(name)} AS t ON {holds('l.target_key')} "
+            f"WHERE l.table_name = {table} AND l.source_key = c.s)"
+            for ledger in ledgers
+        ]
+        if dated and copied:
+            unledgered = "".join(
+                f" AND NOT EXISTS (SELECT FROM {e} AS e WHERE e.table_name = {table} AND e.target_key = c.s)"
+                for e in ledgers
+            )
+            held.append(
+                f"EXISTS (SELECT FROM {table_ident(name)} AS t WHERE {holds('c.s')} "
+                f"AND t.{ident(dated)} < {params.bind(copied, 'timestamptz')}{unledgered})"
+            )
+        among = params.bind(keys, "text[]")
+        return f"SELECT count(*) FROM unnest({among}) AS c(s) WHERE {' OR '.join(held) or 'false'}"
 
     return sql
 
