@@ -150,8 +150,15 @@ async def take_census(
     finally:
         await asyncio.gather(*(conn.close() for conn in readers))
     if IDENTITIES_TABLE in counts:
-        touched = counts.pop(IDENTITIES_TABLE)["window"]
-        counts[USERS_TABLE]["window"] += touched
+        # A user is in the window when its row or one of its identities is: counted (and listed) once.
+        touched = counts.pop(IDENTITIES_TABLE)
+        users = counts[USERS_TABLE]
+        users["window"] += touched["window"]
+        if users.get("keyed") is not None and touched.get("keyed") is not None:
+            ids = sorted({*users["keyed"], *touched["keyed"]})
+            users["keyed"] = ids if len(ids) <= LISTED else None
+        else:
+            users["keyed"] = None
     tallies = {name: Tally(**c) for name, c in counts.items()}
     quiet = quiet_tables(plan, {name: t.window for name, t in tallies.items()})
     return Census(tallies, quiet)
@@ -177,12 +184,15 @@ async def _user_jobs(
     """The users' and identities' counts: the users a catch-up's auth stage reads, and those kept."""
     params = Params()
     users, _ = changed_users(await table_columns(conn, USERS_TABLE), since, changes, params)
-    conditions, listed = {"window": users}, {}
+    conditions, listed = {"window": users}, {"keyed": ("id::text", users)}
     if settled is not None:
-        kept, listed = kept_and_changed(settled, "id::text", params)
+        kept, changed = kept_and_changed(settled, "id::text", params)
         conditions.update(kept)
+        listed.update(changed)
     jobs: list[Job] = [(USERS_TABLE, USERS_TABLE, conditions, params, listed)]
     if changes is not None:
         touched = Params()
-        jobs.append((IDENTITIES_TABLE, IDENTITIES_TABLE, {"window": changes.sql(touched)}, touched, {}))
+        identities = changes.sql(touched)
+        listed = {"keyed": ("user_id::text", identities)}
+        jobs.append((IDENTITIES_TABLE, IDENTITIES_TABLE, {"window": identities}, touched, listed))
     return jobs

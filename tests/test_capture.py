@@ -329,3 +329,26 @@ def test_a_window_the_census_listed_is_read_through_the_key_index(make_db):
     for changes, scanned in ((listed, False), (Changes(from_xid=1, upto_xid=2**20), True)):
         nodes = asyncio.run(explain(changes))
         assert any(n["Node Type"] == "Seq Scan" for n in nodes) is scanned, nodes
+
+
+def test_users_the_census_listed_are_read_by_primary_key_alone(seed_dbs):
+    source, _ = seed_dbs
+    (one,) = fetch(source.url, "SELECT id FROM auth.users ORDER BY created_at DESC LIMIT 1")
+
+    async def read() -> tuple[list, list[dict]]:
+        conn = await asyncpg.connect(source.url)
+        try:
+            changes = Changes(from_xid=1, upto_xid=2**20, keyed={"auth.users": [str(one[0])]})
+            async with read_only_snapshot(conn, SINCE, changes=changes) as snapshot:
+                keys = await snapshot.keys()
+                plan = await conn.fetchval(
+                    f"EXPLAIN (FORMAT JSON) SELECT id FROM auth.users{snapshot._window}", *snapshot._params
+                )
+        finally:
+            await conn.close()
+        return keys, _plan_nodes(json.loads(plan)[0]["Plan"])
+
+    keys, nodes = asyncio.run(read())
+    assert [k.id for k in keys] == [one[0]]
+    assert {n.get("Relation Name") for n in nodes} == {"users"}, "identities are not read"
+    assert not any(n["Node Type"] == "Seq Scan" for n in nodes)

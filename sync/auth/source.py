@@ -71,7 +71,11 @@ class SourceSnapshot:
         self._user_columns = await table_columns(self.conn, USERS_TABLE)
         identities = await table_columns(self.conn, IDENTITIES_TABLE)
         params = Params()
-        if self.changed_since is not None:
+        keyed = self.changes.keyed.get(USERS_TABLE) if self.changes is not None else None
+        if self.changed_since is not None and keyed is not None:
+            # The run's census listed them (few): read by primary key, no scan of users or identities.
+            self._window = f" WHERE id = ANY({params.bind(list(keyed), 'text[]')}::uuid[])"
+        elif self.changed_since is not None:
             users, touched = changed_users(self._user_columns, self.changed_since, self.changes, params)
             if touched is not None:
                 # The ids first, as one array over a union, then the users by primary key: under an OR
