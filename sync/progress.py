@@ -9,20 +9,12 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 log = logging.getLogger("sync")
 
@@ -37,19 +29,6 @@ def log_every() -> float:
         return max(float(os.environ.get("SYNC_PROGRESS_EVERY", "5")), 0.0)
     except ValueError:
         return 5.0
-
-
-class RowsPerSecond(ProgressColumn):
-    """The table's copy speed (MB/s for the files' bar, which counts bytes; users/s for the users')."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        unit = task.fields.get("unit", "rows")
-        if unit == "bytes":
-            text = f"{speed / MB:>8,.1f} MB/s" if speed else "         … MB/s"
-        else:
-            text = f"{speed:>8,.0f} {unit}/s" if speed else f"{'…':>8} {unit}/s"
-        return Text(text, style="progress.data.speed")
 
 
 class RunProgress:
@@ -177,16 +156,9 @@ class RunProgress:
                     if self._logged.get(table) != done:
                         self._log(table, self._updated.get(table, time.monotonic()))
             return
-        self._bars = Progress(
-            TextColumn("{task.description:<28}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            RowsPerSecond(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-        )
+        from sync.progress_bars import bars  # the bars' code loads only where a terminal shows them
+
+        self._bars = bars(self.console)
         with self._bars:
             yield self
         self._bars = None
