@@ -3,9 +3,11 @@
 ``import_users`` (here) runs it; the package's modules, in the order a run meets them:
 ``options`` (modes, policy, options), ``preflight`` (privileges, the trigger-skip check), ``source``
 (reading production's users and identities), ``match`` (keys, normalisers and the one matcher, which
-``sync plan`` uses too), ``importer`` (one import's flow, batch by batch), ``direct`` and
-``direct_sql`` (the SQL writer), ``admin_api``, ``admin_api_user`` and ``admin_api_errors`` (the
-admin-API path), ``report`` (the report and per-user notes), ``columns`` (the auth tables' columns).
+``sync plan`` uses too), ``settle`` (the direct mode's keys staged on the target, the users SQL settles),
+``importer`` (one import's flow, batch by batch), ``direct`` and ``direct_sql`` (the SQL writer),
+``direct_copy`` (settled new users by COPY from production), ``admin_api``, ``admin_api_user`` and
+``admin_api_errors`` (the admin-API path), ``report`` (the report and per-user notes), ``columns`` (the
+auth tables' columns).
 
 Source users are matched against target users, then the missing ones are created and the matched ones
 brought up to date, before any table row that references a user is copied.
@@ -56,9 +58,14 @@ tokens and one-time tokens are not copied: users sign in again, and MFA users en
 
 Two modes:
 
-- ``direct``: set-based batches in one target transaction each — the batch is staged with binary COPY
-  into temporary tables, then ``INSERT … SELECT`` / ``UPDATE … FROM`` into ``auth.users`` and
-  ``auth.identities``, the id map and the quarantine. A batch the database refuses (a trigger that
+- ``direct``: matching starts on the target (``settle``): production's keys are staged there with one
+  binary COPY, and the users no rule can touch (addresses in normal form that no other user on either
+  side has, no mapping) are settled in SQL; only the rest are given to the matcher, so memory stays flat.
+  The settled new users are created by COPY straight from production (``direct_copy``), many thousands
+  per transaction; every other user goes in set-based batches in one target transaction each — the batch
+  is staged with binary COPY into temporary tables, then ``INSERT … SELECT`` / ``UPDATE … FROM`` into
+  ``auth.users`` and ``auth.identities``, the id map and the quarantine. A COPY group the target refuses
+  goes through the batches. A batch the database refuses (a trigger that
   raises, a constraint) is split in halves until the refused users are isolated; they go to
   ``_sync.quarantine`` with the database's message and the rest lands. Triggers on ``auth.users`` fire
   (the signup trigger makes a ``profiles`` row, which the copy stage completes) unless ``triggers =

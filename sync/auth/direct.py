@@ -11,9 +11,9 @@ the database's message.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -55,6 +55,8 @@ from sync.connect import Endpoint, connect
 from sync.errors import SyncError, UsageError
 from sync.retry import is_transient_db_error, retrying
 from sync.state import WriteGuard
+
+T = TypeVar("T")
 
 # What a created user gets when production's row has no audience or role (as a signup would write).
 _STAGED_DEFAULTS = {"aud": DEFAULT_AUD, "role": DEFAULT_ROLE}
@@ -195,74 +197,83 @@ class TargetWriter:
                 report.unchanged += 1
 
     async def _write_retrying(self, batch: Sequence[StagedUser]) -> BatchResult:
-        async def attempt() -> BatchResult:
+        result = await self.transaction(
+            lambda conn: self._write(conn, batch), f"writing a batch of {len(batch)} auth user(s)"
+        )
+        self._staged_on = self.conn  # its stage tables exist now: the transaction that made them committed
+        return result
+
+    async def transaction(self, work: Callable[[asyncpg.Connection], Awaitable[T]], what: str) -> T:
+        """``work`` in one target transaction (the run lock checked, triggers skipped when so told),
+        retried from the start after a transient error, on a new connection when the old one is lost."""
+
+        async def attempt() -> T:
             if self.conn.is_closed():
                 self.conn = await connect(self.endpoint)
-            return await self._write(batch)
+            conn = self.conn
+            async with conn.transaction():
+                if self.guard is not None:
+                    await self.guard(conn)
+                if self.options.triggers is TriggerMode.SKIP:
+                    # A literal SET LOCAL: hosted Supabase allows it to postgres only in this form.
+                    await conn.execute("SET LOCAL session_replication_role = replica")
+                return await work(conn)
 
         return await retrying(
             is_transient_db_error,
             attempts=self.options.retry_attempts,
             initial_wait=self.options.retry_initial_wait,
             max_wait=self.options.retry_max_wait,
-            what=f"writing a batch of {len(batch)} auth user(s)",
+            what=what,
         )(attempt)
 
-    async def _write(self, batch: Sequence[StagedUser]) -> BatchResult:
-        conn = self.conn
+    async def _write(self, conn: asyncpg.Connection, batch: Sequence[StagedUser]) -> BatchResult:
         result = BatchResult()
         actions = {u.action for u in batch}
         kinds = {u.match.kind for u in batch}
         fresh = self._staged_on is not conn
-        async with conn.transaction():
-            if self.guard is not None:
-                await self.guard(conn)
-            if self.options.triggers is TriggerMode.SKIP:
-                # A literal SET LOCAL: hosted Supabase allows it to postgres only in this form.
-                await conn.execute("SET LOCAL session_replication_role = replica")
-            if fresh:
-                await conn.execute(self._stage_users)
-                await conn.execute(self._stage_identities)
+        if fresh:
+            await conn.execute(self._stage_users)
+            await conn.execute(self._stage_identities)
+        await conn.copy_records_to_table(
+            STAGE_USERS,
+            records=[u.record() for u in batch],
+            columns=[n for n, _ in STAGE_USER_FIELDS],
+        )
+        # Read from the source in IDENTITY_FIELDS order: each record is its stage row as it is.
+        identities = [i for u in batch for i in u.identities]
+        if identities:
             await conn.copy_records_to_table(
-                STAGE_USERS,
-                records=[u.record() for u in batch],
-                columns=[n for n, _ in STAGE_USER_FIELDS],
+                STAGE_IDENTITIES, records=identities, columns=[n for n, _ in IDENTITY_FIELDS]
             )
-            # Read from the source in IDENTITY_FIELDS order: each record is its stage row as it is.
-            identities = [i for u in batch for i in u.identities]
-            if identities:
-                await conn.copy_records_to_table(
-                    STAGE_IDENTITIES, records=identities, columns=[n for n, _ in IDENTITY_FIELDS]
+        if fresh:
+            # Statistics once per connection: later batches are planned with the first one's.
+            await conn.execute(f"ANALYZE {STAGE_USERS}, {STAGE_IDENTITIES}")
+        if "create" in actions:
+            result.created = _rowcount(await conn.execute(self._insert_users))
+        for statement, action in self._set_users:
+            if action in actions:
+                result.updated.update(r["source_id"] for r in await conn.fetch(statement, action))
+        if "restore" in actions:
+            await conn.execute(self._restore_users, "restore")
+        if identities:
+            result.identities = _rowcount(await conn.execute(INSERT_IDENTITIES))
+            if "restore" in actions:
+                await conn.execute(RESTORE_IDENTITIES)
+        if "restore" in actions:
+            result.identities -= _rowcount(await conn.execute(DROP_UNSOURCED_IDENTITIES))
+        if kinds & {MatchKind.EMAIL, MatchKind.PHONE}:
+            await conn.execute(MAP_IDS, self.run_id, USERS_TABLE)
+        await conn.execute(LAND_USERS, self.run_id, USERS_TABLE)
+        await conn.execute(UNMAP_IDS, USERS_TABLE)
+        await conn.execute(RESOLVE_QUARANTINE, USERS_TABLE)
+        if self.options.triggers is TriggerMode.SKIP:
+            missing = await conn.fetch(MISSING_USERS)
+            if missing:
+                raise _MissingReference(
+                    f"target user of production user {missing[0]['source_id']} is missing "
+                    "(foreign keys are not checked while triggers are skipped)"
                 )
-            if fresh:
-                # Statistics once per connection: later batches are planned with the first one's.
-                await conn.execute(f"ANALYZE {STAGE_USERS}, {STAGE_IDENTITIES}")
-            if "create" in actions:
-                result.created = _rowcount(await conn.execute(self._insert_users))
-            for statement, action in self._set_users:
-                if action in actions:
-                    result.updated.update(r["source_id"] for r in await conn.fetch(statement, action))
-            if "restore" in actions:
-                await conn.execute(self._restore_users, "restore")
-            if identities:
-                result.identities = _rowcount(await conn.execute(INSERT_IDENTITIES))
-                if "restore" in actions:
-                    await conn.execute(RESTORE_IDENTITIES)
-            if "restore" in actions:
-                result.identities -= _rowcount(await conn.execute(DROP_UNSOURCED_IDENTITIES))
-            if kinds & {MatchKind.EMAIL, MatchKind.PHONE}:
-                await conn.execute(MAP_IDS, self.run_id, USERS_TABLE)
-            await conn.execute(LAND_USERS, self.run_id, USERS_TABLE)
-            await conn.execute(UNMAP_IDS, USERS_TABLE)
-            await conn.execute(RESOLVE_QUARANTINE, USERS_TABLE)
-            if self.options.triggers is TriggerMode.SKIP:
-                missing = await conn.fetch(MISSING_USERS)
-                if missing:
-                    raise _MissingReference(
-                        f"target user of production user {missing[0]['source_id']} is missing "
-                        "(foreign keys are not checked while triggers are skipped)"
-                    )
-        self._staged_on = conn
         return result
 
     async def quarantine(self, row: Mapping[str, Any], error: str, sqlstate: str | None = None) -> None:

@@ -108,9 +108,16 @@ RESTORE_EXPRESSIONS: dict[str, str] = {
     c: e for c, e in INSERT_EXPRESSIONS.items() if c not in {"id", "instance_id", "email", "phone"}
 }
 
+# A source identity's ``identity_data`` (over ``i``) as it is written: its e-mail lower-cased, as the Auth
+# server stores it; a missing object as one holding the subject.
+IDENTITY_DATA = """CASE WHEN jsonb_typeof(i.identity_data -> 'email') = 'string'
+         THEN jsonb_set(i.identity_data, ARRAY['email'], to_jsonb(lower(i.identity_data ->> 'email')))
+         WHEN jsonb_typeof(i.identity_data) = 'object' THEN i.identity_data
+         ELSE jsonb_build_object('sub', i.provider_id) END"""
+
 # The source identities of the batch, as they will be written: user id, provider_id and sub follow a
 # remapped user; identity_data's e-mail is lower-cased, as the Auth server stores it.
-_INCOMING_IDENTITIES = """(
+_INCOMING_IDENTITIES = f"""(
     SELECT i.id AS source_identity_id, u.source_id, u.target_id, u.action, i.provider,
            CASE WHEN i.provider IN ('email', 'phone') AND i.provider_id = u.source_id::text
                 THEN u.target_id::text ELSE i.provider_id END AS provider_id,
@@ -122,13 +129,7 @@ _INCOMING_IDENTITIES = """(
            coalesce(i.updated_at, i.created_at, u.created_at, now()) AS updated_at
     FROM _sync_stage_identities AS i
     JOIN _sync_stage_users AS u ON u.source_id = i.user_id
-    CROSS JOIN LATERAL (
-        SELECT CASE WHEN jsonb_typeof(i.identity_data -> 'email') = 'string'
-                    THEN jsonb_set(i.identity_data, ARRAY['email'],
-                                   to_jsonb(lower(i.identity_data ->> 'email')))
-                    WHEN jsonb_typeof(i.identity_data) = 'object' THEN i.identity_data
-                    ELSE jsonb_build_object('sub', i.provider_id) END AS data
-    ) AS d
+    CROSS JOIN LATERAL (SELECT {IDENTITY_DATA} AS data) AS d
 ) AS n"""
 
 # A (provider_id, provider) the target already has is skipped: one probe of its unique index per identity
@@ -190,14 +191,23 @@ WHERE _sync.id_map.target_key IS DISTINCT FROM EXCLUDED.target_key
 
 # The ledger: every production user this batch wrote or found, with its target user ($1: run id,
 # $2: the ``table_name`` of users), so that a later run knows the target user came from production.
-LAND_USERS = """
+_LEDGER_CONFLICT = """
+ON CONFLICT (table_name, source_key) DO UPDATE
+SET target_key = EXCLUDED.target_key, run_id = EXCLUDED.run_id
+WHERE _sync.landed.target_key IS DISTINCT FROM EXCLUDED.target_key
+"""
+LAND_USERS = f"""
 INSERT INTO _sync.landed (table_name, source_key, target_key, run_id)
 SELECT $2::text, s.source_id::text, s.target_id::text, $1
 FROM _sync_stage_users AS s
 CROSS JOIN LATERAL (SELECT FROM auth.users AS t WHERE t.id = s.target_id LIMIT 1) AS t
-ON CONFLICT (table_name, source_key) DO UPDATE
-SET target_key = EXCLUDED.target_key, run_id = EXCLUDED.run_id
-WHERE _sync.landed.target_key IS DISTINCT FROM EXCLUDED.target_key
+{_LEDGER_CONFLICT}"""
+# The same for users just created under their own id ($3: their ids): a plain insert, as no run can have
+# landed a user the target did not have (an entry left by a user deleted on the target since makes the
+# statement fail, and the users go through the batches, which update it).
+LAND_CREATED = """
+INSERT INTO _sync.landed (table_name, source_key, target_key, run_id)
+SELECT $2::text, k::text, k::text, $1 FROM unnest($3::uuid[]) AS k
 """
 
 # A user now found by id no longer needs (and must not keep) an older mapping.
@@ -211,6 +221,12 @@ RESOLVE_QUARANTINE = """
 UPDATE _sync.quarantine AS q SET resolved_at = now()
 FROM _sync_stage_users AS s
 WHERE q.table_name = $1 AND q.resolved_at IS NULL AND q.source_key = s.source_id::text
+"""
+
+# The same for users given by id ($2).
+RESOLVE_CREATED = """
+UPDATE _sync.quarantine SET resolved_at = now()
+WHERE table_name = $1 AND resolved_at IS NULL AND source_key = ANY ($2::uuid[]::text[])
 """
 
 MISSING_USERS = """

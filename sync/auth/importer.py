@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
+from itertools import chain, islice
 from typing import TYPE_CHECKING, Literal, Protocol
 from uuid import UUID
 
@@ -15,6 +16,7 @@ import asyncpg
 
 from sync.auth.admin_api_user import api_refusal, uncarried
 from sync.auth.direct import StagedUser, TargetWriter
+from sync.auth.direct_copy import CopyCreator
 from sync.auth.match import (
     MatchKind,
     SourceKey,
@@ -27,6 +29,7 @@ from sync.auth.match import (
 )
 from sync.auth.options import AuthOptions, ConflictPolicy
 from sync.auth.report import AuthReport, QuarantinedUser, UserNote, direct_notes
+from sync.auth.settle import CREATED, MATCHER, Settled, settle_users
 from sync.auth.source import SourceSnapshot, read_only_snapshot
 from sync.selection import Changes
 
@@ -75,17 +78,40 @@ class UserImport:
         async with read_only_snapshot(
             source_conn, self.changed_since, self.only_ids, self.changes
         ) as snapshot:
-            keys = await snapshot.keys()
-            self.report.source_users = len(keys)
-            if self.progress is not None:
-                self.progress.users_total(len(keys))
-            if keys:  # a catch-up with no changed user reads neither side's users again
-                await self._match(keys)
-                await self._import(snapshot)
+            if self.api is None and self.writer is not None:
+                await self._settled(snapshot, self.writer)
+            else:
+                keys = await snapshot.keys()
+                self._total(len(keys))
+                if keys:  # a catch-up with no changed user reads neither side's users again
+                    await self._match(keys)
+                    await self._import(_batches(snapshot, self.options.batch_size))
             self.report.not_copied = await snapshot.not_copied()
 
-    async def _import(self, snapshot: SourceSnapshot) -> None:
-        async for rows, identities in _read_ahead(_batches(snapshot, self.options.batch_size)):
+    def _total(self, users: int) -> None:
+        self.report.source_users = users
+        if self.progress is not None:
+            self.progress.users_total(users)
+
+    async def _settled(self, snapshot: SourceSnapshot, writer: TargetWriter) -> None:
+        """The direct mode: matching settled on the target, plain creates by COPY, the rest in batches."""
+        settled = await settle_users(snapshot, writer.conn, self.deleted_accounts)
+        self._total(settled.users)
+        self.matches = settled.matches
+        refused: list[UUID] = []
+        creator = CopyCreator(writer, snapshot)
+        copying = bool(settled.copied) and await creator.prepare()
+        for ids in settled.copied_ids(self.options.copy_size):
+            if not copying or not await creator.create(ids):
+                refused += ids  # through the batches, which isolate the users the target refuses
+                continue
+            if self.progress is not None:
+                self.progress.users(len(ids), len(ids))
+        entries = chain(settled.others(), ((u, CREATED) for u in refused))
+        await self._import(_batches_of(snapshot, entries, settled, self.options.batch_size))
+
+    async def _import(self, batches: AsyncIterator[Batch]) -> None:
+        async for rows, identities in _read_ahead(batches):
             created = self.report.created
             if self.api is not None:
                 await self._through_api(rows, identities)
@@ -126,7 +152,7 @@ class UserImport:
         assert self.writer is not None
         staged = []
         for row in rows:
-            match = self.matches[row["id"]]
+            match = self.matches.pop(row["id"])  # each user is met once: memory stays flat
             if match.kind is MatchKind.QUARANTINED:
                 await self._quarantine(row, match.reason or "quarantined")
                 continue
@@ -230,6 +256,24 @@ async def _batches(snapshot: SourceSnapshot, size: int) -> AsyncIterator[Batch]:
     async for rows in snapshot.batches(size):
         identities: dict[UUID, list[asyncpg.Record]] = {row["id"]: [] for row in rows}
         for identity in await snapshot.identities(list(identities)):
+            identities[identity["user_id"]].append(identity)
+        yield rows, identities
+
+
+async def _batches_of(
+    snapshot: SourceSnapshot, entries: Iterable[tuple[UUID, bytes]], settled: Settled, size: int
+) -> AsyncIterator[Batch]:
+    """The users of ``entries`` (id, kind), ``size`` at a time, each batch with its users' identities;
+    the matches of a batch's settled users are added to ``settled.matches`` as it is read."""
+    entries = iter(entries)
+    while chunk := list(islice(entries, size)):
+        for user_id, kind in chunk:
+            if kind != MATCHER:
+                settled.matches[user_id] = settled.match(user_id, kind)
+        ids = [user_id for user_id, _ in chunk]
+        rows = await snapshot.rows(ids)
+        identities: dict[UUID, list[asyncpg.Record]] = {row["id"]: [] for row in rows}
+        for identity in await snapshot.identities(ids):
             identities[identity["user_id"]].append(identity)
         yield rows, identities
 

@@ -218,8 +218,8 @@ def _held_contacts(s: SourceKey, email_holder: str | None, phone_holder: str | N
 
 # Stored exactly as :func:`normal_email` / :func:`normal_phone` would leave them: printable ASCII without
 # spaces, upper-case letters (e-mail) or ``+`` (phone). Any other stored value is read whatever it is.
-_PLAIN_EMAIL = r"^[!-@\[-~]*$"
-_PLAIN_PHONE = r"^[!-*,-~]*$"
+PLAIN_EMAIL = r"^[!-@\[-~]*$"
+PLAIN_PHONE = r"^[!-*,-~]*$"
 _TARGET_KEY = "SELECT id, email, phone, coalesce(is_sso_user, false) AS sso, created_at FROM auth.users"
 
 
@@ -248,7 +248,7 @@ async def read_target_keys(
         f"{_TARGET_KEY} WHERE id = ANY($1::uuid[]) "
         f"UNION {_TARGET_KEY} WHERE email = ANY($2::text[]) AND is_sso_user = false "
         f"UNION {_TARGET_KEY} WHERE phone = ANY($3::text[]) "
-        f"UNION {_TARGET_KEY} WHERE email !~ '{_PLAIN_EMAIL}' OR phone !~ '{_PLAIN_PHONE}'",
+        f"UNION {_TARGET_KEY} WHERE email !~ '{PLAIN_EMAIL}' OR phone !~ '{PLAIN_PHONE}'",
         ids,
         emails,
         phones,

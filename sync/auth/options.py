@@ -22,6 +22,9 @@ class AuthOptions(BaseModel):
     policy: ConflictPolicy = ConflictPolicy.SOURCE_WINS
     triggers: TriggerMode = TriggerMode.FIRE
     batch_size: int = Field(default=2000, ge=1, description="users per target transaction")
+    copy_size: int = Field(
+        default=20000, ge=1, description="direct: users per target transaction when created by COPY"
+    )
     concurrency: int = Field(default=8, ge=1, description="admin-api: requests in flight at once")
     include_mfa: bool = Field(default=False, description="copy mfa_factors too (not available yet)")
     retry_attempts: int = Field(default=DEFAULT_ATTEMPTS, ge=1)

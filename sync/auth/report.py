@@ -23,6 +23,10 @@ _FBSCRYPT = re.compile(
 )
 # The Auth server's argon2 limits (m KiB, t passes, p lanes) and scrypt's cost exponent bound.
 _ARGON2_LIMITS = (1_048_576, 20, 16)
+# ``[$]`` rather than an escaped ``$``: a ``$`` before a digit would read as a bound parameter where
+# the query is inlined for COPY.
+PLAIN_HASH = "^(" + _BCRYPT.pattern.replace("\\$", "[$]") + ")?$"
+"""A POSIX regular expression true of no hash or a bcrypt one: a hash with nothing to note."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,10 +14,13 @@ from sync.auth.columns import (
     IDENTITY_FIELDS,
     SOURCE_USER_FIELDS,
     USERS_TABLE,
+    Fields,
     select_list,
     table_columns,
 )
 from sync.auth.match import SourceKey, normal_email, normal_phone
+from sync.auth.report import PLAIN_HASH
+from sync.pipe import pipe_copy
 from sync.selection import Changes
 from sync.sqltext import Params, ident, table_ident
 
@@ -61,7 +64,9 @@ class SourceSnapshot:
         self.only_ids = only_ids
         self.changes = changes
         self._user_columns: set[str] = set()
+        self.identity_columns: set[str] = set()
         self._users_query = ""
+        self._rows_query = ""
         self._identities_query = ""
         self._window = ""
         self._params: tuple[object, ...] = ()
@@ -70,6 +75,7 @@ class SourceSnapshot:
         """Read the live column lists (the Auth version decides them) and build the queries."""
         self._user_columns = await table_columns(self.conn, USERS_TABLE)
         identities = await table_columns(self.conn, IDENTITIES_TABLE)
+        self.identity_columns = identities
         params = Params()
         keyed = self.changes.keyed.get(USERS_TABLE) if self.changes is not None else None
         if self.changed_since is not None and keyed is not None:
@@ -95,6 +101,10 @@ class SourceSnapshot:
         self._users_query = (
             f"SELECT {select_list(SOURCE_USER_FIELDS, self._user_columns)} FROM {_USERS}{self._window} "
             "ORDER BY created_at, id"
+        )
+        self._rows_query = (
+            f"SELECT {select_list(SOURCE_USER_FIELDS, self._user_columns)} FROM {_USERS} "
+            "WHERE id = ANY($1::uuid[]) ORDER BY created_at, id"
         )
         identity_select = select_list(IDENTITY_FIELDS, identities)
         if "provider_id" not in identities:
@@ -122,6 +132,41 @@ class SourceSnapshot:
             SourceKey(r["id"], normal_email(r["email"]), normal_phone(r["phone"]), r["sso"], r["deleted"])
             for r in rows
         ]
+
+    async def copy_keys_to(self, target: asyncpg.Connection, table: str) -> int:
+        """Every source user's matching keys, oldest first, streamed undecoded into ``table`` on ``target``
+        (``ord``, id, e-mail and phone as stored, ``''`` as NULL, SSO, deleted, and whether the password
+        hash is none or a bcrypt one); how many."""
+        sso, deleted, password = (
+            ident(name) if name in self._user_columns else "NULL"
+            for name in ("is_sso_user", "deleted_at", "encrypted_password")
+        )
+        query = (
+            "SELECT row_number() OVER (ORDER BY created_at, id) AS ord, id, "
+            "nullif(email::text, '') AS email, nullif(phone::text, '') AS phone, "
+            f"coalesce({sso}, false) AS sso, {deleted} IS NOT NULL AS deleted, "
+            f"coalesce({password}::text, '') ~ '{PLAIN_HASH}' AS plain_hash FROM {_USERS}{self._window}"
+        )
+        return await pipe_copy(self.conn, query, self._params, target, table)
+
+    def select(self, fields: Fields, *, identities: bool = False) -> str:
+        """The select list of ``fields`` of ``auth.users`` (or ``auth.identities``) on this server."""
+        return select_list(fields, self.identity_columns if identities else self._user_columns)
+
+    async def rows(self, user_ids: Sequence[UUID]) -> list[asyncpg.Record]:
+        """Full rows of these users, in the order of :meth:`keys`."""
+        return await self.conn.fetch(self._rows_query, list(user_ids))
+
+    async def copy_to(
+        self,
+        query: str,
+        user_ids: Sequence[UUID],
+        target: asyncpg.Connection,
+        table: str,
+        columns: Sequence[str],
+    ) -> int:
+        """Stream ``query`` over these users (``$1``) undecoded into ``table`` (``columns``) on ``target``."""
+        return await pipe_copy(self.conn, query, [list(user_ids)], target, table, columns)
 
     async def batches(self, size: int) -> AsyncIterator[list[asyncpg.Record]]:
         """Full user rows, ``size`` at a time, in the order of :meth:`keys`."""

@@ -8,11 +8,11 @@ Rows are never decoded in Python on this path. The stage is dropped when the bat
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import asyncpg
 
+from sync.pipe import pipe_copy
 from sync.plan import TablePlan
 from sync.selection import Selection, key_text_sql, source_key_columns
 from sync.sqltext import Params, column_list, ident, table_ident
@@ -81,38 +81,7 @@ class Stage:
     ) -> int:
         """Stream the source's COPY of ``query`` into a new stage; return the rows staged."""
         await self.create(tconn)
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=16)
-
-        async def sink(chunk: bytes) -> None:
-            await queue.put(bytes(chunk))
-
-        ended = False
-
-        async def chunks() -> AsyncIterator[bytes]:
-            nonlocal ended
-            while (chunk := await queue.get()) is not None:
-                yield chunk
-            ended = True
-
-        async def produce() -> None:
-            try:
-                await sconn.copy_from_query(query, *args, output=sink, format=self.format)
-            finally:
-                await queue.put(None)
-
-        # Both ends finish before anything is raised: a rollback while one connection is still inside
-        # its COPY fails with "another operation is in progress" and would hide the real (retryable)
-        # error. If the load fails, the source's COPY is drained so that connection stays usable.
-        producer = asyncio.create_task(produce())
-        try:
-            status = await tconn.copy_to_table(
-                STAGE, source=chunks(), columns=self.columns, format=self.format
-            )
-        finally:
-            while not ended and await queue.get() is not None:
-                pass
-            await producer
-        return int(status.split()[-1])
+        return await pipe_copy(sconn, query, args, tconn, STAGE, self.columns, self.format)
 
     async def load(self, tconn: asyncpg.Connection, records: Sequence[asyncpg.Record]) -> None:
         """A new stage holding ``records`` (rows already read from the source, as when isolating)."""

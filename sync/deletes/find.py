@@ -24,7 +24,7 @@ none of those keys is gone, and the table has no production delete.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -32,6 +32,7 @@ import asyncpg
 
 from sync.census import Tally, kept_and_changed, tally
 from sync.deletes.basis import Basis
+from sync.pipe import pipe_copy
 from sync.selection import Changes
 from sync.sqltext import Params, ident, table_ident
 from sync.verify.compare import (
@@ -338,24 +339,4 @@ def _within(keys: KeySet, scope: list[Buckets] | None, params: Params) -> tuple[
 async def _stream(sconn: asyncpg.Connection, tconn: asyncpg.Connection, query: str, args: list) -> int:
     """The source's keys (``query`` with ``args``, one text column) into the target's key table, binary;
     how many."""
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=16)
-
-    async def sink(chunk: bytes) -> None:
-        await queue.put(bytes(chunk))
-
-    async def chunks() -> AsyncIterator[bytes]:
-        while (chunk := await queue.get()) is not None:
-            yield chunk
-
-    async def produce() -> None:
-        try:
-            await sconn.copy_from_query(query, *args, output=sink, format="binary")
-        finally:
-            await queue.put(None)
-
-    producer = asyncio.create_task(produce())
-    try:
-        status = await tconn.copy_to_table(_SOURCE_KEYS, source=chunks(), format="binary")
-    finally:
-        await producer
-    return int(status.split()[-1])
+    return await pipe_copy(sconn, query, args, tconn, _SOURCE_KEYS)

@@ -1,0 +1,123 @@
+"""Created users by COPY: production's rows streamed straight into the target's ``auth.users`` and
+``auth.identities``, shaped on the source by the same expressions the staged insert uses.
+
+For the users matching settled as plain creates (:mod:`sync.auth.settle`), many at a time in one target
+transaction: a binary ``COPY (SELECT …) TO STDOUT`` on the source feeds ``COPY … FROM STDIN`` on the target
+(rows never decoded in Python, both servers at work together), then the ledger and the quarantine are
+written from the ids in one statement each. Each value is cast on the source to the target column's type,
+so binary COPY reads it as is. A group the target refuses (a trigger that raises, an identity whose
+subject or id the target already has) is rolled back whole and goes through the staged batches, which
+isolate the refused users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from uuid import UUID
+
+import asyncpg
+
+from sync.auth.columns import (
+    DEFAULT_AUD,
+    DEFAULT_ROLE,
+    IDENTITIES_TABLE,
+    IDENTITY_FIELDS,
+    STAGED_FIELDS,
+    USERS_TABLE,
+)
+from sync.auth.direct import TargetWriter
+from sync.auth.direct_sql import IDENTITY_DATA, INSERT_EXPRESSIONS, LAND_CREATED, RESOLVE_CREATED
+from sync.auth.source import SourceSnapshot
+from sync.retry import is_transient_db_error
+from sync.sqltext import ident
+
+# Types by their names as both servers know them; a target column of another type turns this path off.
+_COLUMN_TYPES = """
+SELECT a.attname, format_type(a.atttypid, NULL) AS type,
+       t.typnamespace = 'pg_catalog'::regnamespace AS builtin
+FROM pg_attribute AS a JOIN pg_type AS t ON t.oid = a.atttypid
+WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+"""
+# A created user's column from the stage-shaped source row ``s``: as the staged insert, with the default
+# audience and role the stage record would have carried.
+_USER_EXPRESSIONS = {
+    **INSERT_EXPRESSIONS,
+    "aud": f"coalesce(nullif(s.aud, ''), '{DEFAULT_AUD}')",
+    "role": f"coalesce(nullif(s.role, ''), '{DEFAULT_ROLE}')",
+}
+# A created user's identity (``i``, its user ``u``): as the staged insert writes one under its own id.
+_IDENTITY_EXPRESSIONS = {
+    "id": "coalesce(i.id, gen_random_uuid())",
+    "provider_id": "i.provider_id",
+    "user_id": "i.user_id",
+    "identity_data": IDENTITY_DATA,
+    "provider": "i.provider",
+    "last_sign_in_at": "i.last_sign_in_at",
+    "created_at": "coalesce(i.created_at, u.created_at, now())",
+    "updated_at": "coalesce(i.updated_at, i.created_at, u.created_at, now())",
+}
+
+
+def _casts(expressions: dict[str, str], types: dict[str, str], names: Sequence[str]) -> str:
+    return ", ".join(f"({expressions[c]})::{types[c]} AS {ident(c)}" for c in names)
+
+
+class CopyCreator:
+    """Creates settled users by COPY from the source, through ``writer``'s connection and transactions."""
+
+    def __init__(self, writer: TargetWriter, source: SourceSnapshot) -> None:
+        self.writer = writer
+        self.source = source
+        self._users: tuple[str, list[str]] = ("", [])
+        self._identities: tuple[str, list[str]] = ("", [])
+
+    async def prepare(self) -> bool:
+        """Build both source queries for this pair of servers; False when the path cannot be used (a
+        target column of a type not built in, or a source from before identities had ``provider_id``)."""
+        conn = self.writer.conn
+        users = await conn.fetch(_COLUMN_TYPES, USERS_TABLE)
+        identities = await conn.fetch(_COLUMN_TYPES, IDENTITIES_TABLE)
+        if not all(r["builtin"] for r in [*users, *identities]):
+            return False
+        if "provider_id" not in self.source.identity_columns:
+            return False
+        user_types = {r["attname"]: r["type"] for r in users}
+        names = [c for c in _USER_EXPRESSIONS if c in user_types]
+        shaped = (
+            "SELECT id AS source_id, id AS target_id, nullif(email::text, '') AS email_out, "
+            f"nullif(phone::text, '') AS phone_out, {self.source.select(STAGED_FIELDS)} "
+            f"FROM auth.users WHERE id = ANY ($1::uuid[])"
+        )
+        self._users = (f"SELECT {_casts(_USER_EXPRESSIONS, user_types, names)} FROM ({shaped}) AS s", names)
+        identity_types = {r["attname"]: r["type"] for r in identities}
+        names = [c for c in _IDENTITY_EXPRESSIONS if c in identity_types]
+        self._identities = (
+            f"SELECT {_casts(_IDENTITY_EXPRESSIONS, identity_types, names)} FROM ("
+            f"SELECT {self.source.select(IDENTITY_FIELDS, identities=True)} FROM auth.identities "
+            "WHERE user_id = ANY ($1::uuid[])) AS i JOIN auth.users AS u ON u.id = i.user_id",
+            names,
+        )
+        return True
+
+    async def create(self, ids: Sequence[UUID]) -> bool:
+        """Create these users and their identities in one transaction; False when the target refused
+        them (nothing written: the caller sends them through the staged batches)."""
+
+        async def work(conn: asyncpg.Connection) -> tuple[int, int]:
+            users = await self.source.copy_to(self._users[0], ids, conn, USERS_TABLE, self._users[1])
+            identities = await self.source.copy_to(
+                self._identities[0], ids, conn, IDENTITIES_TABLE, self._identities[1]
+            )
+            await conn.execute(LAND_CREATED, self.writer.run_id, USERS_TABLE, ids)
+            await conn.execute(RESOLVE_CREATED, USERS_TABLE, ids)
+            return users, identities
+
+        try:
+            users, identities = await self.writer.transaction(work, f"creating {len(ids)} auth user(s)")
+        except asyncpg.PostgresError as exc:
+            if is_transient_db_error(exc):
+                raise
+            return False
+        self.writer.report.created += users
+        self.writer.report.identities_created += identities
+        return True

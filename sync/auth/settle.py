@@ -1,0 +1,176 @@
+"""Matching at any scale: production's user keys staged on the target, and settled there in SQL where the
+matcher could give only one answer, so a run holds no per-user object for most users.
+
+The keys (id, e-mail, phone, SSO, deleted, and whether the password hash is a plain bcrypt one) reach a
+temporary table on the target by one binary COPY, passed through undecoded. A user is *settled* when no
+rule of the matcher can touch it: its e-mail and phone are stored in normal form, no other production user
+and no other target user has either of them (compared also with the normalised values of the few keys on
+either side stored otherwise), and no earlier mapping, deleted account or mapping target involves its id.
+Such a user is a same-id match (``id``) when the target has its id, else it is created (``new``); every
+other user goes to :func:`~sync.auth.match.match_users` with the target users it can meet, as before.
+The matcher over the remaining users gives them the same matches as over everyone: a settled user claims
+no target user another could want and holds no address another has.
+
+What comes back is one byte string per kind: 16 bytes per user (its id), in production's order, with a
+kind byte after each id outside the created-by-COPY group (about 17 bytes per user in all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from uuid import UUID
+
+import asyncpg
+
+from sync.auth.columns import USERS_TABLE
+from sync.auth.match import (
+    PLAIN_EMAIL,
+    PLAIN_PHONE,
+    MatchKind,
+    SourceKey,
+    UserMatch,
+    match_users,
+    normal_email,
+    normal_phone,
+    read_id_map,
+    read_target_keys,
+)
+from sync.auth.source import SourceSnapshot
+
+KEY_STAGE = "_sync_user_keys"
+_ODD_STAGE = "_sync_odd_keys"
+_UNSETTLED = "_sync_unsettled_users"
+
+# Kinds of a user outside the created-by-COPY group.
+MATCHER, SAME_ID, CREATED = b"m", b"i", b"n"
+
+_STAGE = f"""
+CREATE TEMP TABLE {KEY_STAGE} (ord bigint, id uuid, email text, phone text, sso boolean, deleted boolean,
+                               plain_hash boolean);
+CREATE TEMP TABLE {_ODD_STAGE} (id uuid, email text, phone text)
+"""
+_ODD_SOURCE = (
+    f"SELECT id, email, phone, sso, deleted FROM {KEY_STAGE} "
+    f"WHERE email !~ '{PLAIN_EMAIL}' OR phone !~ '{PLAIN_PHONE}'"
+)
+_ODD_TARGET = (
+    f"SELECT id, email, phone FROM auth.users WHERE email !~ '{PLAIN_EMAIL}' OR phone !~ '{PLAIN_PHONE}'"
+)
+# $1: deleted accounts, $2: the ``table_name`` of users. Each branch a join the planner hashes or probes by
+# index; none an ``IN (subquery)`` under an OR. A user is left to the matcher when its own keys may meet
+# another user's, or when the target user with its id may be another production user's candidate.
+_PER_CONTACT = f"""
+UNION SELECT k.id FROM {KEY_STAGE} AS k
+      JOIN (SELECT {{c}} FROM {KEY_STAGE} GROUP BY {{c}} HAVING count(*) > 1) AS d ON d.{{c}} = k.{{c}}
+UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN auth.users AS t ON t.{{c}} = k.{{c}} AND t.id <> k.id
+UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN {_ODD_STAGE} AS o ON o.{{c}} = k.{{c}}
+UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN auth.users AS t ON t.id = k.id
+      JOIN {KEY_STAGE} AS k2 ON k2.{{c}} = t.{{c}} AND k2.id <> k.id
+UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN auth.users AS t ON t.id = k.id
+      JOIN {_ODD_STAGE} AS o ON o.{{c}} = t.{{c}}"""
+_UNSETTLED_SQL = f"""
+CREATE TEMP TABLE {_UNSETTLED} AS
+SELECT k.id FROM {KEY_STAGE} AS k
+WHERE k.email !~ '{PLAIN_EMAIL}' OR k.phone !~ '{PLAIN_PHONE}' OR k.id = ANY ($1::uuid[])
+UNION SELECT k.id FROM {KEY_STAGE} AS k
+      JOIN _sync.id_map AS m ON m.table_name = $2 AND m.source_key = k.id::text
+UNION SELECT k.id FROM {KEY_STAGE} AS k
+      JOIN _sync.id_map AS m ON m.table_name = $2 AND m.target_key = k.id::text
+UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN {_ODD_STAGE} AS o ON o.id = k.id
+{_PER_CONTACT.format(c="email")}
+{_PER_CONTACT.format(c="phone")}
+"""
+
+_KINDS = f"""
+SELECT string_agg(uuid_send(k.id), ''::bytea ORDER BY k.ord) FILTER (WHERE c.kind IS NULL) AS copied,
+       string_agg(uuid_send(k.id) || c.kind, ''::bytea ORDER BY k.ord) FILTER (WHERE c.kind IS NOT NULL)
+           AS others
+FROM {KEY_STAGE} AS k
+LEFT JOIN {_UNSETTLED} AS x ON x.id = k.id
+LEFT JOIN LATERAL (SELECT true AS found FROM auth.users AS t WHERE t.id = k.id LIMIT 1) AS t ON true
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN x.id IS NOT NULL THEN '{MATCHER.decode()}'::bytea
+                WHEN t.found THEN '{SAME_ID.decode()}'::bytea
+                WHEN k.sso OR NOT k.plain_hash THEN '{CREATED.decode()}'::bytea END AS kind
+) AS c
+"""
+_UNSETTLED_KEYS = (
+    f"SELECT k.id, k.email, k.phone, k.sso, k.deleted FROM {KEY_STAGE} AS k "
+    f"JOIN {_UNSETTLED} AS x ON x.id = k.id ORDER BY k.ord"
+)
+_DROP = f"DROP TABLE IF EXISTS {KEY_STAGE}, {_ODD_STAGE}, {_UNSETTLED}"
+
+
+@dataclass
+class Settled:
+    """Where each production user goes: created by COPY, or by the batches with their match."""
+
+    copied: bytes
+    """The ids (16 bytes each) of users created by COPY straight from production."""
+    others_packed: bytes
+    """The ids of every other user, each followed by its kind byte."""
+    matches: dict[UUID, UserMatch]
+    """The matcher's answer for the users SQL could not settle."""
+    users: int
+    """Every production user in scope."""
+
+    def copied_ids(self, size: int) -> Iterator[list[UUID]]:
+        """The created-by-COPY ids, ``size`` at a time, in production's order."""
+        step = 16 * size
+        for start in range(0, len(self.copied), step):
+            chunk = self.copied[start : start + step]
+            yield [UUID(bytes=chunk[i : i + 16]) for i in range(0, len(chunk), 16)]
+
+    def others(self) -> Iterator[tuple[UUID, bytes]]:
+        """Every other user's id and kind byte, in production's order."""
+        for start in range(0, len(self.others_packed), 17):
+            yield (
+                UUID(bytes=self.others_packed[start : start + 16]),
+                self.others_packed[start + 16 : start + 17],
+            )
+
+    def match(self, user_id: UUID, kind: bytes) -> UserMatch:
+        """The match of a user outside the COPY group, by its kind byte."""
+        if kind == MATCHER:
+            return self.matches[user_id]
+        return UserMatch(user_id, user_id, MatchKind.ID if kind == SAME_ID else MatchKind.NEW)
+
+    def all_matches(self, order: Sequence[UUID]) -> list[UserMatch]:
+        """Every user's match in ``order`` (to compare with the matcher over everyone)."""
+        kinds = dict(self.others())
+        return [self.match(u, kinds[u]) if u in kinds else UserMatch(u, u, MatchKind.NEW) for u in order]
+
+
+async def settle_users(
+    source: SourceSnapshot, target: asyncpg.Connection, deleted_accounts: Collection[UUID] = ()
+) -> Settled:
+    """Stage ``source``'s keys on ``target``, settle what SQL can, match the rest; see the module."""
+    await target.execute(_DROP)
+    await target.execute(_STAGE)
+    try:
+        users = await source.copy_keys_to(target, KEY_STAGE)
+        if not users:  # a catch-up with no changed user reads no target user
+            return Settled(b"", b"", {}, 0)
+        # Keys stored otherwise on either side (few), normalised here: production's without an id, the
+        # target's with the id of their user.
+        odd = [(None, r["email"], r["phone"]) for r in await target.fetch(_ODD_SOURCE)]
+        odd += [(r["id"], r["email"], r["phone"]) for r in await target.fetch(_ODD_TARGET)]
+        await target.copy_records_to_table(
+            _ODD_STAGE,
+            records=[(i, normal_email(e), normal_phone(p)) for i, e, p in odd],
+            columns=["id", "email", "phone"],
+        )
+        await target.execute(f"ANALYZE {KEY_STAGE}, {_ODD_STAGE}")
+        await target.execute(_UNSETTLED_SQL, list(deleted_accounts), USERS_TABLE)
+        keys = [
+            SourceKey(r["id"], normal_email(r["email"]), normal_phone(r["phone"]), r["sso"], r["deleted"])
+            for r in await target.fetch(_UNSETTLED_KEYS)
+        ]
+        id_map = await read_id_map(target, [k.id for k in keys])
+        candidates = await read_target_keys(target, keys, id_map)
+        matches = {m.source_id: m for m in match_users(keys, candidates, id_map, deleted_accounts)}
+        row = await target.fetchrow(_KINDS)
+        return Settled(row["copied"] or b"", row["others"] or b"", matches, users)
+    finally:
+        await target.execute(_DROP)

@@ -1,0 +1,238 @@
+"""Matching settled in SQL on the target gives every production user the matcher's own answer.
+
+Each case adds users that meet each other in one of the ways the matching rules speak of to the seed
+scenario (production = source, development = target), then compares, user by user, the matcher over every
+user of both sides with the direct mode's way: keys staged on the target, plain users settled in SQL, the
+rest given to the same matcher.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from devkit.testbed import Database
+from sync.auth import AuthOptions, MatchKind, import_users, match_users
+from sync.auth.match import read_id_map, read_target_keys
+from sync.auth.settle import settle_users
+from sync.auth.source import read_only_snapshot, read_source_keys
+from sync.connect import Endpoint, Side, connect
+from sync.state import ensure_state
+
+User = tuple[uuid.UUID, str | None, str | None, dict[str, Any]]
+"""id, e-mail, phone as stored, and other columns (``is_sso_user``, ``deleted_at``)."""
+
+
+class Case:
+    """Users to add on each side, earlier runs' mappings, and the target's deleted accounts."""
+
+    def __init__(self) -> None:
+        self.source: list[User] = []
+        self.target: list[User] = []
+        self.id_map: list[tuple[uuid.UUID, uuid.UUID]] = []
+        self.deleted_accounts: list[uuid.UUID] = []
+        self.ids: dict[str, uuid.UUID] = {}
+
+    def id(self, name: str) -> uuid.UUID:
+        return self.ids.setdefault(name, uuid.uuid4())
+
+    def on_source(self, name: str, email: str | None, phone: str | None = None, **extra: Any) -> None:
+        self.source.append((self.id(name), email, phone, extra))
+
+    def on_target(self, name: str, email: str | None, phone: str | None = None, **extra: Any) -> None:
+        self.target.append((self.id(name), email, phone, extra))
+
+
+def case_variants(c: Case) -> None:
+    """Addresses stored in another case, with spaces or a ``+``, on either side."""
+    c.on_target("old variant", " Mixed@Case.com", created_at="2020-01-01")
+    c.on_target("lower", "mixed@case.com")
+    c.on_source("signs up again", "mixed@case.com")
+    c.on_source("upper in production", "Other@Case.com ")
+    c.on_target("other", "other@case.com")
+    c.on_target("spaced phone", None, "+52 1 55 9999 0001")
+    c.on_source("same phone", "phone.person@x.com", "5215599990001")
+
+
+def moved_address(c: Case) -> None:
+    """A same-id user moves to a new address; another user takes the one it left, or one someone holds."""
+    c.on_target("mover", "left@x.com", "5215599990002")
+    c.on_source("mover", "arrived@x.com", "5215599990002")
+    c.on_source("takes the old address", "left@x.com")
+    c.on_target("blocked", "mine@x.com")
+    c.on_target("holder", "taken@x.com")
+    c.on_source("blocked", "taken@x.com")
+
+
+def shared_addresses(c: Case) -> None:
+    """Two production users on one e-mail, and two on one phone (as stored, in different forms)."""
+    c.on_source("first", "shared@x.com")
+    c.on_source("second", "Shared@x.com")
+    c.on_source("first phone", "a@phone.com", "5215599990003")
+    c.on_source("second phone", "b@phone.com", "+5215599990003")
+
+
+def mapped_users(c: Case) -> None:
+    """An earlier run's mapping, one whose target user another user now has by id, and one to a user gone."""
+    c.on_target("mapped target", "mapped@x.com")
+    c.on_source("mapped", "someone.else@x.com")
+    c.id_map.append((c.id("mapped"), c.id("mapped target")))
+    c.on_target("claimed by id", "claimed@x.com")
+    c.on_source("claimed by id", "claimed@x.com")
+    c.on_source("mapped to a claimed one", "late@x.com")
+    c.id_map.append((c.id("mapped to a claimed one"), c.id("claimed by id")))
+    c.on_source("mapped to a user gone", "orphan@x.com")
+    c.id_map.append((c.id("mapped to a user gone"), uuid.uuid4()))
+
+
+def deleted_and_sso(c: Case) -> None:
+    """Deleted and SSO production users on held addresses, and an address of a deleted account."""
+    c.on_target("holder", "held@x.com", "5215599990004")
+    c.on_source("deleted", "held@x.com", "5215599990004", deleted_at=datetime(2024, 12, 1, tzinfo=UTC))
+    c.on_source("sso", "held@x.com", None, is_sso_user=True)
+    c.on_target("gone", "gone@x.com")
+    c.deleted_accounts.append(c.id("gone"))
+    c.on_source("new person", "gone@x.com")
+
+
+CASES: dict[str, Callable[[Case], None]] = {
+    f.__name__: f for f in (case_variants, moved_address, shared_addresses, mapped_users, deleted_and_sso)
+}
+
+
+def _add(db: Database, users: list[User]) -> None:
+    start = datetime(2024, 12, 1, tzinfo=UTC)
+    with psycopg.connect(db.admin_url, autocommit=True) as conn:
+        for n, (user_id, email, phone, extra) in enumerate(users):
+            columns = {
+                "id": user_id,
+                "email": email,
+                "phone": phone,
+                "created_at": start + timedelta(minutes=n),
+                "encrypted_password": "",
+                **extra,
+            }
+            names = ", ".join(columns)
+            marks = ", ".join(["%s"] * len(columns))
+            conn.execute(f"INSERT INTO auth.users ({names}) VALUES ({marks})", list(columns.values()))
+
+
+@pytest.mark.parametrize("build", CASES.values(), ids=list(CASES))
+async def test_users_settled_in_sql_get_the_matchers_answer(
+    build: Callable[[Case], None], seed_dbs: tuple[Database, Database]
+) -> None:
+    source, target = seed_dbs
+    case = Case()
+    build(case)
+    _add(source, case.source)
+    _add(target, case.target)
+    sconn = await connect(Endpoint.parse(Side.SOURCE, source.admin_url))
+    tconn = await connect(Endpoint.parse(Side.TARGET, target.admin_url))
+    try:
+        await ensure_state(tconn)
+        await tconn.executemany(
+            "INSERT INTO _sync.id_map (table_name, source_key, target_key, reason) "
+            "VALUES ('auth.users', $1, $2, 'email')",
+            [(str(s), str(t)) for s, t in case.id_map],
+        )
+        async with sconn.transaction(isolation="repeatable_read", readonly=True):
+            keys = await read_source_keys(sconn)
+            async with read_only_snapshot(sconn) as snapshot:
+                settled = await settle_users(snapshot, tconn, case.deleted_accounts)
+        everyone = match_users(
+            keys, await read_target_keys(tconn), await read_id_map(tconn), case.deleted_accounts
+        )
+    finally:
+        await sconn.close()
+        await tconn.close()
+
+    assert settled.all_matches([k.id for k in keys]) == everyone
+    # Every user of the case meets another, so the matcher decides it; most seed users are settled.
+    assert {user_id for user_id, *_ in case.source} <= set(settled.matches)
+    assert len(settled.matches) < len(keys) // 4 and settled.copied
+    kinds = {m.kind for m in everyone if m.source_id in {u for u, *_ in case.source}}
+    assert kinds - {MatchKind.NEW}, "each case has users the matcher does not simply create"
+
+
+def _written(db: Database, leaving_out: uuid.UUID) -> list[tuple[Any, ...]]:
+    """Every auth user and identity, and the ledger of users, but those of one user."""
+    return _fetch(
+        db,
+        "SELECT (SELECT md5(string_agg(u::text, '|' ORDER BY u.id)) FROM auth.users AS u WHERE u.id <> %s), "
+        "(SELECT md5(string_agg(i::text, '|' ORDER BY i.id)) FROM auth.identities AS i "
+        "WHERE i.user_id <> %s), "
+        "(SELECT md5(string_agg(l.source_key || l.target_key, '|' ORDER BY l.source_key)) "
+        "FROM _sync.landed AS l WHERE l.table_name = 'auth.users' AND l.source_key <> %s::text)",
+        leaving_out,
+        leaving_out,
+        leaving_out,
+    )
+
+
+def _fetch(db: Database, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(db.admin_url, autocommit=True) as conn:
+        cur = conn.execute(query, args or None)
+        return cur.fetchall() if cur.description else []
+
+
+async def _import(source: Database, target: Database) -> Any:
+    return await import_users(
+        Endpoint.parse(Side.SOURCE, source.url), Endpoint.parse(Side.TARGET, target.url), AuthOptions()
+    )
+
+
+async def test_users_created_by_copy_are_written_as_the_batches_write_them(
+    make_db: Callable[..., Database], seed_templates: tuple[str, str]
+) -> None:
+    source = make_db(seed_templates[0])
+    by_copy, by_batches = make_db(seed_templates[1]), make_db(seed_templates[1])
+    copied = await _import(source, by_copy)
+    # A trigger refusing one created user makes its whole COPY group go through the batches instead.
+    there = {r[0] for r in _fetch(by_batches, "SELECT id FROM auth.users")}
+    landed = _fetch(by_copy, "SELECT source_key::uuid FROM _sync.landed ORDER BY landed_at, source_key")
+    refused = next(r[0] for r in landed if r[0] not in there)
+    _fetch(
+        by_batches,
+        f"""
+        CREATE FUNCTION public.refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF new.id = '{refused}' THEN RAISE EXCEPTION 'refused'; END IF; RETURN new; END $$;
+        CREATE TRIGGER refuse_one AFTER INSERT ON auth.users
+            FOR EACH ROW EXECUTE FUNCTION public.refuse_one();
+        """,
+    )
+    batched = await _import(source, by_batches)
+
+    assert batched.quarantined == 1 and batched.quarantine[0].source_id == refused and copied.quarantined == 0
+    assert (batched.created, batched.identities_created) < (copied.created, copied.identities_created)
+    assert batched.created == copied.created - 1
+    assert _written(by_batches, refused) == _written(by_copy, refused)
+
+
+async def test_a_user_deleted_on_the_target_since_it_landed_is_created_again_and_its_ledger_entry_kept(
+    seed_dbs: tuple[Database, Database],
+) -> None:
+    source, target = seed_dbs
+    first = await _import(source, target)
+    ((gone,),) = _fetch(
+        target,
+        "SELECT u.id FROM auth.users AS u JOIN _sync.landed AS l ON l.source_key = u.id::text "
+        "WHERE l.table_name = 'auth.users' AND u.email IS NOT NULL AND u.deleted_at IS NULL "
+        "ORDER BY u.created_at DESC LIMIT 1",
+    )
+    _fetch(target, "DELETE FROM public.profiles WHERE id = %s", gone)
+    _fetch(target, "DELETE FROM auth.users WHERE id = %s", gone)
+
+    again = await _import(source, target)
+
+    assert first.created > 1 and (again.created, again.quarantined) == (1, 0)
+    assert _fetch(target, "SELECT count(*) FROM auth.users WHERE id = %s", gone) == [(1,)]
+    assert _fetch(
+        target,
+        "SELECT target_key FROM _sync.landed WHERE table_name = 'auth.users' AND source_key = %s::text",
+        gone,
+    ) == [(str(gone),)]
