@@ -13,12 +13,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import bcrypt
 import psycopg
 import pytest
 
 from devkit.testbed import Database
 from sync.auth import AuthOptions, MatchKind, import_users, match_users
 from sync.auth.match import read_id_map, read_target_keys
+from sync.auth.report import hash_problem, plain_hash_sql
 from sync.auth.settle import settle_users
 from sync.auth.source import read_only_snapshot, read_source_keys
 from sync.connect import Endpoint, Side, connect
@@ -236,3 +238,30 @@ async def test_a_user_deleted_on_the_target_since_it_landed_is_created_again_and
         "SELECT target_key FROM _sync.landed WHERE table_name = 'auth.users' AND source_key = %s::text",
         gone,
     ) == [(str(gone),)]
+
+
+async def test_the_plain_hash_check_in_sql_agrees_with_the_report(supabase_db: Database) -> None:
+    bcrypt_hash = bcrypt.hashpw(b"secret", bcrypt.gensalt(rounds=4)).decode()
+    values = [
+        "",
+        bcrypt_hash,
+        bcrypt_hash.replace("$2b$", "$2$"),
+        bcrypt_hash.replace("$04$", "$32$"),
+        bcrypt_hash[:-1],
+        bcrypt_hash + "x",
+        bcrypt_hash[:-1] + "!",
+        "$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA",
+        "{encrypted}",
+        "plain text",
+    ]
+    conn = await connect(Endpoint.parse(Side.TARGET, supabase_db.admin_url))
+    try:
+        plain = await conn.fetchval(
+            f"SELECT array_agg({plain_hash_sql('v')} ORDER BY n) FROM unnest($1::text[]) "
+            "WITH ORDINALITY AS x(v, n)",
+            values,
+        )
+    finally:
+        await conn.close()
+    assert plain == [True, True, True, False, False, False, False, False, False, False]
+    assert all(hash_problem(v) is None for v, p in zip(values, plain, strict=True) if p)

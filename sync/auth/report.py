@@ -15,7 +15,9 @@ from sync.auth.options import AuthMode, ConflictPolicy, TriggerMode
 from sync.errors import EXIT_OK, EXIT_QUARANTINED
 
 # The password hash formats the Auth server can check.
-_BCRYPT = re.compile(r"\$2[aby]?\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+_BCRYPT_PREFIX = r"\$2[aby]?\$(?:0[4-9]|[12][0-9]|3[01])\$"
+_BCRYPT_ALPHABET = "./A-Za-z0-9"
+_BCRYPT = re.compile(_BCRYPT_PREFIX + f"[{_BCRYPT_ALPHABET}]{{53}}")
 _ARGON2 = re.compile(r"\$argon2(?:i|id)\$v=19\$m=(\d+),t=(\d+),p=(\d+)\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+")
 _FBSCRYPT = re.compile(
     r"\$fbscrypt\$v=1,n=(\d+),r=(\d+),p=(\d+)(?:,ss=[A-Za-z0-9+/]+=*)?(?:,sk=[A-Za-z0-9+/]+=*)?"
@@ -23,10 +25,21 @@ _FBSCRYPT = re.compile(
 )
 # The Auth server's argon2 limits (m KiB, t passes, p lanes) and scrypt's cost exponent bound.
 _ARGON2_LIMITS = (1_048_576, 20, 16)
-# ``[$]`` rather than an escaped ``$``: a ``$`` before a digit would read as a bound parameter where
-# the query is inlined for COPY.
-PLAIN_HASH = "^(" + _BCRYPT.pattern.replace("\\$", "[$]") + ")?$"
-"""A POSIX regular expression true of no hash or a bcrypt one: a hash with nothing to note."""
+
+
+def plain_hash_sql(value: str) -> str:
+    """SQL true when the text ``value`` is empty or a bcrypt hash (:func:`hash_problem` has nothing to say).
+
+    The prefix and the 53 characters after it are matched apart: a bounded repeat or a capturing group
+    makes PostgreSQL's regular expressions five times slower, ``btrim`` over the alphabet slower still.
+    ``[$]`` rather than an escaped ``$``, as a ``$`` before a digit would read as a bound parameter where
+    the query is inlined for COPY.
+    """
+    prefix = _BCRYPT_PREFIX.replace("\\$", "[$]")
+    return (
+        f"({value} = '' OR (left({value}, -53) ~ '^{prefix}$' "
+        f"AND right({value}, 53) ~ '^[{_BCRYPT_ALPHABET}]*$'))"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from sync.auth.columns import (
     table_columns,
 )
 from sync.auth.match import SourceKey, normal_email, normal_phone
-from sync.auth.report import PLAIN_HASH
+from sync.auth.report import plain_hash_sql
 from sync.pipe import pipe_copy
 from sync.selection import Changes
 from sync.sqltext import Params, ident, table_ident
@@ -141,11 +141,13 @@ class SourceSnapshot:
             ident(name) if name in self._user_columns else "NULL"
             for name in ("is_sso_user", "deleted_at", "encrypted_password")
         )
+        hash_text = f"coalesce({password}::text, '')"
         query = (
             "SELECT row_number() OVER (ORDER BY created_at, id) AS ord, id, "
             "nullif(email::text, '') AS email, nullif(phone::text, '') AS phone, "
             f"coalesce({sso}, false) AS sso, {deleted} IS NOT NULL AS deleted, "
-            f"coalesce({password}::text, '') ~ '{PLAIN_HASH}' AS plain_hash FROM {_USERS}{self._window}"
+            f"{plain_hash_sql(hash_text)} AS plain_hash "
+            f"FROM {_USERS}{self._window}"
         )
         return await pipe_copy(self.conn, query, self._params, target, table)
 
