@@ -88,10 +88,10 @@ SELECT string_agg(uuid_send(k.id), ''::bytea ORDER BY k.ord) FILTER (WHERE c.kin
            AS others
 FROM {KEY_STAGE} AS k
 LEFT JOIN {_UNSETTLED} AS x ON x.id = k.id
-LEFT JOIN LATERAL (SELECT true AS found FROM auth.users AS t WHERE t.id = k.id LIMIT 1) AS t ON true
+LEFT JOIN auth.users AS t ON t.id = k.id
 CROSS JOIN LATERAL (
     SELECT CASE WHEN x.id IS NOT NULL THEN '{MATCHER.decode()}'::bytea
-                WHEN t.found THEN '{SAME_ID.decode()}'::bytea
+                WHEN t.id IS NOT NULL THEN '{SAME_ID.decode()}'::bytea
                 WHEN k.sso OR NOT k.plain_hash THEN '{CREATED.decode()}'::bytea END AS kind
 ) AS c
 """
@@ -161,7 +161,6 @@ async def settle_users(
             records=[(i, normal_email(e), normal_phone(p)) for i, e, p in odd],
             columns=["id", "email", "phone"],
         )
-        await target.execute(f"ANALYZE {KEY_STAGE}, {_ODD_STAGE}")
         await target.execute(_UNSETTLED_SQL, list(deleted_accounts), USERS_TABLE)
         keys = [
             SourceKey(r["id"], normal_email(r["email"]), normal_phone(r["phone"]), r["sso"], r["deleted"])
