@@ -45,7 +45,10 @@ _USER_EXPRESSIONS = {
     "aud": f"coalesce(nullif(s.aud, ''), '{DEFAULT_AUD}')",
     "role": f"coalesce(nullif(s.role, ''), '{DEFAULT_ROLE}')",
 }
-# A created user's identity (``i``, its user ``u``): as the staged insert writes one under its own id.
+# Its user's creation time, read only for an identity without times of its own (``coalesce`` stops at the
+# first value): a join would hash every source user for each group.
+_USER_CREATED = "(SELECT u.created_at FROM auth.users AS u WHERE u.id = i.user_id)"
+# A created user's identity (``i``): as the staged insert writes one under its own id.
 _IDENTITY_EXPRESSIONS = {
     "id": "coalesce(i.id, gen_random_uuid())",
     "provider_id": "i.provider_id",
@@ -53,8 +56,8 @@ _IDENTITY_EXPRESSIONS = {
     "identity_data": IDENTITY_DATA,
     "provider": "i.provider",
     "last_sign_in_at": "i.last_sign_in_at",
-    "created_at": "coalesce(i.created_at, u.created_at, now())",
-    "updated_at": "coalesce(i.updated_at, i.created_at, u.created_at, now())",
+    "created_at": f"coalesce(i.created_at, {_USER_CREATED}, now())",
+    "updated_at": f"coalesce(i.updated_at, i.created_at, {_USER_CREATED}, now())",
 }
 
 
@@ -94,7 +97,7 @@ class CopyCreator:
         self._identities = (
             f"SELECT {_casts(_IDENTITY_EXPRESSIONS, identity_types, names)} FROM ("
             f"SELECT {self.source.select(IDENTITY_FIELDS, identities=True)} FROM auth.identities "
-            "WHERE user_id = ANY ($1::uuid[])) AS i JOIN auth.users AS u ON u.id = i.user_id",
+            "WHERE user_id = ANY ($1::uuid[])) AS i",
             names,
         )
         return True
