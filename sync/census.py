@@ -72,24 +72,43 @@ async def tally(
     params: Params,
     listed: Mapping[str, tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """``count(*)`` of ``table`` as ``rows``, and of its rows meeting each condition, in one scan; for each
-    of ``listed`` (name → key SQL, condition) the keys of the rows meeting it, None past :data:`LISTED`."""
-    filters = "".join(f", count(*) FILTER (WHERE {sql}) AS {name}" for name, sql in conditions.items())
-    for name, (key, sql) in (listed or {}).items():
-        filters += f", (array_agg({key}) FILTER (WHERE {sql}))[1:{LISTED + 1}] AS {name}"
+    """``count(*)`` of ``table`` as ``rows``, and of its rows meeting each condition, in one scan. Each of
+    ``listed`` (name → key SQL, condition) gives the keys of the rows meeting it (None past
+    :data:`LISTED`) and their number as ``n_<name>``: its condition is evaluated once per row."""
+    counted = [f"count(*) FILTER (WHERE {sql}) AS {name}" for name, sql in conditions.items()]
+    gathered = [
+        f"array_agg({key}) FILTER (WHERE {sql}) AS {name}" for name, (key, sql) in (listed or {}).items()
+    ]
+    inner = ", ".join(["count(*) AS rows", *counted, *gathered])
+    outer = ", ".join(
+        [
+            "rows",
+            *conditions,
+            *(f"cardinality({n}) AS n_{n}, {n}[1:{LISTED + 1}] AS {n}" for n in listed or {}),
+        ]
+    )
     row = dict(
-        await conn.fetchrow(f"SELECT count(*) AS rows{filters} FROM {table_ident(table)}", *params.values)
+        await conn.fetchrow(
+            f"SELECT {outer} FROM (SELECT {inner} FROM {table_ident(table)}) AS q", *params.values
+        )
     )
     for name in listed or {}:
+        row[f"n_{name}"] = row[f"n_{name}"] or 0
         keys = row[name] or []
         row[name] = keys if len(keys) <= LISTED else None
     return row
 
 
-def kept_and_changed(settled: Changes, key: str, params: Params) -> tuple[dict[str, str], dict]:
-    """:func:`tally`'s arguments counting the rows ``settled``'s first snapshot saw and listing the others."""
-    changed = settled.sql(params)
-    return {"kept": f"NOT {changed}"}, {"changed": (key, changed)}
+def kept_and_changed(settled: Changes, key: str, params: Params) -> dict[str, tuple[str, str]]:
+    """:func:`tally`'s ``listed`` for the rows ``settled``'s first snapshot did not see (``changed``)."""
+    return {"changed": (key, settled.sql(params))}
+
+
+def tallied(row: dict[str, Any]) -> Tally:
+    """A :class:`Tally` of what :func:`tally` found (``window`` or ``keyed``, ``changed``)."""
+    window = row["n_keyed"] if "n_keyed" in row else row.get("window")
+    kept = row["rows"] - row["n_changed"] if "n_changed" in row else None
+    return Tally(row["rows"], window, kept, row.get("changed"), row.get("keyed"))
 
 
 def quiet_tables(plan: Plan, window: Mapping[str, int]) -> frozenset[str]:
@@ -121,11 +140,9 @@ async def take_census(
         window = selection.in_window(tp, params)
         conditions, listed = {"window": window}, {}
         if selection.changes is not None and len(tp.row_key) == 1:
-            listed["keyed"] = (key_text_sql(tp), window)
+            conditions, listed = {}, {"keyed": (key_text_sql(tp), window)}
         if settled is not None and basis.of(tp.name, tp.source_name):
-            kept, changed = kept_and_changed(settled, key_text_sql(tp), params)
-            conditions.update(kept)
-            listed.update(changed)
+            listed.update(kept_and_changed(settled, key_text_sql(tp), params))
         jobs.append((tp.name, tp.source_name, conditions, params, listed))
     counts: dict[str, dict[str, int]] = {}
     opened = await asyncio.gather(*(snapshot.reader() for _ in range(READERS)), return_exceptions=True)
@@ -153,13 +170,13 @@ async def take_census(
         # A user is in the window when its row or one of its identities is: counted (and listed) once.
         touched = counts.pop(IDENTITIES_TABLE)
         users = counts[USERS_TABLE]
-        users["window"] += touched["window"]
-        if users.get("keyed") is not None and touched.get("keyed") is not None:
+        users["n_keyed"] += touched["n_keyed"]
+        if users["keyed"] is not None and touched["keyed"] is not None:
             ids = sorted({*users["keyed"], *touched["keyed"]})
             users["keyed"] = ids if len(ids) <= LISTED else None
         else:
             users["keyed"] = None
-    tallies = {name: Tally(**c) for name, c in counts.items()}
+    tallies = {name: tallied(c) for name, c in counts.items()}
     quiet = quiet_tables(plan, {name: t.window for name, t in tallies.items()})
     return Census(tallies, quiet)
 
@@ -184,15 +201,13 @@ async def _user_jobs(
     """The users' and identities' counts: the users a catch-up's auth stage reads, and those kept."""
     params = Params()
     users, _ = changed_users(await table_columns(conn, USERS_TABLE), since, changes, params)
-    conditions, listed = {"window": users}, {"keyed": ("id::text", users)}
+    conditions, listed = {}, {"keyed": ("id::text", users)}
     if settled is not None:
-        kept, changed = kept_and_changed(settled, "id::text", params)
-        conditions.update(kept)
-        listed.update(changed)
+        listed.update(kept_and_changed(settled, "id::text", params))
     jobs: list[Job] = [(USERS_TABLE, USERS_TABLE, conditions, params, listed)]
     if changes is not None:
         touched = Params()
         identities = changes.sql(touched)
         listed = {"keyed": ("user_id::text", identities)}
-        jobs.append((IDENTITIES_TABLE, IDENTITIES_TABLE, {"window": identities}, touched, listed))
+        jobs.append((IDENTITIES_TABLE, IDENTITIES_TABLE, {}, touched, listed))
     return jobs

@@ -30,7 +30,7 @@ from datetime import datetime
 
 import asyncpg
 
-from sync.census import Tally, kept_and_changed, tally
+from sync.census import Tally, kept_and_changed, tallied, tally
 from sync.deletes.basis import Basis
 from sync.pipe import pipe_copy
 from sync.selection import Changes
@@ -185,8 +185,8 @@ class Finder:
         counts = self.tallies.get(name)
         if counts is None or counts.kept is None:
             params = Params()
-            conditions, listed = kept_and_changed(self.since, source_key, params)
-            counts = Tally(**await tally(self.sconn, source_name, conditions, params, listed))
+            listed = kept_and_changed(self.since, source_key, params)
+            counts = tallied(await tally(self.sconn, source_name, {}, params, listed))
         missing = entry.rows - counts.kept
         if missing > 0:
             if counts.changed is None or len(counts.changed) < missing:
