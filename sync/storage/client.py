@@ -20,19 +20,21 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
-import httpx
-
 from sync.retry import retry_after_seconds, retrying
+
+if TYPE_CHECKING:
+    import httpx  # loaded when a client is made: only runs that move files need it
 
 T = TypeVar("T")
 
 TUS_CHUNK = 6 * 1024 * 1024
 """The chunk size Supabase asks resumable uploads to use (every PATCH but the last carries exactly this)."""
 STREAM_CHUNK = 256 * 1024
-DEFAULT_TIMEOUT = httpx.Timeout(connect=15.0, read=120.0, write=120.0, pool=None)
+DEFAULT_TIMEOUT = {"connect": 15.0, "read": 120.0, "write": 120.0, "pool": None}
+"""Seconds per phase of a request (``httpx.Timeout``'s): none to wait for a free connection."""
 
 # Codes in an error body that a later attempt may not meet: rate limits, server and gateway failures,
 # the database's own timeout (544) and lock timeouts (423, 503).
@@ -82,6 +84,8 @@ def is_transient(exc: BaseException) -> bool:
     """True for failures a retry may cure: transient API errors, timeouts, lost or refused connections."""
     if isinstance(exc, StorageApiError):
         return exc.transient
+    import httpx
+
     return isinstance(exc, (httpx.TimeoutException, httpx.TransportError))
 
 
@@ -138,9 +142,11 @@ class StorageApi:
         attempts: int = 6,
         initial_wait: float = 0.5,
         max_wait: float = 30.0,
-        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        timeout: float | None = None,
         connections: int = 16,
     ) -> None:
+        import httpx
+
         self.base = url.rstrip("/") + "/storage/v1"
         self.side = side
         self.attempts = attempts
@@ -148,7 +154,7 @@ class StorageApi:
         self.max_wait = max_wait
         self.http = httpx.AsyncClient(
             headers={"Authorization": f"Bearer {service_key}", "apikey": service_key},
-            timeout=timeout,
+            timeout=httpx.Timeout(timeout) if timeout is not None else httpx.Timeout(**DEFAULT_TIMEOUT),
             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         )
 

@@ -20,11 +20,14 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncpg
-import httpx
 
 from sync.errors import first_line
+
+if TYPE_CHECKING:
+    import httpx
 from sync.retry import retrying
 from sync.sqltext import ident, table_ident
 from sync.storage.client import (
@@ -224,7 +227,7 @@ class Transfers:
             if exc.transient:
                 raise _GaveUp(self.settings.attempts, exc) from exc
             raise Refused(_api_message(exc)) from exc
-        except (TransferError, httpx.TransportError, httpx.TimeoutException) as exc:
+        except (TransferError, *_lost()) as exc:
             raise _GaveUp(self.settings.attempts, exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -375,6 +378,13 @@ class Transfers:
                 json.dumps(row),
                 message,
             )
+
+
+def _lost() -> tuple[type[Exception], ...]:
+    """The transport's own failures: a connection lost or refused, a timeout."""
+    import httpx
+
+    return httpx.TransportError, httpx.TimeoutException
 
 
 def _declared_size(response: httpx.Response, fallback: int) -> int:
