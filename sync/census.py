@@ -23,7 +23,7 @@ from sync.auth.source import changed_users
 from sync.plan import Plan
 from sync.selection import Changes, Selection, key_text_sql, links
 from sync.snapshot import SourceSnapshot
-from sync.sqltext import Params, table_ident
+from sync.sqltext import Params, ident, table_ident
 
 if TYPE_CHECKING:
     from sync.deletes.basis import Basis
@@ -75,16 +75,20 @@ async def tally(
     """``count(*)`` of ``table`` as ``rows``, and of its rows meeting each condition, in one scan. Each of
     ``listed`` (name → key SQL, condition) gives the keys of the rows meeting it (None past
     :data:`LISTED`) and their number as ``n_<name>``: its condition is evaluated once per row."""
-    counted = [f"count(*) FILTER (WHERE {sql}) AS {name}" for name, sql in conditions.items()]
+    counted = [f"count(*) FILTER (WHERE {sql}) AS {ident(name)}" for name, sql in conditions.items()]
     gathered = [
-        f"array_agg({key}) FILTER (WHERE {sql}) AS {name}" for name, (key, sql) in (listed or {}).items()
+        f"array_agg({key}) FILTER (WHERE {sql}) AS {ident(name)}"
+        for name, (key, sql) in (listed or {}).items()
     ]
     inner = ", ".join(["count(*) AS rows", *counted, *gathered])
     outer = ", ".join(
         [
             "rows",
-            *conditions,
-            *(f"cardinality({n}) AS n_{n}, {n}[1:{LISTED + 1}] AS {n}" for n in listed or {}),
+            *(ident(name) for name in conditions),
+            *(
+                f"cardinality({ident(n)}) AS {ident(f'n_{n}')}, {ident(n)}[1:{LISTED + 1}] AS {ident(n)}"
+                for n in listed or {}
+            ),
         ]
     )
     row = dict(
