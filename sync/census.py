@@ -103,7 +103,7 @@ async def tally(
     return row
 
 
-def kept_and_changed(settled: Changes, key: str, params: Params) -> dict[str, tuple[str, str]]:
+def changed_since(settled: Changes, key: str, params: Params) -> dict[str, tuple[str, str]]:
     """:func:`tally`'s ``listed`` for the rows ``settled``'s first snapshot did not see (``changed``)."""
     return {"changed": (key, settled.sql(params))}
 
@@ -146,7 +146,7 @@ async def take_census(
         if selection.changes is not None and len(tp.row_key) == 1:
             conditions, listed = {}, {"keyed": (key_text_sql(tp), window)}
         if settled is not None and basis.of(tp.name, tp.source_name):
-            listed.update(kept_and_changed(settled, key_text_sql(tp), params))
+            listed.update(changed_since(settled, key_text_sql(tp), params))
         jobs.append((tp.name, tp.source_name, conditions, params, listed))
     counts: dict[str, dict[str, int]] = {}
     opened = await asyncio.gather(*(snapshot.reader() for _ in range(READERS)), return_exceptions=True)
@@ -207,7 +207,7 @@ async def _user_jobs(
     users, _ = changed_users(await table_columns(conn, USERS_TABLE), since, changes, params)
     conditions, listed = {}, {"keyed": ("id::text", users)}
     if settled is not None:
-        listed.update(kept_and_changed(settled, "id::text", params))
+        listed.update(changed_since(settled, "id::text", params))
     jobs: list[Job] = [(USERS_TABLE, USERS_TABLE, conditions, params, listed)]
     if changes is not None:
         touched = Params()

@@ -209,7 +209,7 @@ def counted(
     report = DeletesReport(mode=mode)
     for name, source in [*((tp.name, tp.source_name) for tp in tables), (USERS, USERS)]:
         entry, counts = basis.of(name, source), tallies.get(name)
-        if entry is None or counts is None or counts.kept != entry.rows:
+        if entry is None or counts is None or counts.kept is None or entry.missing(counts.kept):
             return None
         found = Deletes.of(name, source, Found(0, [], source_rows=counts.rows, counted=True))
         if name == USERS:

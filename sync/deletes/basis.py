@@ -23,6 +23,10 @@ class TableBasis:
     rows: int
     left: int
 
+    def missing(self, kept: int) -> int:
+        """Of the rows the basis snapshot held, how many are not still there unchanged (``kept`` are)."""
+        return self.rows - kept
+
 
 @dataclass(frozen=True)
 class Basis:

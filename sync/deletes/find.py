@@ -30,7 +30,7 @@ from datetime import datetime
 
 import asyncpg
 
-from sync.census import Tally, kept_and_changed, tallied, tally
+from sync.census import Tally, changed_since, tallied, tally
 from sync.deletes.basis import Basis
 from sync.pipe import pipe_copy
 from sync.selection import Changes
@@ -185,9 +185,9 @@ class Finder:
         counts = self.tallies.get(name)
         if counts is None or counts.kept is None:
             params = Params()
-            listed = kept_and_changed(self.since, source_key, params)
+            listed = changed_since(self.since, source_key, params)
             counts = tallied(await tally(self.sconn, source_name, {}, params, listed))
-        missing = entry.rows - counts.kept
+        missing = entry.missing(counts.kept)
         if missing > 0:
             if counts.changed is None or len(counts.changed) < missing:
                 return None
