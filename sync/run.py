@@ -32,9 +32,10 @@ from sync.deletes.basis import Basis, forget_basis, last_basis
 from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, PlanError, first_cause, first_line
 from sync.mapping import Mapping
 from sync.modes import DeleteMode
-from sync.plan import Plan, TablePlan, build_plan, check_casts
+from sync.plan import Plan, build_plan, check_casts
 from sync.preflight import AuthScope, Check, Needs, preflight, reach
 from sync.retry import is_transient_db_error, retrying
+from sync.run_tables import copy_tables, patch_deferred
 from sync.selection import Changes, Selection
 from sync.snapshot import SourceSnapshot
 from sync.state import (
@@ -450,69 +451,3 @@ async def production_deletes(
         return await find_deletes(reader, target, plan.tables, mode=mode, basis=basis, tallies=tallies)
     finally:
         await reader.close()
-
-
-async def copy_tables(
-    ctx: RunContext, options: RunOptions, progress: table_copy.Progress | None
-) -> list[table_copy.TableResult]:
-    """Copy every planned table, parents before children; independent tables run concurrently, and
-    a large table's key ranges too: ``--jobs`` slots in all, each a source and a target connection."""
-    slots = asyncio.Semaphore(_jobs(ctx, options))
-    copy_ctx = _copy_context(ctx, options, progress, slots)
-    names = {t.name for t in ctx.plan.tables}
-    deferred = {(t.name, link) for t in ctx.plan.tables for link in t.deferred}
-    tasks: dict[str, asyncio.Task[table_copy.TableResult]] = {}
-
-    async def one(tp: TablePlan) -> table_copy.TableResult:
-        for link in tp.parents:
-            if link.parent in names and link.parent != tp.name and (tp.name, link) not in deferred:
-                await tasks[link.parent]
-        async with slots:
-            return await table_copy.TableCopy(copy_ctx, tp).run()
-
-    try:
-        async with asyncio.TaskGroup() as group:
-            for tp in ctx.plan.tables:  # parents first, so every awaited parent task exists already
-                tasks[tp.name] = group.create_task(one(tp))
-    except ExceptionGroup as failures:
-        lost = failures.subgroup(LockLostError)
-        if lost is not None:  # one clear line, not one per table
-            raise lost.exceptions[0] from None
-        raise
-    return [tasks[t.name].result() for t in ctx.plan.tables]
-
-
-def _jobs(ctx: RunContext, options: RunOptions) -> int:
-    return options.jobs or ctx.mapping.sync.jobs
-
-
-def _copy_context(
-    ctx: RunContext,
-    options: RunOptions,
-    progress: table_copy.Progress | None,
-    slots: asyncio.Semaphore | None,
-) -> table_copy.CopyContext:
-    return table_copy.CopyContext(
-        plan=ctx.plan,
-        source=ctx.snapshot,
-        target=ctx.target,
-        run_id=ctx.run_id,
-        since=ctx.since,
-        batch_size=options.batch_size or ctx.mapping.sync.batch_size,
-        progress=progress,
-        only_keys=ctx.only_keys,
-        guard=ctx.guard,
-        changes=ctx.changes,
-        jobs=_jobs(ctx, options),
-        slots=slots,
-    )
-
-
-async def patch_deferred(ctx: RunContext, options: RunOptions) -> None:
-    """Second pass (cycles, self-references): fill the FK columns inserted NULL, now both sides landed.
-
-    One table at a time; a large one's key ranges on up to ``--jobs`` connections."""
-    copy_ctx = _copy_context(ctx, options, None, asyncio.Semaphore(_jobs(ctx, options) - 1))
-    for tp in ctx.plan.tables:
-        if tp.patched_later:
-            await table_copy.DeferredPatch(copy_ctx, tp).run()
