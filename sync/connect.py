@@ -1,7 +1,7 @@
 """Connections to the source and the target, as users paste them from the Supabase dashboard.
 
 Any libpq form works (``postgresql://`` URLs, ``key=value`` strings, ``PG*`` variables): the DSN is
-parsed by libpq's rules (through psycopg) and handed to asyncpg as keywords. Supabase's pooler in
+parsed by libpq's rules (:mod:`sync.conninfo`) and handed to asyncpg as keywords. Supabase's pooler in
 transaction mode (port 6543) gets no prepared-statement cache and no session state; the source is
 only ever read. Passwords never appear in messages.
 """
@@ -18,8 +18,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 import asyncpg
-import psycopg
 
+from sync.conninfo import ConninfoError, parse_conninfo
 from sync.errors import ConnectError, first_line
 from sync.retry import CONNECT_ATTEMPTS, CONNECT_MAX_WAIT, is_transient_connect_error, retrying
 
@@ -54,8 +54,8 @@ class Endpoint:
     def parse(cls, side: Side, dsn: str | None, mode: PoolMode | None = None) -> Endpoint:
         """Parse a DSN (URL or key=value; empty means the ``PG*`` variables) for ``side``."""
         try:
-            params = psycopg.conninfo.conninfo_to_dict(dsn or "")
-        except psycopg.ProgrammingError as exc:
+            params = parse_conninfo(dsn or "")
+        except ConninfoError as exc:
             # libpq quotes the offending token, which may be a piece of the password: never shown.
             reason = _QUOTED.sub('"…"', redact(first_line(exc), dsn))
             raise ConnectError(
@@ -178,8 +178,8 @@ def redact(text: str, *secrets: str | None) -> str:
 def password_of(dsn: str) -> str | None:
     """The password a DSN carries, parsed by libpq's rules (None when it has none or does not parse)."""
     try:
-        return psycopg.conninfo.conninfo_to_dict(dsn).get("password") or None  # type: ignore[return-value]
-    except psycopg.ProgrammingError:
+        return parse_conninfo(dsn).get("password") or None
+    except ConninfoError:
         return None
 
 

@@ -22,9 +22,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from pydantic import BaseModel
-
 from sync.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
+from sync.models import Model
 from sync.run import RunOptions, RunReport
 
 log = logging.getLogger("sync")
@@ -57,7 +56,7 @@ def parse_every(text: str) -> timedelta:
 _UNITS = {"h": "hours", "m": "minutes", "s": "seconds"}
 
 
-class FollowRound(BaseModel):
+class FollowRound(Model):
     """One round of ``sync run --follow``: what it brought, and how far behind production the target was."""
 
     round: int
@@ -81,7 +80,7 @@ class FollowRound(BaseModel):
     exit_code: int
 
 
-class FollowEnd(BaseModel):
+class FollowEnd(Model):
     """How a follow ended: after ``rounds`` rounds, between two (clean) or in the middle of one."""
 
     rounds: int

@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
-from pydantic import BaseModel
 
 from sync import copy as table_copy
 from sync.auth import AdminApi, AuthOptions, AuthReport, UserProgress, import_users
@@ -31,6 +30,7 @@ from sync.deletes import DeletesReport, counted, find_deletes
 from sync.deletes.basis import Basis, forget_basis, last_basis
 from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, PlanError, first_cause, first_line
 from sync.mapping import Mapping
+from sync.models import Model
 from sync.modes import DeleteMode
 from sync.plan import Plan, build_plan, check_casts
 from sync.preflight import AuthScope, Check, Needs, preflight, reach
@@ -97,7 +97,7 @@ class RunContext:
     """Target users whose production account was deleted (and that are still there)."""
 
 
-class RunReport(BaseModel):
+class RunReport(Model):
     """What a run did; ``exit_code`` is 0 when everything landed, 3 when some rows were quarantined."""
 
     run_id: int

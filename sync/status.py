@@ -6,15 +6,14 @@ import json
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
-
 from sync.connect import Endpoint, connect
+from sync.models import Model
 from sync.state import LOCK_KEY
 
 PROCESS_GONE = "process gone"
 
 
-class RunRow(BaseModel):
+class RunRow(Model):
     """One run as recorded."""
 
     id: int
@@ -35,7 +34,7 @@ class RunRow(BaseModel):
         return self.status
 
 
-class TableProgress(BaseModel):
+class TableProgress(Model):
     """A table's checkpoint in a run."""
 
     table: str
@@ -44,7 +43,7 @@ class TableProgress(BaseModel):
     updated_at: datetime
 
 
-class QuarantinedRow(BaseModel):
+class QuarantinedRow(Model):
     """A row the target refused, with the database's message."""
 
     table: str
@@ -56,7 +55,7 @@ class QuarantinedRow(BaseModel):
     row: dict[str, Any] | None = None
 
 
-class StatusReport(BaseModel):
+class StatusReport(Model):
     """``sync status --json``."""
 
     initialised: bool

@@ -5,15 +5,16 @@ Modes and policies are the tool's one vocabulary (:mod:`sync.modes`), as the map
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator
 
+from sync.models import Model
 from sync.modes import AuthMode, ConflictPolicy, TriggerMode
 from sync.retry import DEFAULT_ATTEMPTS, DEFAULT_INITIAL_WAIT, DEFAULT_MAX_WAIT
 
 __all__ = ["AdminApi", "AuthMode", "AuthOptions", "ConflictPolicy", "TriggerMode"]
 
 
-class AuthOptions(BaseModel):
+class AuthOptions(Model):
     """How the auth import runs; the mapping file and the command line fill it."""
 
     model_config = ConfigDict(frozen=True)
@@ -40,7 +41,7 @@ class AuthOptions(BaseModel):
         return policy
 
 
-class AdminApi(BaseModel):
+class AdminApi(Model):
     """Where the admin API is: the project URL and the service-role key (never printed)."""
 
     model_config = ConfigDict(frozen=True)

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, Field, computed_field
+from pydantic import Field, computed_field
 
 from sync.auth.match import MatchKind, UserMatch
 from sync.auth.options import AuthMode, ConflictPolicy, TriggerMode
 from sync.errors import EXIT_OK, EXIT_QUARANTINED
+from sync.models import Model
 
 # The password hash formats the Auth server can check.
 _BCRYPT_PREFIX = r"\$2[aby]?\$(?:0[4-9]|[12][0-9]|3[01])\$"
@@ -61,7 +62,7 @@ class QuarantinedUser:
     sqlstate: str | None = None
 
 
-class AuthReport(BaseModel):
+class AuthReport(Model):
     """What the auth import did: what ``sync run`` prints and ``--json`` emits."""
 
     mode: AuthMode

@@ -31,7 +31,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from pydantic import BaseModel, field_serializer
+from pydantic import field_serializer
 
 from sync.connect import Endpoint, PoolMode, connect
 from sync.copy.apply import Written, apply_staged
@@ -42,6 +42,7 @@ from sync.copy.quarantine import is_data_error, isolate_refused, quarantine_row
 from sync.copy.sequences import advance_past_source
 from sync.copy.stage import Stage
 from sync.errors import first_cause, first_line
+from sync.models import Model
 from sync.plan import Plan, TablePlan
 from sync.retry import (
     LOCK_NOT_AVAILABLE,
@@ -61,7 +62,7 @@ log = logging.getLogger("sync")
 Progress = Callable[[str, int], None]
 
 
-class TableResult(BaseModel):
+class TableResult(Model):
     """What one table's copy did."""
 
     table: str

@@ -15,12 +15,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import BaseModel
-
 from sync.connect import Endpoint
 from sync.copy import Progress
 from sync.errors import EXIT_DIFFERENT, EXIT_OK, UsageError
 from sync.mapping import Mapping
+from sync.models import Model
 from sync.modes import DeleteMode
 from sync.run import AuthStage, RunOptions, RunReport, run_sync
 from sync.storage.stage import StorageStage
@@ -28,7 +27,7 @@ from sync.verify import VerifyReport
 from sync.verify.sides import verify_sides
 
 
-class Metric(BaseModel):
+class Metric(Model):
     """One success metric: what was measured, what it must be, and whether it is."""
 
     name: str
@@ -37,7 +36,7 @@ class Metric(BaseModel):
     met: bool
 
 
-class CatchUp(BaseModel):
+class CatchUp(Model):
     """What the final catch-up brought."""
 
     run_id: int
@@ -51,7 +50,7 @@ class CatchUp(BaseModel):
     seconds: float
 
 
-class CutoverReport(BaseModel):
+class CutoverReport(Model):
     """``sync cutover --report FILE``: both sides, the catch-up, the verification and the metrics.
 
     It holds counts, table names and keys; never a password, hash, token or key.

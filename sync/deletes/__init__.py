@@ -27,13 +27,13 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from pydantic import BaseModel
 
 from sync.census import Tally
 from sync.connect import Endpoint, connect
 from sync.deletes.apply import delete_gone, held, soft_delete_gone_users
 from sync.deletes.basis import Basis
 from sync.deletes.find import GONE, Finder, Found
+from sync.models import Model
 from sync.modes import DeleteMode
 from sync.plan import TablePlan
 from sync.selection import key_text_sql, target_key_sql
@@ -42,7 +42,7 @@ from sync.sqltext import ident
 USERS = "auth.users"
 
 
-class Deletes(BaseModel):
+class Deletes(Model):
     """One table's (or the users') production deletes: found, and when applied, deleted or held."""
 
     table: str
@@ -72,7 +72,7 @@ class Deletes(BaseModel):
         )
 
 
-class DeletesReport(BaseModel):
+class DeletesReport(Model):
     """Every table's production deletes and the users', as ``sync plan``, ``run`` and ``verify`` show them."""
 
     mode: DeleteMode = DeleteMode.REPORT

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
 from sync.catalog import Trigger
+from sync.models import Model
 from sync.modes import AuthMode, ConflictPolicy, KeyStrategy, TriggerMode
 from sync.plan.model import ParentLink, TablePlan
 
 
-class TriggerReport(BaseModel):
+class TriggerReport(Model):
     """A trigger as ``sync plan --json`` shows it."""
 
     model_config = ConfigDict(extra="forbid")
@@ -37,7 +38,7 @@ class TriggerReport(BaseModel):
         )
 
 
-class TableReport(BaseModel):
+class TableReport(Model):
     """One table of the plan, with what the source holds in the window."""
 
     model_config = ConfigDict(extra="forbid")
@@ -91,7 +92,7 @@ def _link_text(link: ParentLink) -> str:
     return f"({', '.join(link.columns)}) → {link.parent} ({', '.join(link.parent_columns)})"
 
 
-class UserReport(BaseModel):
+class UserReport(Model):
     """How the source's users meet the target's: each source user is counted once, in this order."""
 
     model_config = ConfigDict(extra="forbid")
@@ -106,7 +107,7 @@ class UserReport(BaseModel):
     """Users the run would quarantine (two source users on one target user, a taken contact)."""
 
 
-class PlanReport(BaseModel):
+class PlanReport(Model):
     """What ``sync plan --json`` prints: the plan, the counts behind it, and what stands in its way."""
 
     model_config = ConfigDict(extra="forbid")

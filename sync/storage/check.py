@@ -10,13 +10,13 @@ from __future__ import annotations
 from datetime import datetime
 
 import asyncpg
-from pydantic import BaseModel
 
+from sync.models import Model
 from sync.storage.select import StorageRules
 from sync.storage.stage import wanted_objects
 
 
-class StorageCheck(BaseModel):
+class StorageCheck(Model):
     """Objects checked, and those missing, different, not pointed at, or missing in the source."""
 
     objects: int = 0

@@ -14,10 +14,10 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import asyncpg
-from pydantic import BaseModel
 
 from sync.connect import Endpoint, connect
 from sync.errors import EXIT_DIFFERENT, EXIT_OK, UsageError
+from sync.models import Model
 from sync.plan import Plan, TablePlan
 from sync.sqltext import Params, ident, table_ident
 from sync.storage.check import StorageCheck, check_storage
@@ -30,14 +30,14 @@ SHOWN = 20
 """Keys listed per problem in the text output (``--json`` lists them all)."""
 
 
-class Difference(BaseModel):
+class Difference(Model):
     """A row on both sides whose values differ, and the columns that do."""
 
     key: str
     columns: list[str]
 
 
-class Check(BaseModel):
+class Check(Model):
     """One table (or the auth users): production rows in scope and what became of each on the target."""
 
     table: str
@@ -56,7 +56,7 @@ class Check(BaseModel):
         )
 
 
-class VerifyReport(BaseModel):
+class VerifyReport(Model):
     """``sync verify --json``: users first, then the tables parents first."""
 
     since: datetime | None
@@ -157,7 +157,7 @@ def _without(tp: TablePlan, columns: set[tuple[str, str]]) -> TablePlan:
     return tp if len(kept) == len(tp.columns) else replace(tp, columns=kept)
 
 
-class _State(BaseModel):
+class _State(Model):
     has_map: bool
     has_quarantine: bool
     has_ledger: bool

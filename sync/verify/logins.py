@@ -20,9 +20,9 @@ from __future__ import annotations
 from datetime import datetime
 
 import asyncpg
-from pydantic import BaseModel
 
 from sync.auth.columns import DEFAULT_AUD
+from sync.models import Model
 from sync.sqltext import Params
 from sync.verify import users
 from sync.verify.compare import Relation, compare
@@ -40,7 +40,7 @@ _BY_EMAIL = "u.email <> '' AND u.email_confirmed_at IS NOT NULL AND u.email_twin
 _BY_PHONE = "u.phone <> '' AND u.phone_confirmed_at IS NOT NULL AND u.phone_twins = 1"
 
 
-class SignInCheck(BaseModel):
+class SignInCheck(Model):
     """Production users who can sign in with a password there, and how many of them can on the target."""
 
     production: int

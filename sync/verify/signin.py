@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
-
 from sync.auth.columns import DEFAULT_AUD, STRING_COLUMNS
 from sync.connect import Endpoint, connect
 from sync.errors import EXIT_DIFFERENT, EXIT_FAILED, EXIT_OK, UsageError
+from sync.models import Model
 from sync.sqltext import ident
 from sync.verify.passwords import Match, check_password
 
@@ -42,7 +41,7 @@ FROM auth.users AS u WHERE lower(u.email) = $1 ORDER BY u.id
 """
 
 
-class SignIn(BaseModel):
+class SignIn(Model):
     """The answer for one e-mail: whether the password would sign in, and why not."""
 
     email: str
