@@ -32,6 +32,7 @@ CLOSURE_PASS = 1
 
 XID_SPAN = 1 << 32
 """A row's ``xmin`` is a 32-bit transaction id; the epoch that widens it to 64 bits is not stored."""
+INT4_MAX = (1 << 31) - 1
 
 
 @dataclass(frozen=True)
@@ -66,22 +67,27 @@ class Changes:
     def sql(self, params: Params, alias: str = "") -> str:
         """True for row versions written by a transaction in the span, or ``true`` when it is unknowable.
 
-        The row's 32-bit ``xmin`` is read as an offset from ``from_xid`` modulo 2^32: every version this
-        snapshot sees was written below ``upto_xid``, and PostgreSQL freezes versions long before they are
-        2^31 transactions old, so an offset within the span means a newer version, and one beyond it an
-        older version (of the previous epoch too) — safe across wraparound. A span of 2^31 or more (or a
-        negative one: another server) cannot be told apart, and then every row counts as changed. With
-        the previous snapshot known, a version in the span is a change only when that snapshot did not
-        see it (its 64-bit id is ``from_xid`` plus the offset).
+        The row's 32-bit ``xmin`` is compared by its ``age()``: this transaction's next id minus the
+        version's, modulo 2^32, as a signed 32-bit number (cheap: no text conversion per row). A version is
+        in the span when its age is between 0 and the age of ``from_xid`` (the next id is at or past
+        ``upto_xid``, and every version this snapshot sees was written below it). PostgreSQL freezes
+        versions long before they are 2^31 transactions old, so that tells newer from older versions —
+        of the previous epoch too — safe across wraparound; a version whose age is negative is neither
+        (written after this snapshot, or a frozen id from another epoch). A span of 2^31 or more (or a
+        negative one: another server) cannot be told apart, and then every row counts as changed; so does
+        every row when ``from_xid`` is itself too old to tell. With the previous snapshot known, a version
+        in the span is a change only when that snapshot did not see it (its 64-bit id is ``from_xid``
+        plus its offset).
         """
         span = self.upto_xid - self.from_xid
         if not 0 <= span < XID_SPAN // 2:
             return "true"
         start = params.bind(self.from_xid % XID_SPAN, "bigint")
-        offset = f"(({alias}xmin::text::bigint - {start} + {XID_SPAN}) % {XID_SPAN})"
-        newer = f"{offset} < {params.bind(span, 'bigint')}"
+        bound = f"(SELECT CASE WHEN a >= 0 THEN a ELSE {INT4_MAX} END FROM age({start}::text::xid) AS a)"
+        newer = f"age({alias}xmin) BETWEEN 0 AND {bound}"
         if self.seen is None:
             return f"({newer})"
+        offset = f"(({alias}xmin::text::bigint - {start} + {XID_SPAN}) % {XID_SPAN})"
         xid = f"({params.bind(self.from_xid, 'bigint')} + {offset})::text::xid8"
         seen = f"{params.bind(self.seen, 'text')}::pg_snapshot"
         return f"({newer} AND NOT pg_visible_in_snapshot({xid}, {seen}))"

@@ -126,17 +126,22 @@ def test_each_run_records_its_snapshots_xmin_as_a_64_bit_id(make_db):
 
 
 def test_the_change_test_holds_across_a_wraparound_of_32_bit_ids(supabase_db):
-    """Seen in SQL: the previous snapshot just below 2^32, rows written before and after the wrap."""
-    changes = Changes(from_xid=XID_SPAN - 10, upto_xid=XID_SPAN + 20)
+    """Seen in SQL: the previous snapshot just below 2^32 and this one past it (the server's own next id
+    in the next epoch), rows written before and after the wrap, and one not yet written."""
+    next_xid = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+    (upto,) = fetch_values(supabase_db.url, next_xid, [])[0]
+    assert 100 < upto < 2**31
+    changes = Changes(from_xid=XID_SPAN - 10, upto_xid=XID_SPAN + upto)
     params = Params()
     test = changes.sql(params, "r.")
+    written = [4294967280, 4294967290, 5, upto // 2, upto - 1, upto + 10**6]
     rows = fetch_values(
         supabase_db.url,
-        f"SELECT r.xmin::text::bigint, {test} FROM (VALUES "
-        f"('4294967280'::xid), ('4294967290'::xid), ('5'::xid), ('19'::xid), ('21'::xid)) AS r(xmin)",
-        params.values,
+        f"SELECT r.xmin::text::bigint, {test} FROM unnest($%d::bigint[]) AS w, "
+        f"LATERAL (SELECT w::text::xid AS xmin) AS r" % (len(params.values) + 1),
+        [*params.values, written],
     )
-    assert rows == [(4294967280, False), (4294967290, True), (5, True), (19, True), (21, False)]
+    assert rows == [(w, w not in (4294967280, upto + 10**6)) for w in written]
     assert Changes(from_xid=1, upto_xid=XID_SPAN).sql(Params()) == "true", "a span too wide to tell"
 
 

@@ -9,6 +9,7 @@ help lists it), so ``sync run`` starts without loading what ``verify`` or ``demo
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import os
 import sys
@@ -67,8 +68,6 @@ def entry() -> None:
         sys.exit(status)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError):  # a reader that went away (``sync status | head``)
             stream.flush()
-        except OSError:  # a reader that went away (``sync status | head``)
-            pass
     os._exit(status)
