@@ -12,9 +12,10 @@ import asyncio
 import os
 import re
 import socket
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import asyncpg
@@ -22,6 +23,9 @@ import asyncpg
 from sync.conninfo import ConninfoError, parse_conninfo
 from sync.errors import ConnectError, first_line
 from sync.retry import CONNECT_ATTEMPTS, CONNECT_MAX_WAIT, is_transient_connect_error, retrying
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 # Hosted projects cancel statements after two minutes; batches stay well under it, but catalog and
 # count queries on big tables should not die of it either.
@@ -219,6 +223,34 @@ async def connect(endpoint: Endpoint, *, application_name: str = "sync") -> asyn
     if endpoint.mode is not PoolMode.TRANSACTION:
         await conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
     return conn
+
+
+async def both(first: Awaitable[T], second: Awaitable[U]) -> tuple[T, U]:
+    """``first`` and ``second`` at once (the source's and the target's side of one step); when either
+    fails, the other is still awaited, and the first's failure is the one raised."""
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results[0], results[1]  # type: ignore[return-value]
+
+
+async def connect_both(
+    source: Endpoint, target: Endpoint, *, application_name: str = "sync"
+) -> tuple[asyncpg.Connection, asyncpg.Connection]:
+    """One connection to each side, opened at once; neither is left open when the other fails."""
+    opened = await asyncio.gather(
+        connect(source, application_name=application_name),
+        connect(target, application_name=application_name),
+        return_exceptions=True,
+    )
+    failed = [result for result in opened if isinstance(result, BaseException)]
+    if failed:
+        for result in opened:
+            if isinstance(result, asyncpg.Connection):
+                await result.close()
+        raise failed[0]
+    return opened[0], opened[1]  # type: ignore[return-value]
 
 
 async def _connect_retrying(endpoint: Endpoint, kwargs: dict[str, Any]) -> asyncpg.Connection:

@@ -23,7 +23,7 @@ from enum import StrEnum
 
 import asyncpg
 
-from sync.connect import Endpoint, PoolMode, connect, detect_pool_mode
+from sync.connect import Endpoint, PoolMode, both, connect_both, detect_pool_mode
 from sync.copy.sequences import sequences_set
 from sync.errors import UsageError
 from sync.plan import AUTH_USERS, Plan
@@ -142,32 +142,28 @@ def same_database(source: Server, target: Server, source_at: Endpoint, target_at
 
 async def reach(source: Endpoint, target: Endpoint) -> tuple[Endpoint, Endpoint]:
     """Both endpoints, each with the pool mode its connections show (a pooler is known by behaviour)."""
-    return await detect_pool_mode(source), await detect_pool_mode(target)
+    return await both(detect_pool_mode(source), detect_pool_mode(target))
 
 
 async def preflight(source: Endpoint, target: Endpoint, plan: Plan, needs: Needs) -> Preflight:
     """Check both sides for what ``needs`` says the command does; PreflightError (exit 2) when refused."""
-    sconn = await connect(source, application_name="sync preflight")
+    sconn, tconn = await connect_both(source, target, application_name="sync preflight")
     try:
-        tconn = await connect(target, application_name="sync preflight")
-        try:
-            src, tgt = await read_server(sconn, source), await read_server(tconn, target)
-            if same_database(src, tgt, source, target):
-                raise PreflightError(
-                    f"--source and --target are the same database ({target}, {tgt.identity}): "
-                    "the source must be production and the target another database."
-                )
-            scope = _auth_scope(src, tgt, needs)
-            users = needs.auth and scope is AuthScope.BOTH
-            await _check_source(sconn, src, plan, users)
-            if needs.writes:
-                _check_lockable(target)
-                _check_writable(tgt)
-                await _check_target(tconn, tgt, plan, users)
-        finally:
-            await tconn.close()
+        src, tgt = await both(read_server(sconn, source), read_server(tconn, target))
+        if same_database(src, tgt, source, target):
+            raise PreflightError(
+                f"--source and --target are the same database ({target}, {tgt.identity}): "
+                "the source must be production and the target another database."
+            )
+        scope = _auth_scope(src, tgt, needs)
+        users = needs.auth and scope is AuthScope.BOTH
+        await _check_source(sconn, src, plan, users)
+        if needs.writes:
+            _check_lockable(target)
+            _check_writable(tgt)
+            await _check_target(tconn, tgt, plan, users)
     finally:
-        await sconn.close()
+        await both(tconn.close(), sconn.close())
     for check in needs.extra:
         await check()
     notes = [NO_AUTH_NOTE] if needs.auth and scope is AuthScope.NEITHER else []

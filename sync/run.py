@@ -23,9 +23,9 @@ import asyncpg
 from sync import copy as table_copy
 from sync.auth import AdminApi, AuthOptions, AuthReport, UserProgress, import_users
 from sync.auth.columns import USERS_TABLE
-from sync.catalog import read_catalog
+from sync.catalog import Catalog, read_catalog
 from sync.census import Census, take_census
-from sync.connect import Endpoint, connect
+from sync.connect import Endpoint, both, connect, connect_both
 from sync.deletes import DeletesReport, counted, find_deletes
 from sync.deletes.basis import Basis, forget_basis, last_basis
 from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, PlanError, first_cause, first_line
@@ -179,12 +179,15 @@ def auth_import(
 
 async def load_plan(source: Endpoint, target: Endpoint, mapping: Mapping) -> Plan:
     """Read both catalogs and build the plan; PlanError (nothing written) when it would lose data."""
-    sconn, tconn = await connect(source), await connect(target)
-    try:
-        schemas = mapping.sync.schemas
+    sconn, tconn = await connect_both(source, target)
+    schemas = mapping.sync.schemas
+
+    async def read_source() -> Catalog:
         async with sconn.transaction(readonly=True):
-            source_catalog = await read_catalog(sconn, schemas)
-        target_catalog = await read_catalog(tconn, schemas)
+            return await read_catalog(sconn, schemas)
+
+    try:
+        source_catalog, target_catalog = await both(read_source(), read_catalog(tconn, schemas))
         plan = build_plan(source_catalog, target_catalog, mapping)
         problems = await check_casts(tconn, plan.tables)
         if problems:
