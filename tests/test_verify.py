@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from queries import SEED_MAPPING, execute, fetch, seed_run_args
 
 from sync.cli import main
+from sync.compare import bucket_count
 from sync.errors import EXIT_DIFFERENT, EXIT_OK, EXIT_USAGE
 from sync.verify import estimate_rows
-from sync.verify.compare import bucket_count
 
 
 def verify(source, target, *extra: str) -> tuple[int, dict]:

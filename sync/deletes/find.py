@@ -3,7 +3,7 @@
 The question, per table: which target rows from production (a ledger pair source key → target key,
 or a row dated before the copy under its own key) have a source key production no longer holds. The
 answer is the anti-join of those rows against every source key, but the keys do not travel unless
-they must. Each side first sums its keys per bucket (:mod:`sync.verify.compare`): the source all its
+they must. Each side first sums its keys per bucket (:mod:`sync.compare`): the source all its
 keys (an index-only scan where the key index allows), the target the source keys of its rows from
 production. A bucket whose count and key-hash sum are equal on both sides holds no production delete;
 one with no target key cannot hold one either. Only the remaining buckets are resolved key by key:
@@ -31,11 +31,7 @@ from datetime import datetime
 import asyncpg
 
 from sync.census import Tally, changed_since, tallied, tally
-from sync.deletes.basis import Basis
-from sync.pipe import pipe_copy
-from sync.selection import Changes
-from sync.sqltext import Params, ident, table_ident
-from sync.verify.compare import (
+from sync.compare import (
     ROWS_PER_BUCKET,
     Buckets,
     Relation,
@@ -44,6 +40,10 @@ from sync.verify.compare import (
     estimate_rows,
     same_hashes,
 )
+from sync.deletes.basis import Basis
+from sync.pipe import pipe_copy
+from sync.selection import Changes
+from sync.sqltext import Params, ident, table_ident
 
 SHOWN = 5
 """Keys shown per table."""

@@ -3,7 +3,7 @@
 Read-only on both sides (the source in one repeatable-read snapshot). For the auth users and for every
 planned table, production's rows in scope (``--since``: the window; by default everything production
 holds) are compared with the target's on the common columns, in the databases (see
-:mod:`sync.verify.compare`): rows in scope, equal, missing on the target, different (with the columns
+:mod:`sync.compare`): rows in scope, equal, missing on the target, different (with the columns
 that differ), only on the target though they came from production (production deletes), quarantined
 (not landed, whatever the target holds under their key), and target rows whose parent is missing.
 """
@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from sync.compare import Comparison, Relation, bucket_count, compare, estimate_rows
 from sync.connect import Endpoint, connect
 from sync.errors import EXIT_DIFFERENT, EXIT_OK, UsageError
 from sync.models import Model
@@ -23,7 +24,6 @@ from sync.sqltext import Params, ident, table_ident
 from sync.storage.check import StorageCheck, check_storage
 from sync.storage.select import StorageRules
 from sync.verify import tables, users
-from sync.verify.compare import Comparison, Relation, bucket_count, compare, estimate_rows
 from sync.verify.logins import SignInCheck, check_sign_ins
 
 SHOWN = 20

@@ -22,10 +22,10 @@ from datetime import datetime
 import asyncpg
 
 from sync.auth.columns import DEFAULT_AUD
+from sync.compare import Relation, compare
 from sync.models import Model
 from sync.sqltext import Params
 from sync.verify import users
-from sync.verify.compare import Relation, compare
 from sync.verify.signin import NIL
 
 WAYS_IN = "signs in with"

@@ -1,4 +1,4 @@
-"""A planned table on both sides, as the rows :mod:`sync.verify.compare` compares.
+"""A planned table on both sides, as the rows :mod:`sync.compare` compares.
 
 Both sides speak the source's key space: a target row's key, and each foreign key value, is turned
 back into the production key it came from through ``_sync.id_map`` (remapped rows, users matched by
@@ -17,10 +17,10 @@ from datetime import datetime
 
 import asyncpg
 
+from sync.compare import Relation
 from sync.plan import Plan, TablePlan
 from sync.selection import Selection, key_owners, key_text_sql, links
 from sync.sqltext import Params, column_list, ident, table_ident
-from sync.verify.compare import Relation
 
 SESSION_SETTINGS = {
     "DateStyle": "ISO, YMD",

@@ -1,4 +1,4 @@
-"""Auth users on both sides, as the rows :mod:`sync.verify.compare` compares.
+"""Auth users on both sides, as the rows :mod:`sync.compare` compares.
 
 A production user must have exactly one target user (same id, or the one ``_sync.id_map`` names) with
 the production password hash, the same confirmation state, the identities production has (e-mail,
@@ -11,8 +11,8 @@ from production in the column that names the problem.
 from __future__ import annotations
 
 from sync.auth.columns import STRING_COLUMNS, USERS_TABLE
+from sync.compare import Relation
 from sync.sqltext import Params, ident
-from sync.verify.compare import Relation
 
 PASSWORD = "encrypted_password"
 
