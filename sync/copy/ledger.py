@@ -18,7 +18,9 @@ from sync.sqltext import ident
 
 async def has_entries(conn: asyncpg.Connection, tp: TablePlan) -> bool:
     """Whether any row of the table has landed before (read when its copy begins)."""
-    query = "SELECT EXISTS (SELECT FROM _sync.landed WHERE table_name = $1)"
+    # Ordered by the primary key, so the planner walks it; a bare EXISTS was planned as a sequential
+    # scan that stops at the first row of the table (behind every entry of the tables before it).
+    query = "SELECT true FROM _sync.landed WHERE table_name = $1 ORDER BY source_key LIMIT 1"
     return bool(await conn.fetchval(query, tp.name))
 
 
