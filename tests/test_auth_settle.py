@@ -24,6 +24,7 @@ from sync.auth.report import hash_problem, plain_hash_sql
 from sync.auth.settle import settle_users
 from sync.auth.source import read_only_snapshot, read_source_keys
 from sync.connect import Endpoint, Side, connect
+from sync.snapshot import SourceSnapshot
 from sync.state import ensure_state
 
 User = tuple[uuid.UUID, str | None, str | None, dict[str, Any]]
@@ -182,10 +183,32 @@ def _fetch(db: Database, query: str, *args: Any) -> list[tuple[Any, ...]]:
         return cur.fetchall() if cur.description else []
 
 
-async def _import(source: Database, target: Database) -> Any:
-    return await import_users(
-        Endpoint.parse(Side.SOURCE, source.url), Endpoint.parse(Side.TARGET, target.url), AuthOptions()
-    )
+# Each connection that writes users (a statement trigger, so that COPY stays the way in).
+_WRITERS = """
+CREATE TABLE public.user_writers (pid int);
+CREATE FUNCTION public.note_writer() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO public.user_writers VALUES (pg_backend_pid()); RETURN NULL; END $$;
+CREATE TRIGGER note_writer AFTER INSERT ON auth.users
+    FOR EACH STATEMENT EXECUTE FUNCTION public.note_writer();
+"""
+_REFUSE_ONE = """
+CREATE FUNCTION public.refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN IF new.id = '{refused}' THEN RAISE EXCEPTION 'refused'; END IF; RETURN new; END $$;
+CREATE TRIGGER refuse_one AFTER INSERT ON auth.users FOR EACH ROW EXECUTE FUNCTION public.refuse_one();
+"""
+
+
+async def _import(source: Database, target: Database, jobs: int = 1) -> Any:
+    """The direct import; with more than one job, inside a run's exported snapshot (as a run does)."""
+    source_endpoint = Endpoint.parse(Side.SOURCE, source.url)
+    target_endpoint = Endpoint.parse(Side.TARGET, target.url)
+    if jobs == 1:
+        return await import_users(source_endpoint, target_endpoint, AuthOptions())
+    snapshot = await SourceSnapshot(source_endpoint).open()
+    try:
+        return await import_users(source_endpoint, target_endpoint, AuthOptions(jobs=jobs), snapshot=snapshot)
+    finally:
+        await snapshot.close()
 
 
 async def test_users_created_by_copy_are_written_as_the_batches_write_them(
@@ -198,21 +221,60 @@ async def test_users_created_by_copy_are_written_as_the_batches_write_them(
     there = {r[0] for r in _fetch(by_batches, "SELECT id FROM auth.users")}
     landed = _fetch(by_copy, "SELECT source_key::uuid FROM _sync.landed ORDER BY landed_at, source_key")
     refused = next(r[0] for r in landed if r[0] not in there)
-    _fetch(
-        by_batches,
-        f"""
-        CREATE FUNCTION public.refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN IF new.id = '{refused}' THEN RAISE EXCEPTION 'refused'; END IF; RETURN new; END $$;
-        CREATE TRIGGER refuse_one AFTER INSERT ON auth.users
-            FOR EACH ROW EXECUTE FUNCTION public.refuse_one();
-        """,
-    )
+    _fetch(by_batches, _REFUSE_ONE.format(refused=refused))
     batched = await _import(source, by_batches)
 
     assert batched.quarantined == 1 and batched.quarantine[0].source_id == refused and copied.quarantined == 0
     assert (batched.created, batched.identities_created) < (copied.created, copied.identities_created)
     assert batched.created == copied.created - 1
     assert _written(by_batches, refused) == _written(by_copy, refused)
+
+
+async def test_users_created_on_several_connections_at_once_are_written_as_on_one(
+    make_db: Callable[..., Database], seed_templates: tuple[str, str]
+) -> None:
+    source = make_db(seed_templates[0])
+    serial, at_once = make_db(seed_templates[1]), make_db(seed_templates[1])
+    _fetch(at_once, _WRITERS)
+
+    one = await _import(source, serial)
+    many = await _import(source, at_once, jobs=4)
+
+    assert (many.created, many.identities_created, many.quarantined) == (
+        one.created,
+        one.identities_created,
+        0,
+    )
+    assert _written(at_once, uuid.uuid4()) == _written(serial, uuid.uuid4())
+    ((connections,),) = _fetch(at_once, "SELECT count(DISTINCT pid) FROM public.user_writers")
+    assert connections == 4
+
+
+async def test_a_group_refused_while_others_land_at_once_goes_through_the_batches_alone(
+    make_db: Callable[..., Database], seed_templates: tuple[str, str]
+) -> None:
+    source = make_db(seed_templates[0])
+    serial, at_once = make_db(seed_templates[1]), make_db(seed_templates[1])
+    there = [r[0] for r in _fetch(serial, "SELECT id FROM auth.users")]
+    # A new user with a plain bcrypt hash: one the COPY groups create.
+    ((refused,),) = _fetch(
+        source,
+        "SELECT id FROM auth.users WHERE id <> ALL (%s) AND encrypted_password LIKE '$2_$%%' "
+        "AND NOT is_sso_user AND deleted_at IS NULL ORDER BY created_at DESC LIMIT 1",
+        there,
+    )
+    for target in (serial, at_once):
+        _fetch(target, _REFUSE_ONE.format(refused=refused))
+    _fetch(at_once, _WRITERS)
+
+    one = await _import(source, serial)
+    many = await _import(source, at_once, jobs=4)
+
+    assert [q.source_id for q in many.quarantine] == [q.source_id for q in one.quarantine] == [refused]
+    assert (many.created, many.identities_created) == (one.created, one.identities_created)
+    assert _written(at_once, refused) == _written(serial, refused)
+    ((connections,),) = _fetch(at_once, "SELECT count(DISTINCT pid) FROM public.user_writers")
+    assert connections > 1
 
 
 async def test_a_user_deleted_on_the_target_since_it_landed_is_created_again_and_its_ledger_entry_kept(

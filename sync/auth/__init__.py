@@ -96,9 +96,12 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+import asyncpg
+
 from sync.auth.admin_api_user import create_attributes
 from sync.auth.columns import STRING_COLUMNS, USERS_TABLE
 from sync.auth.direct import TargetWriter
+from sync.auth.direct_copy import Readers
 from sync.auth.importer import UserImport, UserProgress
 from sync.auth.match import MatchKind, SourceKey, TargetKey, UserMatch, match_users
 from sync.auth.options import AdminApi, AuthMode, AuthOptions, TriggerMode
@@ -194,7 +197,15 @@ async def import_users(
             await ensure_state(target_conn)
             await writer.prepare()
         run = UserImport(
-            options, report, writer, changed_since, only_ids, changes, deleted_accounts, progress
+            options,
+            report,
+            writer,
+            changed_since,
+            only_ids,
+            changes,
+            deleted_accounts,
+            progress,
+            _readers(snapshot),
         )
         if api is not None:
             api.claimed = run.claimed
@@ -204,6 +215,22 @@ async def import_users(
         await run.run(source_conn)
     report.seconds = round(time.monotonic() - started, 3)
     return report
+
+
+def _readers(snapshot: RunSnapshot | None) -> Readers | None:
+    """More source readers in the run's snapshot, while it is there to join (none without one: users
+    created at once must be read at the same instant)."""
+    if snapshot is None or not snapshot.shared:
+        return None
+
+    async def reader() -> asyncpg.Connection | None:
+        conn = await snapshot.reader()
+        if snapshot.shared:
+            return conn
+        await conn.close()  # it could not join: a fresh snapshot would read another instant
+        return None
+
+    return reader
 
 
 def _check_options(options: AuthOptions, target: Endpoint | None, admin_api: AdminApi | None) -> None:

@@ -10,6 +10,7 @@ the database's message.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -153,6 +154,13 @@ class TargetWriter:
             (set_users_sql(REPAIR_EXPRESSIONS, columns), "keep"),
         ]
         self._restore_users = set_users_sql(RESTORE_EXPRESSIONS, columns)
+
+    def on(self, conn: asyncpg.Connection) -> TargetWriter:
+        """A writer of the same import (statements, report, run lock) on another connection of the target,
+        for transactions at once."""
+        other = copy.copy(self)
+        other.conn, other._staged_on = conn, None
+        return other
 
     async def land(self, batch: Sequence[StagedUser]) -> None:
         """Write ``batch``; a refused batch is split until the refused users are isolated and quarantined."""

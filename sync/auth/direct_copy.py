@@ -12,7 +12,9 @@ isolate the refused users.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import copy
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from uuid import UUID
 
 import asyncpg
@@ -28,8 +30,13 @@ from sync.auth.columns import (
 from sync.auth.direct import TargetWriter
 from sync.auth.direct_sql import IDENTITY_DATA, INSERT_EXPRESSIONS, LAND_CREATED, RESOLVE_CREATED
 from sync.auth.source import SourceSnapshot
+from sync.connect import connect
+from sync.pipe import pipe_copy
 from sync.retry import is_transient_db_error
 from sync.sqltext import ident
+
+Readers = Callable[[], Awaitable[asyncpg.Connection | None]]
+"""Opens another source connection reading in the import's snapshot; None when no other can join it."""
 
 # Types by their names as both servers know them; a target column of another type turns this path off.
 _COLUMN_TYPES = """
@@ -71,6 +78,7 @@ class CopyCreator:
     def __init__(self, writer: TargetWriter, source: SourceSnapshot) -> None:
         self.writer = writer
         self.source = source
+        self.reader = source.conn
         self._users: tuple[str, list[str]] = ("", [])
         self._identities: tuple[str, list[str]] = ("", [])
 
@@ -102,14 +110,21 @@ class CopyCreator:
         )
         return True
 
+    def on(self, writer: TargetWriter, reader: asyncpg.Connection) -> CopyCreator:
+        """The same statements through another target writer and another source reader (one that reads
+        in the same snapshot), so that groups can be created at once."""
+        other = copy.copy(self)
+        other.writer, other.reader = writer, reader
+        return other
+
     async def create(self, ids: Sequence[UUID]) -> bool:
         """Create these users and their identities in one transaction; False when the target refused
         them (nothing written: the caller sends them through the staged batches)."""
 
         async def work(conn: asyncpg.Connection) -> tuple[int, int]:
-            users = await self.source.copy_to(self._users[0], ids, conn, USERS_TABLE, self._users[1])
-            identities = await self.source.copy_to(
-                self._identities[0], ids, conn, IDENTITIES_TABLE, self._identities[1]
+            users = await pipe_copy(self.reader, self._users[0], [ids], conn, USERS_TABLE, self._users[1])
+            identities = await pipe_copy(
+                self.reader, self._identities[0], [ids], conn, IDENTITIES_TABLE, self._identities[1]
             )
             await conn.execute(LAND_CREATED, self.writer.run_id, USERS_TABLE, ids)
             await conn.execute(RESOLVE_CREATED, USERS_TABLE, ids)
@@ -124,3 +139,44 @@ class CopyCreator:
         self.writer.report.created += users
         self.writer.report.identities_created += identities
         return True
+
+
+async def create_groups(
+    creator: CopyCreator,
+    groups: Iterable[Sequence[UUID]],
+    lanes: int,
+    readers: Readers | None,
+    created: Callable[[int], None],
+) -> list[UUID]:
+    """Create ``groups`` of users by COPY, up to ``lanes`` groups at once: the first lane on ``creator``'s
+    connections, each other on a target connection and a source reader (from ``readers``) of its own.
+    ``created`` hears of each group that landed; returns the users of the groups the target refused, in
+    the order of ``groups`` (each group stands or falls alone, whatever the others do)."""
+    queue = enumerate(groups)  # shared: each lane takes the next group when it is free
+    refused: dict[int, Sequence[UUID]] = {}
+
+    async def lane(on: CopyCreator) -> None:
+        for n, ids in queue:
+            if await on.create(ids):
+                created(len(ids))
+            else:
+                refused[n] = ids
+
+    async def another_lane() -> None:
+        reader = await readers() if readers is not None else None
+        if reader is None:
+            return
+        try:
+            writer = creator.writer.on(await connect(creator.writer.endpoint))
+            try:
+                await lane(creator.on(writer, reader))
+            finally:
+                await writer.conn.close()  # the writer's own: it may have reconnected
+        finally:
+            await reader.close()
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(lane(creator))
+        for _ in range(lanes - 1):
+            group.create_task(another_lane())
+    return [user for n in sorted(refused) for user in refused[n]]

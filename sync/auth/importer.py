@@ -16,7 +16,7 @@ import asyncpg
 
 from sync.auth.admin_api_user import api_refusal, uncarried
 from sync.auth.direct import StagedUser, TargetWriter
-from sync.auth.direct_copy import CopyCreator
+from sync.auth.direct_copy import CopyCreator, Readers, create_groups
 from sync.auth.match import (
     MatchKind,
     SourceKey,
@@ -61,8 +61,10 @@ class UserImport:
         changes: Changes | None = None,
         deleted_accounts: Collection[UUID] = (),
         progress: UserProgress | None = None,
+        readers: Readers | None = None,
     ) -> None:
         self.progress = progress
+        self.readers = readers
         self.changed_since = changed_since
         self.only_ids = only_ids
         self.changes = changes
@@ -98,17 +100,25 @@ class UserImport:
         settled = await settle_users(snapshot, writer.conn, self.deleted_accounts)
         self._total(settled.users)
         self.matches = settled.matches
-        refused: list[UUID] = []
         creator = CopyCreator(writer, snapshot)
-        copying = bool(settled.copied) and await creator.prepare()
-        for ids in settled.copied_ids(self.options.copy_size):
-            if not copying or not await creator.create(ids):
-                refused += ids  # through the batches, which isolate the users the target refuses
-                continue
-            if self.progress is not None:
-                self.progress.users(len(ids), len(ids))
+        if settled.copied and await creator.prepare():
+            # Up to --jobs groups at once, each lane given one at least; a refused group goes through
+            # the batches, which isolate the users the target refuses.
+            copied = len(settled.copied) // 16
+            lanes = self.options.jobs if self.readers is not None else 1
+            size = min(self.options.copy_size, -(-copied // lanes))
+            lanes = min(lanes, -(-copied // size))
+            refused = await create_groups(
+                creator, settled.copied_ids(size), lanes, self.readers, self._created_by_copy
+            )
+        else:
+            refused = [u for ids in settled.copied_ids(self.options.copy_size) for u in ids]
         entries = chain(settled.others(), ((u, CREATED) for u in refused))
         await self._import(_batches_of(snapshot, entries, settled, self.options.batch_size))
+
+    def _created_by_copy(self, users: int) -> None:
+        if self.progress is not None:
+            self.progress.users(users, users)
 
     async def _import(self, batches: AsyncIterator[Batch]) -> None:
         async for rows, identities in _read_ahead(batches):

@@ -26,6 +26,11 @@ class AuthOptions(Model):
     copy_size: int = Field(
         default=20000, ge=1, description="direct: users per target transaction when created by COPY"
     )
+    jobs: int = Field(
+        default=1,
+        ge=1,
+        description="direct: groups created by COPY at once, each on a target and a source connection",
+    )
     concurrency: int = Field(default=8, ge=1, description="admin-api: requests in flight at once")
     include_mfa: bool = Field(default=False, description="copy mfa_factors too (not available yet)")
     retry_attempts: int = Field(default=DEFAULT_ATTEMPTS, ge=1)

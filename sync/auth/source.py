@@ -159,17 +159,6 @@ class SourceSnapshot:
         """Full rows of these users, in the order of :meth:`keys`."""
         return await self.conn.fetch(self._rows_query, list(user_ids))
 
-    async def copy_to(
-        self,
-        query: str,
-        user_ids: Sequence[UUID],
-        target: asyncpg.Connection,
-        table: str,
-        columns: Sequence[str],
-    ) -> int:
-        """Stream ``query`` over these users (``$1``) undecoded into ``table`` (``columns``) on ``target``."""
-        return await pipe_copy(self.conn, query, [list(user_ids)], target, table, columns)
-
     async def batches(self, size: int) -> AsyncIterator[list[asyncpg.Record]]:
         """Full user rows, ``size`` at a time, in the order of :meth:`keys`."""
         cursor = await self.conn.cursor(self._users_query, *self._params)

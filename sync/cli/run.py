@@ -134,7 +134,12 @@ def run_command(
     mapping = mapping_of(mapping_path)
     mode = auth_mode or mapping.sync.auth
     admin_api = admin_api_of(mode, supabase_url, service_role_key)
-    auth_options = AuthOptions(mode=mode, triggers=mapping.sync.triggers, concurrency=auth_concurrency)
+    auth_options = AuthOptions(
+        mode=mode,
+        triggers=mapping.sync.triggers,
+        concurrency=auth_concurrency,
+        jobs=jobs or mapping.sync.jobs,
+    )
     logging.basicConfig(
         level=logging.WARNING if quiet or as_json else logging.INFO,
         format="%(message)s",
