@@ -81,7 +81,7 @@ from sync.state import CATCH_UP_OVERLAP
 @click.option(
     "--jobs",
     type=click.IntRange(min=1),
-    help="Tables, and key ranges of a large table, copied at once (default: mapping).",
+    help="Tables, key ranges of a large table, groups of new auth users: copied at once (default: mapping).",
 )
 @click.option(
     "--follow",
