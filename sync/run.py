@@ -287,16 +287,21 @@ async def run_sync(
             guard=lock.confirm,
             changes=changes,
         )
+        finding: asyncio.Task[tuple[DeletesReport, set[str]]] | None = None
         try:
             if not options.retry_quarantine:
-                report.deletes, gone = await production_deletes(
-                    snapshot, target, plan, options.deletes, basis, census
+                finding, gone = await deletes_beside(
+                    lambda known: production_deletes(
+                        snapshot, target, plan, options.deletes, basis, census, known
+                    )
                 )
                 ctx.deleted_accounts = frozenset(UUID(k) for k in gone)
             if auth_stage is not None and users and _users_to_import(only_keys):
                 report.auth = await auth_stage(ctx)
             report.tables = await copy_tables(ctx, options, progress)
             await patch_deferred(ctx, options)
+            if finding is not None:
+                report.deletes, _ = await finding
             report.sequences_moved = await bookkeeping.call(lambda c: table_copy.move_sequences(c, plan))
             if storage_stage is not None:
                 report.storage = await storage_stage.run(
@@ -311,6 +316,10 @@ async def run_sync(
             counts = {**report.counts(), "error": failure_line(exc, source, target)}
             await asyncio.shield(bookkeeping.call(lambda c: finish_run(c, run.id, status, counts)))
             raise
+        finally:
+            if finding is not None and not finding.done():
+                finding.cancel()
+                await asyncio.gather(finding, return_exceptions=True)
         report.seconds = time.perf_counter() - started
         status = "quarantined" if report.quarantined else "succeeded"
 
@@ -439,18 +448,44 @@ async def production_deletes(
     mode: DeleteMode,
     basis: Basis | None,
     census: Census | None,
+    on_users: Callable[[set[str]], None] | None = None,
 ) -> tuple[DeletesReport, set[str]]:
     """Find (and when asked, apply) production deletes, reading the source in the run's snapshot (the
-    census's counts, when it took them there)."""
+    census's counts, when it took them there); ``on_users`` learns the deleted users' ids first."""
     tallies = census.tallies if census is not None else None
     settled = counted(plan.tables, mode, basis, tallies) if snapshot.shared else None
     if settled is not None:
+        if on_users is not None:
+            on_users(set())
         return settled, set()
     reader = await snapshot.reader()
     try:
         shared = snapshot.shared
         basis = basis if shared else None
         tallies = tallies if shared else None
-        return await find_deletes(reader, target, plan.tables, mode=mode, basis=basis, tallies=tallies)
+        return await find_deletes(
+            reader, target, plan.tables, mode=mode, basis=basis, tallies=tallies, on_users=on_users
+        )
     finally:
         await reader.close()
+
+
+async def deletes_beside(
+    find: Callable[[Callable[[set[str]], None]], Awaitable[tuple[DeletesReport, set[str]]]],
+) -> tuple[asyncio.Task[tuple[DeletesReport, set[str]]], set[str]]:
+    """Start ``find`` (given a callback for the deleted users' ids) and return once it knew the users.
+
+    The search goes on beside the run's writes while it only reports (it reads the target in its own
+    first snapshot); applied deletes are done by then.
+    """
+    users: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
+
+    def known(ids: set[str]) -> None:
+        if not users.done():
+            users.set_result(ids)
+
+    finding = asyncio.create_task(find(known))
+    await asyncio.wait({users, finding}, return_when=asyncio.FIRST_COMPLETED)
+    if finding.done() and finding.exception() is not None:
+        raise finding.exception()  # type: ignore[misc]
+    return finding, users.result()

@@ -8,14 +8,16 @@ development has) on Carla's profile.
 from __future__ import annotations
 
 import asyncio
+import threading
 from datetime import UTC, datetime
 
+import psycopg
 import pytest
 from click.testing import CliRunner
 from queries import execute, fetch
 from unchanged import unchanged
 
-from sync.auth import AuthOptions
+from sync.auth import AuthOptions, AuthReport
 from sync.cli import main
 from sync.connect import Endpoint, Side
 from sync.mapping import Mapping
@@ -138,6 +140,53 @@ def test_production_deletes_are_reported_and_nothing_changes(pair):
         "public.requests": (3, ["1", "2", "3"]),
     }
     assert (users(target.url), fetch(target.url, "SELECT count(*) FROM public.requests")) == before
+    assert report.exit_code == 0
+
+
+def test_reported_deletes_are_searched_beside_the_import_in_the_target_as_it_was(pair):
+    """Only reported, the search goes on while the users are imported (it knows the deleted users by
+    then), and it reads the target as it was before the run wrote: the same answer as searched alone."""
+    source, target = pair
+    production_deletes_ana_carla_and_betos_request(source)
+    seen: dict[str, object] = {}
+    with psycopg.connect(target.url) as holder:
+        release = threading.Timer(30, holder.commit)  # never held for good, even when searched first
+
+        async def lock_requests() -> None:
+            # Once the plan is read: the search of public.requests waits for this lock, the users' not.
+            holder.execute("LOCK TABLE public.requests IN ACCESS EXCLUSIVE MODE")
+            release.start()
+
+        stage = auth_import(AuthOptions())
+        waits = "SELECT wait_event_type FROM pg_stat_activity WHERE application_name = 'sync deletes'"
+
+        async def import_while_searching(ctx) -> AuthReport:
+            seen["deleted users"] = sorted(str(u) for u in ctx.deleted_accounts)
+            for _ in range(200):  # until the search reaches the locked table (or is seen not to)
+                seen["searching"] = await asyncio.to_thread(fetch, target.url, waits)
+                if seen["searching"] != [("Client",)]:
+                    break
+                await asyncio.sleep(0.05)
+            holder.commit()  # the lock goes, and the search goes on beside the import
+            return await stage(ctx)
+
+        report = asyncio.run(
+            run_sync(
+                Endpoint.parse(Side.SOURCE, source.url),
+                Endpoint.parse(Side.TARGET, target.url),
+                Mapping.model_validate(MAPPING),
+                RunOptions(since=SINCE),
+                auth_stage=import_while_searching,
+                checks=[lock_requests],
+            )
+        )
+        release.cancel()
+    assert seen == {"deleted users": [ANA, CARLA], "searching": [("Lock",)]}
+    assert found(report) == {
+        "auth.users": (2, [ANA, CARLA]),
+        "public.profiles": (2, [ANA, CARLA]),
+        "public.requests": (3, ["1", "2", "3"]),
+    }
     assert report.exit_code == 0
 
 

@@ -22,7 +22,7 @@ e-mail, phone and identity subjects obfuscated, password and tokens cleared, and
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -181,22 +181,34 @@ async def production_deletes(
     mode: DeleteMode = DeleteMode.REPORT,
     basis: Basis | None = None,
     tallies: Mapping[str, Tally] | None = None,
+    on_users: Callable[[set[str]], None] | None = None,
 ) -> tuple[DeletesReport, set[str]]:
-    """Every table's production deletes (children first) and then the users', in ``tconn``'s transaction.
+    """Every table's production deletes and the users', in ``tconn``'s transaction.
 
     ``tables`` come parents first, as the plan orders them. Returns the report and the ids of every
-    target user production deleted (the auth import must not hand such an account to anyone else).
+    target user production deleted (the auth import must not hand such an account to anyone else);
+    ``on_users`` is given those ids as soon as they are known (under ``report``, before any table).
     Under ``report`` the caller rolls the transaction back; it holds only temporary tables. ``basis``
     (the previous run's) settles by counting the tables it can, with the run's census (``tallies``)
     when it took one.
     """
     report = DeletesReport(mode=mode, copy_date=copied)
     finder = await Finder.open(sconn, tconn, copied, basis, tallies)
+    users = bool(await tconn.fetchval("SELECT to_regclass('auth.users') IS NOT NULL"))
+    gone: set[str] = set()
+    # Reported only, the users come first: the caller can go on once it knows them. Applied, children
+    # go before their parents, and the users last.
+    first = mode is DeleteMode.REPORT
+    if users and first:
+        report.users, gone = await user_deletes(finder, mode)
+    if first and on_users is not None:
+        on_users(gone)
     for tp in reversed(tables):
         report.tables.insert(0, await table_deletes(finder, tp, mode))
-    gone: set[str] = set()
-    if await tconn.fetchval("SELECT to_regclass('auth.users') IS NOT NULL"):
+    if users and not first:
         report.users, gone = await user_deletes(finder, mode)
+    if not first and on_users is not None:
+        on_users(gone)
     return report, gone
 
 
@@ -227,19 +239,23 @@ async def find_deletes(
     mode: DeleteMode = DeleteMode.REPORT,
     basis: Basis | None = None,
     tallies: Mapping[str, Tally] | None = None,
+    on_users: Callable[[set[str]], None] | None = None,
 ) -> tuple[DeletesReport, set[str]]:
     """:func:`production_deletes` on a target connection of its own; committed only when applying.
 
-    ``copied`` defaults to the first run's ``--since`` recorded on the target.
+    ``copied`` defaults to the first run's ``--since`` recorded on the target. Only reported, the
+    search reads the target in one snapshot, its first: writes the run makes meanwhile (its users and
+    rows, once ``on_users`` was called) are not seen.
     """
     tconn = await connect(target, application_name="sync deletes")
     try:
-        transaction = tconn.transaction()
+        isolation = "repeatable_read" if mode is DeleteMode.REPORT else None
+        transaction = tconn.transaction(isolation=isolation)
         await transaction.start()
         try:
             if copied is None:
                 copied = await copy_date(tconn)
-            found = await production_deletes(sconn, tconn, tables, copied, mode, basis, tallies)
+            found = await production_deletes(sconn, tconn, tables, copied, mode, basis, tallies, on_users)
         except BaseException:
             await transaction.rollback()
             raise
