@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from queries import execute, fetch
 from test_copy import run
 
@@ -170,3 +172,52 @@ def test_a_new_row_at_the_end_of_a_chain_of_four_tables_brings_every_missing_anc
     for table in ("orgs", "teams", "projects", "tasks"):
         everything = f"SELECT * FROM {table} ORDER BY id"
         assert fetch(target.url, everything) == fetch(source.url, everything)
+
+
+OWNERS = """
+CREATE TABLE owners (id bigint PRIMARY KEY, name text NOT NULL, updated_at timestamptz NOT NULL);
+CREATE TABLE pets (id bigint PRIMARY KEY, owner_id bigint NOT NULL REFERENCES owners (id),
+                   updated_at timestamptz NOT NULL);
+CREATE TABLE visits (id bigint PRIMARY KEY, owner_id bigint NOT NULL REFERENCES owners (id),
+                     updated_at timestamptz NOT NULL);
+"""
+
+
+def owner_scans(url: str) -> tuple[int, int]:
+    """(index scans, sequential scans) of the owners table so far, once no session holds any unsent."""
+    for _ in range(100):
+        if fetch(url, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()") == [(1,)]:
+            break
+        time.sleep(0.05)
+    ((index, seq),) = fetch(
+        url, "SELECT idx_scan, seq_scan FROM pg_stat_user_tables WHERE relname = 'owners'"
+    )
+    return index, seq
+
+
+def test_a_full_runs_closure_joins_a_large_parent_table_by_hash_not_a_probe_per_key(make_db):
+    """Thousands of new pets and visits each need an old owner out of the window: the closure's listing
+    reads the owners once. The planner takes the closure (the union of what both tables need) for 200
+    keys, and would probe the key index once per key."""
+    source, target = make_db(), make_db()
+    for db in (source, target):
+        execute(db.url, OWNERS)
+    execute(
+        source.url,
+        "INSERT INTO owners SELECT n, 'owner ' || n, '2024-01-01' FROM generate_series(1, 120000) AS n; "
+        "INSERT INTO pets SELECT n, n * 37, '2024-12-01' FROM generate_series(1, 1500) AS n; "
+        "INSERT INTO visits SELECT n, n * 37, '2024-12-01' FROM generate_series(1501, 3000) AS n; "
+        "ANALYZE owners; ANALYZE pets; ANALYZE visits",
+    )
+    before = owner_scans(source.url)
+
+    report = run(
+        source, target, {"tables": {f"public.{t}": {"key": "preserve"} for t in ("owners", "pets", "visits")}}
+    )
+
+    assert report.exit_code == 0, report.to_json()
+    owners = next(t for t in report.tables if t.table == "public.owners")
+    assert (owners.read, owners.parents, owners.inserted) == (3000, 3000, 3000)
+    assert fetch(target.url, "SELECT count(*), sum(id) FROM owners") == [(3000, 37 * 3000 * 3001 // 2)]
+    index, seq = (after - was for after, was in zip(owner_scans(source.url), before, strict=True))
+    assert index < 100 and seq >= 1, (index, seq)

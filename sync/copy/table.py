@@ -381,26 +381,44 @@ class TableCopy:
         self.listed = None
         params = Params()
         where = self._in_range(params, after, upto)
-        if self.phase_number == CLOSURE_PASS and len(self.source_pk) == 1:
-            column = ident(self.source_pk[0])
-            listed = await self.sconn.fetch(
-                f"SELECT {column}::text FROM {table_ident(self.tp.source_name)} "
-                f"WHERE {where} ORDER BY {column} LIMIT {LISTED_KEYS_MAX + 1}",
+        async with self._closure_hashed():
+            if self.phase_number == CLOSURE_PASS and len(self.source_pk) == 1:
+                column = ident(self.source_pk[0])
+                listed = await self.sconn.fetch(
+                    f"SELECT {column}::text FROM {table_ident(self.tp.source_name)} "
+                    f"WHERE {where} ORDER BY {column} LIMIT {LISTED_KEYS_MAX + 1}",
+                    *params.values,
+                )
+                if len(listed) <= LISTED_KEYS_MAX:
+                    self.listed = KeyList([row[0] for row in listed])
+                    return [key for key in self.listed.boundaries(self.ctx.batch_size) if key != upto]
+            size = params.bind(self.ctx.batch_size, "bigint")
+            keys = column_list(self.source_pk)
+            texts = ", ".join(f"{ident(c)}::text" for c in self.source_pk)
+            rows = await self.sconn.fetch(
+                f"SELECT {texts} FROM (SELECT {keys}, row_number() OVER (ORDER BY {keys}) AS _n "
+                f"FROM {table_ident(self.tp.source_name)} WHERE {where}) AS s "
+                f"WHERE s._n % {size} = 0 ORDER BY s._n",
                 *params.values,
             )
-            if len(listed) <= LISTED_KEYS_MAX:
-                self.listed = KeyList([row[0] for row in listed])
-                return [key for key in self.listed.boundaries(self.ctx.batch_size) if key != upto]
-        size = params.bind(self.ctx.batch_size, "bigint")
-        keys = column_list(self.source_pk)
-        texts = ", ".join(f"{ident(c)}::text" for c in self.source_pk)
-        rows = await self.sconn.fetch(
-            f"SELECT {texts} FROM (SELECT {keys}, row_number() OVER (ORDER BY {keys}) AS _n "
-            f"FROM {table_ident(self.tp.source_name)} WHERE {where}) AS s "
-            f"WHERE s._n % {size} = 0 ORDER BY s._n",
-            *params.values,
-        )
         return [key for key in (list(row.values()) for row in rows) if key != upto]
+
+    @asynccontextmanager
+    async def _closure_hashed(self) -> AsyncIterator[None]:
+        """On a full run, the closure pass's key listing joins the table with the keys its children
+        need by hash: one read of the table, whatever the number of keys.
+
+        The planner cannot estimate how many distinct keys the closure yields (it assumes 200), so it
+        would probe the table's key index once per key: hundreds of thousands of probes at scale. A
+        full run reads every child's window anyway, so one more scan is within the same bound; a
+        catch-up (few changed rows, or keys listed by its census) keeps the probes.
+        """
+        if self.phase_number != CLOSURE_PASS or self.ctx.changes is not None:
+            yield
+            return
+        await self.sconn.execute("SET LOCAL enable_nestloop = off")
+        yield
+        await self.sconn.execute("SET LOCAL enable_nestloop TO DEFAULT")  # the batches' own plans
 
     # ---------------------------------------------------------------------------------- writing
 
