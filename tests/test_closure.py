@@ -220,4 +220,8 @@ def test_a_full_runs_closure_joins_a_large_parent_table_by_hash_not_a_probe_per_
     assert (owners.read, owners.parents, owners.inserted) == (3000, 3000, 3000)
     assert fetch(target.url, "SELECT count(*), sum(id) FROM owners") == [(3000, 37 * 3000 * 3001 // 2)]
     index, seq = (after - was for after, was in zip(owner_scans(source.url), before, strict=True))
-    assert index < 100 and seq >= 1, (index, seq)
+    # The closure pass then reads its 3,000 listed owners by key = ANY(…): before PostgreSQL 17 the index
+    # scan of an array counts once per element; since, once.
+    ((version,),) = fetch(source.url, "SELECT current_setting('server_version_num')::int")
+    listed_reads = 3000 if version < 170000 else 0
+    assert index - listed_reads < 100 and seq >= 1, (index, seq)
