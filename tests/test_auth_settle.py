@@ -183,12 +183,13 @@ def _fetch(db: Database, query: str, *args: Any) -> list[tuple[Any, ...]]:
         return cur.fetchall() if cur.description else []
 
 
-# Each connection that writes users (a statement trigger, so that COPY stays the way in).
+# Each connection that writes users, created or matched (a statement trigger: COPY stays the way in,
+# and an UPDATE that changes no row is noted too).
 _WRITERS = """
 CREATE TABLE public.user_writers (pid int);
 CREATE FUNCTION public.note_writer() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN INSERT INTO public.user_writers VALUES (pg_backend_pid()); RETURN NULL; END $$;
-CREATE TRIGGER note_writer AFTER INSERT ON auth.users
+CREATE TRIGGER note_writer AFTER INSERT OR UPDATE ON auth.users
     FOR EACH STATEMENT EXECUTE FUNCTION public.note_writer();
 """
 _REFUSE_ONE = """
@@ -227,6 +228,48 @@ async def test_users_created_by_copy_are_written_as_the_batches_write_them(
     assert batched.quarantined == 1 and batched.quarantine[0].source_id == refused and copied.quarantined == 0
     assert (batched.created, batched.identities_created) < (copied.created, copied.identities_created)
     assert batched.created == copied.created - 1
+    assert _written(by_batches, refused) == _written(by_copy, refused)
+
+
+async def test_users_matched_by_id_through_copy_are_written_as_the_batches_write_them(
+    make_db: Callable[..., Database], seed_templates: tuple[str, str]
+) -> None:
+    source = make_db(seed_templates[0])
+    by_copy, by_batches = make_db(seed_templates[1]), make_db(seed_templates[1])
+    there = [r[0] for r in _fetch(by_batches, "SELECT id FROM auth.users")]
+    # A user on both sides with a plain hash: one the COPY groups match by id. The ledger refusing it
+    # makes its whole group go through the batches instead.
+    ((refused,),) = _fetch(
+        source,
+        "SELECT id FROM auth.users WHERE id = ANY (%s) AND encrypted_password LIKE '$2_$%%' "
+        "ORDER BY created_at DESC LIMIT 1",
+        there,
+    )
+    conn = await connect(Endpoint.parse(Side.TARGET, by_batches.url))  # the state as the import makes it
+    try:
+        await ensure_state(conn)
+    finally:
+        await conn.close()
+    _fetch(
+        by_batches,
+        f"""
+        CREATE FUNCTION public.refuse_ledger() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF new.source_key = '{refused}' THEN RAISE EXCEPTION 'refused'; END IF; RETURN new; END $$;
+        CREATE TRIGGER refuse_ledger AFTER INSERT ON _sync.landed
+            FOR EACH ROW EXECUTE FUNCTION public.refuse_ledger();
+        """,
+    )
+
+    copied = await _import(source, by_copy)
+    batched = await _import(source, by_batches)
+
+    assert [q.source_id for q in batched.quarantine] == [refused] and copied.quarantined == 0
+    assert batched.matched_by_id == copied.matched_by_id - 1 and copied.updated > 0
+    assert (batched.updated, batched.unchanged) in {
+        (copied.updated, copied.unchanged - 1),
+        (copied.updated - 1, copied.unchanged),
+    }
+    assert batched.identities_created == copied.identities_created
     assert _written(by_batches, refused) == _written(by_copy, refused)
 
 

@@ -62,7 +62,8 @@ Two modes:
   binary COPY, and the users no rule can touch (addresses in normal form that no other user on either
   side has, no mapping) are settled in SQL; only the rest are given to the matcher, so memory stays flat.
   The settled new users are created by COPY straight from production (``direct_copy``), many thousands
-  per transaction; every other user goes in set-based batches in one target transaction each — the batch
+  per transaction, and the settled same-id matches are staged the same way, up to ``jobs`` groups at once;
+  every other user goes in set-based batches in one target transaction each — the batch
   is staged with binary COPY into temporary tables, then ``INSERT … SELECT`` / ``UPDATE … FROM`` into
   ``auth.users`` and ``auth.identities``, the id map and the quarantine. A COPY group the target refuses
   goes through the batches. A batch the database refuses (a trigger that

@@ -69,6 +69,10 @@ class _MissingReference(Exception):
     sqlstate = "23503"
 
 
+REFUSALS = (asyncpg.PostgresError, _MissingReference)
+"""What a write the target refuses raises (a transient one among them is retried first)."""
+
+
 @dataclass(slots=True)
 class StagedUser:
     """One source user on its way into a batch: the row, its identities, its match and the action."""
@@ -168,7 +172,7 @@ class TargetWriter:
             return
         try:
             result = await self._write_retrying(batch)
-        except (asyncpg.PostgresError, _MissingReference) as exc:
+        except REFUSALS as exc:
             if is_transient_db_error(exc):
                 raise
             if str(getattr(exc, "sqlstate", "")).startswith("42"):
@@ -205,9 +209,37 @@ class TargetWriter:
                 report.unchanged += 1
 
     async def _write_retrying(self, batch: Sequence[StagedUser]) -> BatchResult:
-        result = await self.transaction(
-            lambda conn: self._write(conn, batch), f"writing a batch of {len(batch)} auth user(s)"
+        async def stage(conn: asyncpg.Connection) -> bool:
+            await conn.copy_records_to_table(
+                STAGE_USERS,
+                records=[u.record() for u in batch],
+                columns=[n for n, _ in STAGE_USER_FIELDS],
+            )
+            # Read from the source in IDENTITY_FIELDS order: each record is its stage row as it is.
+            identities = [i for u in batch for i in u.identities]
+            if identities:
+                await conn.copy_records_to_table(
+                    STAGE_IDENTITIES, records=identities, columns=[n for n, _ in IDENTITY_FIELDS]
+                )
+            return bool(identities)
+
+        return await self.write_staged(
+            stage,
+            {u.action for u in batch},
+            {u.match.kind for u in batch},
+            f"writing a batch of {len(batch)} auth user(s)",
         )
+
+    async def write_staged(
+        self,
+        stage: Callable[[asyncpg.Connection], Awaitable[bool]],
+        actions: set[str],
+        kinds: set[MatchKind],
+        what: str,
+    ) -> BatchResult:
+        """One transaction: ``stage`` fills the stage tables (True when it staged identities), then what
+        they hold is written (users of these ``actions`` and match ``kinds``)."""
+        result = await self.transaction(lambda conn: self._write(conn, stage, actions, kinds), what)
         self._staged_on = self.conn  # its stage tables exist now: the transaction that made them committed
         return result
 
@@ -235,25 +267,19 @@ class TargetWriter:
             what=what,
         )(attempt)
 
-    async def _write(self, conn: asyncpg.Connection, batch: Sequence[StagedUser]) -> BatchResult:
+    async def _write(
+        self,
+        conn: asyncpg.Connection,
+        stage: Callable[[asyncpg.Connection], Awaitable[bool]],
+        actions: set[str],
+        kinds: set[MatchKind],
+    ) -> BatchResult:
         result = BatchResult()
-        actions = {u.action for u in batch}
-        kinds = {u.match.kind for u in batch}
         fresh = self._staged_on is not conn
         if fresh:
             await conn.execute(self._stage_users)
             await conn.execute(self._stage_identities)
-        await conn.copy_records_to_table(
-            STAGE_USERS,
-            records=[u.record() for u in batch],
-            columns=[n for n, _ in STAGE_USER_FIELDS],
-        )
-        # Read from the source in IDENTITY_FIELDS order: each record is its stage row as it is.
-        identities = [i for u in batch for i in u.identities]
-        if identities:
-            await conn.copy_records_to_table(
-                STAGE_IDENTITIES, records=identities, columns=[n for n, _ in IDENTITY_FIELDS]
-            )
+        identities = await stage(conn)
         if fresh:
             # Statistics once per connection: later batches are planned with the first one's.
             await conn.execute(f"ANALYZE {STAGE_USERS}, {STAGE_IDENTITIES}")

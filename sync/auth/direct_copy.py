@@ -1,13 +1,14 @@
-"""Created users by COPY: production's rows streamed straight into the target's ``auth.users`` and
-``auth.identities``, shaped on the source by the same expressions the staged insert uses.
+"""Settled users by COPY: production's rows streamed straight into the target, never decoded in Python.
 
 For the users matching settled as plain creates (:mod:`sync.auth.settle`), many at a time in one target
-transaction: a binary ``COPY (SELECT …) TO STDOUT`` on the source feeds ``COPY … FROM STDIN`` on the target
-(rows never decoded in Python, both servers at work together), then the ledger and the quarantine are
-written from the ids in one statement each. Each value is cast on the source to the target column's type,
-so binary COPY reads it as is. A group the target refuses (a trigger that raises, an identity whose
+transaction: a binary ``COPY (SELECT …) TO STDOUT`` on the source feeds ``COPY … FROM STDIN`` into the
+target's ``auth.users`` and ``auth.identities`` (both servers at work together), shaped on the source by the
+same expressions the staged insert uses, then the ledger and the quarantine are written from the ids in
+one statement each. Each value is cast on the source to the target column's type, so binary COPY reads it
+as is. The users settled as same-id matches go the same way into the direct writer's stage tables, which
+it then writes as it writes a batch. A group the target refuses (a trigger that raises, an identity whose
 subject or id the target already has) is rolled back whole and goes through the staged batches, which
-isolate the refused users.
+isolate the refused users. Up to ``--jobs`` groups are written at once, each on its own connections.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from uuid import UUID
 
 import asyncpg
@@ -27,8 +29,18 @@ from sync.auth.columns import (
     STAGED_FIELDS,
     USERS_TABLE,
 )
-from sync.auth.direct import TargetWriter
-from sync.auth.direct_sql import IDENTITY_DATA, INSERT_EXPRESSIONS, LAND_CREATED, RESOLVE_CREATED
+from sync.auth.direct import REFUSALS, TargetWriter
+from sync.auth.direct_sql import (
+    IDENTITY_DATA,
+    INSERT_EXPRESSIONS,
+    LAND_CREATED,
+    RESOLVE_CREATED,
+    STAGE_IDENTITIES,
+    STAGE_USER_FIELDS,
+    STAGE_USERS,
+)
+from sync.auth.match import MatchKind
+from sync.auth.options import ConflictPolicy
 from sync.auth.source import SourceSnapshot
 from sync.connect import connect
 from sync.pipe import pipe_copy
@@ -68,12 +80,21 @@ _IDENTITY_EXPRESSIONS = {
 }
 
 
+@dataclass(frozen=True)
+class Group:
+    """Users written together by COPY: created, or (``matched``) found on the target by their id."""
+
+    ids: Sequence[UUID]
+    matched: bool = False
+
+
 def _casts(expressions: dict[str, str], types: dict[str, str], names: Sequence[str]) -> str:
     return ", ".join(f"({expressions[c]})::{types[c]} AS {ident(c)}" for c in names)
 
 
 class CopyCreator:
-    """Creates settled users by COPY from the source, through ``writer``'s connection and transactions."""
+    """Writes settled users by COPY from the source (created, or matched by id), through ``writer``'s
+    connection and transactions."""
 
     def __init__(self, writer: TargetWriter, source: SourceSnapshot) -> None:
         self.writer = writer
@@ -81,9 +102,11 @@ class CopyCreator:
         self.reader = source.conn
         self._users: tuple[str, list[str]] = ("", [])
         self._identities: tuple[str, list[str]] = ("", [])
+        self._staged_users = ""
+        self._staged_identities = ""
 
     async def prepare(self) -> bool:
-        """Build both source queries for this pair of servers; False when the path cannot be used (a
+        """Build the source queries for this pair of servers; False when the path cannot be used (a
         target column of a type not built in, or a source from before identities had ``provider_id``)."""
         conn = self.writer.conn
         users = await conn.fetch(_COLUMN_TYPES, USERS_TABLE)
@@ -100,14 +123,23 @@ class CopyCreator:
             f"FROM auth.users WHERE id = ANY ($1::uuid[])"
         )
         self._users = (f"SELECT {_casts(_USER_EXPRESSIONS, user_types, names)} FROM ({shaped}) AS s", names)
+        # A same-id match's stage row, as StagedUser.record makes it ($2: the action).
+        staged = ", ".join(
+            _USER_EXPRESSIONS[n] if n in ("aud", "role") else f"s.{ident(n)}" for n, _ in STAGED_FIELDS
+        )
+        self._staged_users = (
+            f"SELECT s.source_id, s.target_id, $2::text, '{MatchKind.ID.value}'::text, s.email_out, "
+            f"s.phone_out, {staged} FROM ({shaped}) AS s"
+        )
+        # Their identities as the batches stage them; shaped for the created users.
+        self._staged_identities = (
+            f"SELECT {self.source.select(IDENTITY_FIELDS, identities=True)} FROM auth.identities "
+            "WHERE user_id = ANY ($1::uuid[])"
+        )
         identity_types = {r["attname"]: r["type"] for r in identities}
         names = [c for c in _IDENTITY_EXPRESSIONS if c in identity_types]
-        self._identities = (
-            f"SELECT {_casts(_IDENTITY_EXPRESSIONS, identity_types, names)} FROM ("
-            f"SELECT {self.source.select(IDENTITY_FIELDS, identities=True)} FROM auth.identities "
-            "WHERE user_id = ANY ($1::uuid[])) AS i",
-            names,
-        )
+        casts = _casts(_IDENTITY_EXPRESSIONS, identity_types, names)
+        self._identities = (f"SELECT {casts} FROM ({self._staged_identities}) AS i", names)
         return True
 
     def on(self, writer: TargetWriter, reader: asyncpg.Connection) -> CopyCreator:
@@ -117,9 +149,44 @@ class CopyCreator:
         other.writer, other.reader = writer, reader
         return other
 
-    async def create(self, ids: Sequence[UUID]) -> bool:
-        """Create these users and their identities in one transaction; False when the target refused
-        them (nothing written: the caller sends them through the staged batches)."""
+    async def write(self, group: Group) -> bool:
+        """Write ``group`` in one transaction; False when the target refused it (nothing written: the
+        caller sends its users through the staged batches)."""
+        try:
+            if group.matched:
+                await self.match_by_id(group.ids)
+            else:
+                await self.create(group.ids)
+        except REFUSALS as exc:
+            if is_transient_db_error(exc):
+                raise
+            return False
+        return True
+
+    async def match_by_id(self, ids: Sequence[UUID]) -> None:
+        """Stage these same-id matches by COPY and write them as the direct writer writes a batch."""
+        policy = self.writer.options.policy
+        action = "update" if policy is ConflictPolicy.SOURCE_WINS else "keep"
+
+        async def stage(conn: asyncpg.Connection) -> bool:
+            columns = [n for n, _ in STAGE_USER_FIELDS]
+            await pipe_copy(self.reader, self._staged_users, [ids, action], conn, STAGE_USERS, columns)
+            columns = [n for n, _ in IDENTITY_FIELDS]
+            return bool(
+                await pipe_copy(self.reader, self._staged_identities, [ids], conn, STAGE_IDENTITIES, columns)
+            )
+
+        result = await self.writer.write_staged(
+            stage, {action}, {MatchKind.ID}, f"matching {len(ids)} auth user(s) by id"
+        )
+        report = self.writer.report
+        report.matched_by_id += len(ids)
+        report.updated += len(result.updated)
+        report.unchanged += len(ids) - len(result.updated)
+        report.identities_created += result.identities
+
+    async def create(self, ids: Sequence[UUID]) -> None:
+        """Create these users and their identities in one transaction."""
 
         async def work(conn: asyncpg.Connection) -> tuple[int, int]:
             users = await pipe_copy(self.reader, self._users[0], [ids], conn, USERS_TABLE, self._users[1])
@@ -130,37 +197,31 @@ class CopyCreator:
             await conn.execute(RESOLVE_CREATED, USERS_TABLE, ids)
             return users, identities
 
-        try:
-            users, identities = await self.writer.transaction(work, f"creating {len(ids)} auth user(s)")
-        except asyncpg.PostgresError as exc:
-            if is_transient_db_error(exc):
-                raise
-            return False
+        users, identities = await self.writer.transaction(work, f"creating {len(ids)} auth user(s)")
         self.writer.report.created += users
         self.writer.report.identities_created += identities
-        return True
 
 
-async def create_groups(
+async def write_groups(
     creator: CopyCreator,
-    groups: Iterable[Sequence[UUID]],
+    groups: Iterable[Group],
     lanes: int,
     readers: Readers | None,
-    created: Callable[[int], None],
-) -> list[UUID]:
-    """Create ``groups`` of users by COPY, up to ``lanes`` groups at once: the first lane on ``creator``'s
-    connections, each other on a target connection and a source reader (from ``readers``) of its own.
-    ``created`` hears of each group that landed; returns the users of the groups the target refused, in
-    the order of ``groups`` (each group stands or falls alone, whatever the others do)."""
+    written: Callable[[Group], None],
+) -> list[Group]:
+    """Write ``groups`` by COPY, up to ``lanes`` at once: the first lane on ``creator``'s connections, each
+    other on a target connection and a source reader (from ``readers``) of its own. ``written`` hears of
+    each group that landed; returns the groups the target refused, in the order of ``groups`` (each group
+    stands or falls alone, whatever the others do)."""
     queue = enumerate(groups)  # shared: each lane takes the next group when it is free
-    refused: dict[int, Sequence[UUID]] = {}
+    refused: dict[int, Group] = {}
 
     async def lane(on: CopyCreator) -> None:
-        for n, ids in queue:
-            if await on.create(ids):
-                created(len(ids))
+        for n, group in queue:
+            if await on.write(group):
+                written(group)
             else:
-                refused[n] = ids
+                refused[n] = group
 
     async def another_lane() -> None:
         reader = await readers() if readers is not None else None
@@ -175,8 +236,8 @@ async def create_groups(
         finally:
             await reader.close()
 
-    async with asyncio.TaskGroup() as group:
-        group.create_task(lane(creator))
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(lane(creator))
         for _ in range(lanes - 1):
-            group.create_task(another_lane())
-    return [user for n in sorted(refused) for user in refused[n]]
+            tasks.create_task(another_lane())
+    return [refused[n] for n in sorted(refused)]

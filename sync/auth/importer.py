@@ -16,7 +16,7 @@ import asyncpg
 
 from sync.auth.admin_api_user import api_refusal, uncarried
 from sync.auth.direct import StagedUser, TargetWriter
-from sync.auth.direct_copy import CopyCreator, Readers, create_groups
+from sync.auth.direct_copy import CopyCreator, Group, Readers, write_groups
 from sync.auth.match import (
     MatchKind,
     SourceKey,
@@ -29,7 +29,7 @@ from sync.auth.match import (
 )
 from sync.auth.options import AuthOptions, ConflictPolicy
 from sync.auth.report import AuthReport, QuarantinedUser, UserNote, direct_notes
-from sync.auth.settle import CREATED, MATCHER, Settled, settle_users
+from sync.auth.settle import CREATED, MATCHER, SAME_ID, Settled, settle_users
 from sync.auth.source import SourceSnapshot, read_only_snapshot
 from sync.selection import Changes
 
@@ -101,24 +101,27 @@ class UserImport:
         self._total(settled.users)
         self.matches = settled.matches
         creator = CopyCreator(writer, snapshot)
-        if settled.copied and await creator.prepare():
-            # Up to --jobs groups at once, each lane given one at least; a refused group goes through
-            # the batches, which isolate the users the target refuses.
-            copied = len(settled.copied) // 16
-            lanes = self.options.jobs if self.readers is not None else 1
-            size = min(self.options.copy_size, -(-copied // lanes))
-            lanes = min(lanes, -(-copied // size))
-            refused = await create_groups(
-                creator, settled.copied_ids(size), lanes, self.readers, self._created_by_copy
-            )
+        # Up to --jobs groups at once, each lane given one at least (read lazily: memory stays flat).
+        created, same = len(settled.copied) // 16, len(settled.same) // 16
+        lanes = self.options.jobs if self.readers is not None else 1
+        size = max(1, min(self.options.copy_size, -(-(created + same) // lanes)))
+        groups = chain(
+            (Group(ids) for ids in settled.copied_ids(size)),
+            (Group(ids, matched=True) for ids in settled.same_ids(size)),
+        )
+        if created + same and await creator.prepare():
+            lanes = min(lanes, -(-created // size) + -(-same // size))
+            refused = await write_groups(creator, groups, lanes, self.readers, self._written_by_copy)
         else:
-            refused = [u for ids in settled.copied_ids(self.options.copy_size) for u in ids]
-        entries = chain(settled.others(), ((u, CREATED) for u in refused))
+            refused = list(groups)
+        # A refused group goes through the batches, which isolate the users the target refuses.
+        left = ((u, SAME_ID if g.matched else CREATED) for g in refused for u in g.ids)
+        entries = chain(settled.others(), left)
         await self._import(_batches_of(snapshot, entries, settled, self.options.batch_size))
 
-    def _created_by_copy(self, users: int) -> None:
+    def _written_by_copy(self, group: Group) -> None:
         if self.progress is not None:
-            self.progress.users(users, users)
+            self.progress.users(len(group.ids), 0 if group.matched else len(group.ids))
 
     async def _import(self, batches: AsyncIterator[Batch]) -> None:
         async for rows, identities in _read_ahead(batches):

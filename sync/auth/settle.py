@@ -11,8 +11,9 @@ other user goes to :func:`~sync.auth.match.match_users` with the target users it
 The matcher over the remaining users gives them the same matches as over everyone: a settled user claims
 no target user another could want and holds no address another has.
 
-What comes back is one byte string per kind: 16 bytes per user (its id), in production's order, with a
-kind byte after each id outside the created-by-COPY group (about 17 bytes per user in all).
+What comes back is a few byte strings: 16 bytes per user (its id), in production's order, one string for
+the users created by COPY, one for those matched by id whose rows come by COPY, and one for every other
+user with a kind byte after each id (about 17 bytes per user in all).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ KEY_STAGE = "_sync_user_keys"
 _ODD_STAGE = "_sync_odd_keys"
 _UNSETTLED = "_sync_unsettled_users"
 
-# Kinds of a user outside the created-by-COPY group.
+# Kinds of a user outside the COPY groups.
 MATCHER, SAME_ID, CREATED = b"m", b"i", b"n"
 
 _STAGE = f"""
@@ -82,17 +83,22 @@ UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN {_ODD_STAGE} AS o ON o.id = k.id
 {_PER_CONTACT.format(c="phone")}
 """
 
+# A settled user with a plain hash (no note to make) goes in a COPY group: matched by id (``s``), or
+# created (``c``) unless SSO; any other user is written by the batches, with its kind.
 _KINDS = f"""
-SELECT string_agg(uuid_send(k.id), ''::bytea ORDER BY k.ord) FILTER (WHERE c.kind IS NULL) AS copied,
-       string_agg(uuid_send(k.id) || c.kind, ''::bytea ORDER BY k.ord) FILTER (WHERE c.kind IS NOT NULL)
+SELECT string_agg(uuid_send(k.id), ''::bytea ORDER BY k.ord) FILTER (WHERE c.kind = 'c') AS copied,
+       string_agg(uuid_send(k.id), ''::bytea ORDER BY k.ord) FILTER (WHERE c.kind = 's') AS same,
+       string_agg(uuid_send(k.id) || c.kind, ''::bytea ORDER BY k.ord) FILTER (WHERE c.kind NOT IN ('c', 's'))
            AS others
 FROM {KEY_STAGE} AS k
 LEFT JOIN {_UNSETTLED} AS x ON x.id = k.id
 LEFT JOIN auth.users AS t ON t.id = k.id
 CROSS JOIN LATERAL (
     SELECT CASE WHEN x.id IS NOT NULL THEN '{MATCHER.decode()}'::bytea
+                WHEN t.id IS NOT NULL AND k.plain_hash THEN 's'::bytea
                 WHEN t.id IS NOT NULL THEN '{SAME_ID.decode()}'::bytea
-                WHEN k.sso OR NOT k.plain_hash THEN '{CREATED.decode()}'::bytea END AS kind
+                WHEN k.sso OR NOT k.plain_hash THEN '{CREATED.decode()}'::bytea
+                ELSE 'c'::bytea END AS kind
 ) AS c
 """
 _UNSETTLED_KEYS = (
@@ -108,6 +114,8 @@ class Settled:
 
     copied: bytes
     """The ids (16 bytes each) of users created by COPY straight from production."""
+    same: bytes
+    """The ids of users matched by id whose stage rows come by COPY straight from production."""
     others_packed: bytes
     """The ids of every other user, each followed by its kind byte."""
     matches: dict[UUID, UserMatch]
@@ -117,10 +125,11 @@ class Settled:
 
     def copied_ids(self, size: int) -> Iterator[list[UUID]]:
         """The created-by-COPY ids, ``size`` at a time, in production's order."""
-        step = 16 * size
-        for start in range(0, len(self.copied), step):
-            chunk = self.copied[start : start + step]
-            yield [UUID(bytes=chunk[i : i + 16]) for i in range(0, len(chunk), 16)]
+        return _chunks(self.copied, size)
+
+    def same_ids(self, size: int) -> Iterator[list[UUID]]:
+        """The ids of the users matched by id through COPY, ``size`` at a time, in production's order."""
+        return _chunks(self.same, size)
 
     def others(self) -> Iterator[tuple[UUID, bytes]]:
         """Every other user's id and kind byte, in production's order."""
@@ -139,7 +148,16 @@ class Settled:
     def all_matches(self, order: Sequence[UUID]) -> list[UserMatch]:
         """Every user's match in ``order`` (to compare with the matcher over everyone)."""
         kinds = dict(self.others())
+        kinds.update((u, SAME_ID) for ids in self.same_ids(1000) for u in ids)
         return [self.match(u, kinds[u]) if u in kinds else UserMatch(u, u, MatchKind.NEW) for u in order]
+
+
+def _chunks(packed: bytes, size: int) -> Iterator[list[UUID]]:
+    """The ids packed 16 bytes each, ``size`` at a time."""
+    step = 16 * size
+    for start in range(0, len(packed), step):
+        chunk = packed[start : start + step]
+        yield [UUID(bytes=chunk[i : i + 16]) for i in range(0, len(chunk), 16)]
 
 
 async def settle_users(
@@ -151,7 +169,7 @@ async def settle_users(
     try:
         users = await source.copy_keys_to(target, KEY_STAGE)
         if not users:  # a catch-up with no changed user reads no target user
-            return Settled(b"", b"", {}, 0)
+            return Settled(b"", b"", b"", {}, 0)
         # Keys stored otherwise on either side (few), normalised here: production's without an id, the
         # target's with the id of their user.
         odd = [(None, r["email"], r["phone"]) for r in await target.fetch(_ODD_SOURCE)]
@@ -170,6 +188,6 @@ async def settle_users(
         candidates = await read_target_keys(target, keys, id_map)
         matches = {m.source_id: m for m in match_users(keys, candidates, id_map, deleted_accounts)}
         row = await target.fetchrow(_KINDS)
-        return Settled(row["copied"] or b"", row["others"] or b"", matches, users)
+        return Settled(row["copied"] or b"", row["same"] or b"", row["others"] or b"", matches, users)
     finally:
         await target.execute(_DROP)
