@@ -207,7 +207,9 @@ async def _import(source: Database, target: Database, jobs: int = 1) -> Any:
         return await import_users(source_endpoint, target_endpoint, AuthOptions())
     snapshot = await SourceSnapshot(source_endpoint).open()
     try:
-        return await import_users(source_endpoint, target_endpoint, AuthOptions(jobs=jobs), snapshot=snapshot)
+        # Batches smaller than the groups a scenario this small splits into, so that each job has one.
+        options = AuthOptions(jobs=jobs, batch_size=500)
+        return await import_users(source_endpoint, target_endpoint, options, snapshot=snapshot)
     finally:
         await snapshot.close()
 

@@ -101,10 +101,11 @@ class UserImport:
         self._total(settled.users)
         self.matches = settled.matches
         creator = CopyCreator(writer, snapshot)
-        # Up to --jobs groups at once, each lane given one at least (read lazily: memory stays flat).
+        # Up to --jobs groups at once, each lane given one at least, but no group smaller than a batch (a
+        # catch-up's few users are one group, on the connections at hand). Read lazily: memory stays flat.
         created, same = len(settled.copied) // 16, len(settled.same) // 16
         lanes = self.options.jobs if self.readers is not None else 1
-        size = max(1, min(self.options.copy_size, -(-(created + same) // lanes)))
+        size = min(self.options.copy_size, max(self.options.batch_size, -(-(created + same) // lanes)))
         groups = chain(
             (Group(ids) for ids in settled.copied_ids(size)),
             (Group(ids, matched=True) for ids in settled.same_ids(size)),
