@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from queries import execute, fetch
 
 from sync.cli import main
+from sync.compare import bucket_count
 from sync.deletes.find import Finder
 
 SINCE = datetime(2024, 11, 18, tzinfo=UTC)
@@ -147,3 +148,31 @@ def test_production_deletes_never_include_rows_development_deleted(make_db, tmp_
     assert len(left) == 3500 - len(development_deleted) - len(expected) + 30
 
     assert items_deletes(run(source, target, mapping)) == (0, [], 0)
+
+
+def test_a_production_that_outgrew_the_copy_has_every_key_compared_at_once(make_db):
+    """Production gained half as many rows again since the copy: nearly every bucket would differ, so
+    the search reads every key without the sums, and is as exact."""
+    source, target = make_db(), make_db()
+    for db in (source, target):
+        items(db.url)
+    production_deleted = {3, 2500, 5998}
+    delete(source.url, sorted(production_deleted))
+    add(source.url, range(ITEMS + 1, ITEMS + 3001), "2024-12-01")
+    add(target.url, range(9001, 9011), "2024-12-05")
+    for db in (source, target):
+        execute(db.url, "ANALYZE public.items")
+
+    async def outgrown() -> bool:
+        sconn, tconn = await asyncpg.connect(source.url), await asyncpg.connect(target.url)
+        try:
+            finder = await Finder.open(sconn, tconn, SINCE)
+            return await finder._outgrown("public.items", ITEMS + 3000 - 3, bucket_count(ITEMS + 3000 - 3))
+        finally:
+            await sconn.close()
+            await tconn.close()
+
+    assert asyncio.run(outgrown())
+    found = asyncio.run(find_items(source, target, SINCE))
+    assert (found.count, found.keys) == (3, first_keys(production_deleted))
+    assert found.read == ITEMS + 3000 - 3

@@ -54,6 +54,8 @@ SPLIT_AT = 2048
 """A differing bucket with more keys than this is split into finer buckets before its keys are read."""
 MOSTLY_OF = 16
 """When more than half of this many buckets (or more) differ, their keys are read without a finer sum."""
+SURPLUS_PER_BUCKET = 3
+"""Source rows beyond the target's per bucket from which nearly every bucket differs (see ``_outgrown``)."""
 FINEST = 1 << 40
 """No finer spread than this: a bucket still large there holds equal hashes (the same key many times)."""
 
@@ -141,8 +143,14 @@ class Finder:
         def target(params: Params) -> str:
             return f"SELECT o.s AS k FROM ({pairs(params)}) AS o"
 
-        buckets = bucket_count(await estimate_rows(self.sconn, source_name)) if self.splits else 1
-        differing, rows = await self._differing(source, target, buckets)
+        source_rows = await estimate_rows(self.sconn, source_name)
+        buckets = bucket_count(source_rows) if self.splits else 1
+        differing: list[Buckets] | None
+        rows: int | None
+        if await self._outgrown(name, source_rows, buckets):
+            differing, rows = None, None
+        else:
+            differing, rows = await self._differing(source, target, buckets)
         if differing == []:
             return Found(0, [], source_rows=rows)
         await self.tconn.execute(
@@ -150,6 +158,7 @@ class Finder:
             f"CREATE TEMP TABLE {_SOURCE_KEYS} (k text) ON COMMIT DROP"
         )
         read = await _stream(self.sconn, self.tconn, *_within(source, differing, Params()))
+        rows = read if rows is None else rows
         await self.tconn.execute(f"ANALYZE {_SOURCE_KEYS}")
         params = Params()
         await self.tconn.execute(
@@ -162,6 +171,23 @@ class Finder:
             f"SELECT k, count(*) OVER () AS n FROM {GONE} ORDER BY k LIMIT {SHOWN}"
         )
         return Found(first[0]["n"] if first else 0, [r["k"] for r in first], read, rows)
+
+    async def _outgrown(self, name: str, source_rows: float, buckets: int) -> bool:
+        """Whether the source holds so many more rows than the whole target table that nearly every
+        bucket is bound to differ (by both tables' statistics; never when the target's were never
+        gathered): then every key is compared at once, without reading the sums first. A first run's
+        production, grown since the copy, is such a source.
+
+        Rows the source has beyond the target's land in buckets at random: with more than
+        :data:`SURPLUS_PER_BUCKET` of them per bucket, over 95 % of the buckets hold one.
+        """
+        if self.copied is None or buckets < MOSTLY_OF:
+            return False
+        analyzed = "SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)"
+        target_rows = await self.tconn.fetchval(analyzed, name)
+        if target_rows is None or target_rows < 0:  # never analyzed: no figure to go by
+            return False
+        return source_rows - target_rows > SURPLUS_PER_BUCKET * buckets
 
     async def _counted(
         self,
