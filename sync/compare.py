@@ -85,10 +85,22 @@ def bucket_count(estimated_rows: float) -> int:
     return max(1, min(MAX_BUCKETS, int(max(estimated_rows, 0)) // ROWS_PER_BUCKET))
 
 
+async def _reltuples(conn: asyncpg.Connection, table: str) -> float | None:
+    """``pg_class.reltuples`` of ``table``: -1 when its statistics were never gathered, None when there
+    is no such table."""
+    return await conn.fetchval("SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)", table)
+
+
+async def analyzed_rows(conn: asyncpg.Connection, table: str) -> float | None:
+    """How many rows ``table`` held when its statistics were last gathered (None: never, or no table)."""
+    rows = await _reltuples(conn, table)
+    return None if rows is None or rows < 0 else float(rows)
+
+
 async def estimate_rows(conn: asyncpg.Connection, table: str) -> float:
     """About how many rows ``table`` holds: its statistics, or for a table never analyzed (-1 there,
     which would put every row in one bucket) the planner's guess from its size."""
-    rows = await conn.fetchval("SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)", table)
+    rows = await _reltuples(conn, table)
     if rows is None:
         return -1.0
     if rows >= 0:

@@ -194,7 +194,7 @@ class Selection:
         keyed = self.changes.keyed.get(tp.name) if self.changes is not None and column is None else None
         if keyed is not None:
             (key,) = source_key_columns(tp)
-            of_type = next(c.source_type for c in tp.columns if c.source == key)
+            of_type = tp.staged_types[tp.row_key[0]]
             return f"({alias}{ident(key)} = ANY({params.bind(list(keyed), 'text[]')}::{of_type}[]))"
         changed = self.changes.sql(params, alias) if self.changes is not None else None
         held = self.changes.held.get(tp.name) if self.changes is not None else None

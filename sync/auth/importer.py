@@ -268,10 +268,7 @@ class UserImport:
 async def _batches(snapshot: SourceSnapshot, size: int) -> AsyncIterator[Batch]:
     """The source's users ``size`` at a time, each batch with its users' identities."""
     async for rows in snapshot.batches(size):
-        identities: dict[UUID, list[asyncpg.Record]] = {row["id"]: [] for row in rows}
-        for identity in await snapshot.identities(list(identities)):
-            identities[identity["user_id"]].append(identity)
-        yield rows, identities
+        yield await _with_identities(snapshot, rows)
 
 
 async def _batches_of(
@@ -284,12 +281,15 @@ async def _batches_of(
         for user_id, kind in chunk:
             if kind != MATCHER:
                 settled.matches[user_id] = settled.match(user_id, kind)
-        ids = [user_id for user_id, _ in chunk]
-        rows = await snapshot.rows(ids)
-        identities: dict[UUID, list[asyncpg.Record]] = {row["id"]: [] for row in rows}
-        for identity in await snapshot.identities(ids):
-            identities[identity["user_id"]].append(identity)
-        yield rows, identities
+        yield await _with_identities(snapshot, await snapshot.rows([user_id for user_id, _ in chunk]))
+
+
+async def _with_identities(snapshot: SourceSnapshot, rows: list[asyncpg.Record]) -> Batch:
+    """A batch of these user rows, each with its identities."""
+    identities: dict[UUID, list[asyncpg.Record]] = {row["id"]: [] for row in rows}
+    for identity in await snapshot.identities(list(identities)):
+        identities[identity["user_id"]].append(identity)
+    return rows, identities
 
 
 async def _read_ahead(batches: AsyncIterator[Batch]) -> AsyncIterator[Batch]:

@@ -142,7 +142,7 @@ async def table_deletes(finder: Finder, tp: TablePlan, mode: DeleteMode = Delete
     typed = None
     if len(tp.row_key) == 1:
         (column,) = tp.row_key
-        typed = f"t.{ident(column)}", next(c.target_type for c in tp.columns if c.target == column)
+        typed = f"t.{ident(column)}", tp.target_types[column]
     gone = await finder.find(tp.name, tp.source_name, key_text_sql(tp), key, dated, typed)
     found = Deletes.of(tp.name, tp.source_name, gone)
     if mode is DeleteMode.REPORT or not found.found:
@@ -196,19 +196,22 @@ async def production_deletes(
     finder = await Finder.open(sconn, tconn, copied, basis, tallies)
     users = bool(await tconn.fetchval("SELECT to_regclass('auth.users') IS NOT NULL"))
     gone: set[str] = set()
+
+    async def search_users() -> None:
+        nonlocal gone
+        if users:
+            report.users, gone = await user_deletes(finder, mode)
+        if on_users is not None:
+            on_users(gone)
+
     # Reported only, the users come first: the caller can go on once it knows them. Applied, children
     # go before their parents, and the users last.
-    first = mode is DeleteMode.REPORT
-    if users and first:
-        report.users, gone = await user_deletes(finder, mode)
-    if first and on_users is not None:
-        on_users(gone)
+    if mode is DeleteMode.REPORT:
+        await search_users()
     for tp in reversed(tables):
         report.tables.insert(0, await table_deletes(finder, tp, mode))
-    if users and not first:
-        report.users, gone = await user_deletes(finder, mode)
-    if not first and on_users is not None:
-        on_users(gone)
+    if mode is not DeleteMode.REPORT:
+        await search_users()
     return report, gone
 
 

@@ -35,6 +35,7 @@ from sync.compare import (
     ROWS_PER_BUCKET,
     Buckets,
     Relation,
+    analyzed_rows,
     bucket_count,
     bucket_sums,
     estimate_rows,
@@ -183,9 +184,8 @@ class Finder:
         """
         if self.copied is None or buckets < MOSTLY_OF:
             return False
-        analyzed = "SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)"
-        target_rows = await self.tconn.fetchval(analyzed, name)
-        if target_rows is None or target_rows < 0:  # never analyzed: no figure to go by
+        target_rows = await analyzed_rows(self.tconn, name)
+        if target_rows is None:  # never analyzed: no figure to go by
             return False
         return source_rows - target_rows > SURPLUS_PER_BUCKET * buckets
 
