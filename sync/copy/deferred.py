@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from sync.copy.apply import Written, map_own_keys, rewrite_parents, staged_as_target
+from sync.copy.context import CopyContext
 from sync.copy.stage import STAGE
-from sync.copy.table import CopyContext, TableCopy
+from sync.copy.table import TableCopy
 from sync.plan import TablePlan
 from sync.sqltext import ident, row_of, table_ident
 

@@ -26,24 +26,21 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import asyncpg
-from pydantic import field_serializer
 
-from sync.connect import Endpoint, PoolMode, connect
+from sync.connect import PoolMode, connect
 from sync.copy.apply import Written, apply_staged
 from sync.copy.checkpoint import Checkpoint, Part, Position
+from sync.copy.context import CopyContext, TableResult
 from sync.copy.ledger import has_entries
 from sync.copy.listing import LISTED_KEYS_MAX, KeyList
 from sync.copy.quarantine import is_data_error, isolate_refused, quarantine_row
 from sync.copy.sequences import advance_past_source
 from sync.copy.stage import Stage
 from sync.errors import first_cause, first_line
-from sync.models import Model
-from sync.plan import Plan, TablePlan
+from sync.plan import TablePlan
 from sync.retry import (
     LOCK_NOT_AVAILABLE,
     LOCK_TIMEOUT_S,
@@ -52,63 +49,10 @@ from sync.retry import (
     lock_wait_line,
     retrying,
 )
-from sync.selection import CLOSURE_PASS, Changes, Predicate, Selection, source_key_columns
-from sync.snapshot import SourceSnapshot
+from sync.selection import CLOSURE_PASS, Predicate, Selection, source_key_columns
 from sync.sqltext import Params, column_list, ident, row_of, table_ident
-from sync.state import WriteGuard
 
 log = logging.getLogger("sync")
-
-Progress = Callable[[str, int], None]
-
-
-class TableResult(Model):
-    """What one table's copy did."""
-
-    table: str
-    read: int = 0
-    inserted: int = 0
-    updated: int = 0
-    quarantined: int = 0
-    remapped: int = 0
-    parents: int = 0
-    """Of ``read``: rows outside the window that the window's rows need (the closure's pass)."""
-    batches: int = 0
-    retries: int = 0
-    seconds: float = 0.0
-    quiet: bool = False
-    """Not read at all: the run's census found no row in its window, nor one that a child's needs."""
-
-    @field_serializer("seconds")
-    def _milliseconds(self, seconds: float) -> float:
-        return round(seconds, 3)
-
-    @property
-    def written(self) -> int:
-        return self.inserted + self.updated
-
-
-@dataclass
-class CopyContext:
-    """What every table copy of a run shares."""
-
-    plan: Plan
-    source: SourceSnapshot
-    target: Endpoint
-    run_id: int
-    since: datetime | None
-    batch_size: int = 5000
-    progress: Progress | None = None
-    only_keys: dict[str, list[str]] | None = None
-    """When set, copy only these source keys per table (``sync quarantine retry``)."""
-    guard: WriteGuard | None = None
-    """Proves the run still holds its lock, inside every write transaction before it commits."""
-    changes: Changes | None = None
-    """On a catch-up: the transactions since the previous run's snapshot; the rows they wrote are read."""
-    jobs: int = 1
-    """Parts of one pass copied at once, at most (each a source and a target connection)."""
-    slots: asyncio.Semaphore | None = None
-    """The run's job slots: a table's copy holds one, and each further part it copies at once takes one."""
 
 
 class TableCopy:
