@@ -1,7 +1,8 @@
 """The direct writer: staged batches into the target's ``auth.users`` and ``auth.identities`` by SQL.
 
 One target transaction per batch: the batch is copied (binary COPY) into two temporary stage tables
-(made once per connection and analysed with its first batch, emptied at every commit), then set-based
+(made once per connection, emptied at every commit; analysed only for the admin API's fix-ups, which join
+them with ``auth.identities``), then set-based
 statements (``direct_sql``) create, update and repair users, add identities, keep the id map and
 resolve earlier quarantine records; a statement with no row of its kind in the batch is not sent. A
 batch the database refuses is split in halves until the refused users are isolated and quarantined with
@@ -140,8 +141,10 @@ class TargetWriter:
         self._restore_users = ""
         self._stage_users = create_stage_sql(STAGE_USERS, STAGE_USER_FIELDS)
         self._stage_identities = create_stage_sql(STAGE_IDENTITIES, IDENTITY_FIELDS)
-        # The connection whose stage tables exist (created and analysed by a committed batch).
+        # The connection whose stage tables exist (created by a committed batch), and the one whose stage
+        # tables have statistics (taken by a committed batch that restored users).
         self._staged_on: asyncpg.Connection | None = None
+        self._analysed_on: asyncpg.Connection | None = None
 
     async def prepare(self) -> None:
         """Build the statements for the target's own ``auth.users`` columns."""
@@ -163,7 +166,7 @@ class TargetWriter:
         """A writer of the same import (statements, report, run lock) on another connection of the target,
         for transactions at once."""
         other = copy.copy(self)
-        other.conn, other._staged_on = conn, None
+        other.conn, other._staged_on, other._analysed_on = conn, None, None
         return other
 
     async def land(self, batch: Sequence[StagedUser]) -> None:
@@ -241,6 +244,8 @@ class TargetWriter:
         they hold is written (users of these ``actions`` and match ``kinds``)."""
         result = await self.transaction(lambda conn: self._write(conn, stage, actions, kinds), what)
         self._staged_on = self.conn  # its stage tables exist now: the transaction that made them committed
+        if "restore" in actions:
+            self._analysed_on = self.conn
         return result
 
     async def transaction(self, work: Callable[[asyncpg.Connection], Awaitable[T]], what: str) -> T:
@@ -280,8 +285,10 @@ class TargetWriter:
             await conn.execute(self._stage_users)
             await conn.execute(self._stage_identities)
         identities = await stage(conn)
-        if fresh:
-            # Statistics once per connection: later batches are planned with the first one's.
+        if "restore" in actions and self._analysed_on is not conn:
+            # The admin API's fix-ups join the stage with auth.identities: planned with statistics, taken
+            # once per connection. Every other statement probes the target's tables by index, whatever
+            # the stage's statistics say, so no other batch waits for them.
             await conn.execute(f"ANALYZE {STAGE_USERS}, {STAGE_IDENTITIES}")
         if "create" in actions:
             result.created = _rowcount(await conn.execute(self._insert_users))

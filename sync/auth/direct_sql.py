@@ -210,17 +210,19 @@ INSERT INTO _sync.landed (table_name, source_key, target_key, run_id)
 SELECT $2::text, k::text, k::text, $1 FROM unnest($3::uuid[]) AS k
 """
 
-# A user now found by id no longer needs (and must not keep) an older mapping.
+# A user now found by id no longer needs (and must not keep) an older mapping. This statement and the
+# next find their rows by one probe of a unique index per staged user (``= ANY`` of the staged keys),
+# however many rows those tables hold and whatever the stage's statistics say.
 UNMAP_IDS = """
 DELETE FROM _sync.id_map AS m
-USING _sync_stage_users AS s
-WHERE m.table_name = $1 AND m.source_key = s.source_id::text AND s.kind IN ('id', 'new')
+WHERE m.table_name = $1
+  AND m.source_key = ANY (ARRAY(SELECT source_id::text FROM _sync_stage_users WHERE kind IN ('id', 'new')))
 """
 
 RESOLVE_QUARANTINE = """
 UPDATE _sync.quarantine AS q SET resolved_at = now()
-FROM _sync_stage_users AS s
-WHERE q.table_name = $1 AND q.resolved_at IS NULL AND q.source_key = s.source_id::text
+WHERE q.table_name = $1 AND q.resolved_at IS NULL
+  AND q.source_key = ANY (ARRAY(SELECT source_id::text FROM _sync_stage_users))
 """
 
 # The same for users given by id ($2).

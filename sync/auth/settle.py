@@ -41,7 +41,6 @@ from sync.auth.source import SourceSnapshot
 
 KEY_STAGE = "_sync_user_keys"
 _ODD_STAGE = "_sync_odd_keys"
-_UNSETTLED = "_sync_unsettled_users"
 
 # Kinds of a user outside the COPY groups.
 MATCHER, SAME_ID, CREATED = b"m", b"i", b"n"
@@ -70,8 +69,7 @@ UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN auth.users AS t ON t.id = k.id
       JOIN {KEY_STAGE} AS k2 ON k2.{{c}} = t.{{c}} AND k2.id <> k.id
 UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN auth.users AS t ON t.id = k.id
       JOIN {_ODD_STAGE} AS o ON o.{{c}} = t.{{c}}"""
-_UNSETTLED_SQL = f"""
-CREATE TEMP TABLE {_UNSETTLED} AS
+_UNSETTLED = f"""
 SELECT k.id FROM {KEY_STAGE} AS k
 WHERE k.email !~ '{PLAIN_EMAIL}' OR k.phone !~ '{PLAIN_PHONE}' OR k.id = ANY ($1::uuid[])
 UNION SELECT k.id FROM {KEY_STAGE} AS k
@@ -84,28 +82,30 @@ UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN {_ODD_STAGE} AS o ON o.id = k.id
 """
 
 # A settled user with a plain hash (no note to make) goes in a COPY group: matched by id (``s``), or
-# created (``c``) unless SSO; any other user is written by the batches, with its kind.
+# created (``c``) unless SSO; any other user is written by the batches, with its kind. The keys of the
+# users left to the matcher come along, in production's order.
 _KINDS = f"""
-SELECT string_agg(uuid_send(k.id), ''::bytea ORDER BY k.ord) FILTER (WHERE c.kind = 'c') AS copied,
-       string_agg(uuid_send(k.id), ''::bytea ORDER BY k.ord) FILTER (WHERE c.kind = 's') AS same,
-       string_agg(uuid_send(k.id) || c.kind, ''::bytea ORDER BY k.ord) FILTER (WHERE c.kind NOT IN ('c', 's'))
-           AS others
-FROM {KEY_STAGE} AS k
-LEFT JOIN {_UNSETTLED} AS x ON x.id = k.id
-LEFT JOIN auth.users AS t ON t.id = k.id
-CROSS JOIN LATERAL (
-    SELECT CASE WHEN x.id IS NOT NULL THEN '{MATCHER.decode()}'::bytea
+WITH unsettled AS MATERIALIZED ({_UNSETTLED}),
+kinds AS (
+    SELECT k.ord, k.id, k.email, k.phone, k.sso, k.deleted,
+           CASE WHEN x.id IS NOT NULL THEN '{MATCHER.decode()}'::bytea
                 WHEN t.id IS NOT NULL AND k.plain_hash THEN 's'::bytea
                 WHEN t.id IS NOT NULL THEN '{SAME_ID.decode()}'::bytea
                 WHEN k.sso OR NOT k.plain_hash THEN '{CREATED.decode()}'::bytea
                 ELSE 'c'::bytea END AS kind
-) AS c
-"""
-_UNSETTLED_KEYS = (
-    f"SELECT k.id, k.email, k.phone, k.sso, k.deleted FROM {KEY_STAGE} AS k "
-    f"JOIN {_UNSETTLED} AS x ON x.id = k.id ORDER BY k.ord"
+    FROM {KEY_STAGE} AS k
+    LEFT JOIN unsettled AS x ON x.id = k.id
+    LEFT JOIN auth.users AS t ON t.id = k.id
 )
-_DROP = f"DROP TABLE IF EXISTS {KEY_STAGE}, {_ODD_STAGE}, {_UNSETTLED}"
+SELECT string_agg(uuid_send(id), ''::bytea ORDER BY ord) FILTER (WHERE kind = 'c') AS copied,
+       string_agg(uuid_send(id), ''::bytea ORDER BY ord) FILTER (WHERE kind = 's') AS same,
+       string_agg(uuid_send(id) || kind, ''::bytea ORDER BY ord) FILTER (WHERE kind NOT IN ('c', 's'))
+           AS others,
+       array_agg(ROW(id, email, phone, sso, deleted) ORDER BY ord) FILTER (WHERE kind = '{MATCHER.decode()}')
+           AS unsettled
+FROM kinds
+"""
+_DROP = f"DROP TABLE IF EXISTS {KEY_STAGE}, {_ODD_STAGE}"
 
 
 @dataclass
@@ -179,15 +179,16 @@ async def settle_users(
             records=[(i, normal_email(e), normal_phone(p)) for i, e, p in odd],
             columns=["id", "email", "phone"],
         )
-        await target.execute(_UNSETTLED_SQL, list(deleted_accounts), USERS_TABLE)
+        # Its statistics (a few rows, read at once) let the planner hash it rather than sort every key.
+        await target.execute(f"ANALYZE {_ODD_STAGE}")
+        row = await target.fetchrow(_KINDS, list(deleted_accounts), USERS_TABLE)
         keys = [
-            SourceKey(r["id"], normal_email(r["email"]), normal_phone(r["phone"]), r["sso"], r["deleted"])
-            for r in await target.fetch(_UNSETTLED_KEYS)
+            SourceKey(i, normal_email(e), normal_phone(p), sso, deleted)
+            for i, e, p, sso, deleted in row["unsettled"] or ()
         ]
         id_map = await read_id_map(target, [k.id for k in keys])
         candidates = await read_target_keys(target, keys, id_map)
         matches = {m.source_id: m for m in match_users(keys, candidates, id_map, deleted_accounts)}
-        row = await target.fetchrow(_KINDS)
         return Settled(row["copied"] or b"", row["same"] or b"", row["others"] or b"", matches, users)
     finally:
         await target.execute(_DROP)
