@@ -42,7 +42,7 @@ from sync.auth.direct_sql import (
 from sync.auth.match import MatchKind
 from sync.auth.options import ConflictPolicy
 from sync.auth.source import SourceSnapshot
-from sync.connect import connect
+from sync.connect import Endpoint, connect
 from sync.pipe import pipe_copy
 from sync.retry import is_transient_db_error
 from sync.sqltext import ident
@@ -202,17 +202,55 @@ class CopyCreator:
         self.writer.report.identities_created += identities
 
 
+Lane = tuple[asyncpg.Connection, asyncpg.Connection]
+"""A source reader in the import's snapshot and a target connection: one more group written at a time."""
+
+
+class Lanes:
+    """The connections of the lanes after the first: opened ahead (:meth:`open`, while the matching is
+    settled) or as a lane starts, and all closed by :meth:`close`, taken or not."""
+
+    def __init__(self, endpoint: Endpoint, readers: Readers | None) -> None:
+        self.endpoint = endpoint
+        self.readers = readers
+        self._ahead: list[asyncio.Task[Lane | None]] = []
+        self._opened: list[asyncpg.Connection] = []
+
+    def open(self, count: int) -> None:
+        """Start opening ``count`` lanes for :meth:`take` to hand out."""
+        self._ahead += [asyncio.create_task(self._lane()) for _ in range(count)]
+
+    async def take(self) -> Lane | None:
+        """A lane opened ahead, else a new one; None when no other reader can join the snapshot."""
+        return await (self._ahead.pop(0) if self._ahead else self._lane())
+
+    async def _lane(self) -> Lane | None:
+        reader = await self.readers() if self.readers is not None else None
+        if reader is None:
+            return None
+        self._opened.append(reader)
+        conn = await connect(self.endpoint)
+        self._opened.append(conn)
+        return reader, conn
+
+    async def close(self) -> None:
+        """Close every connection the lanes opened."""
+        await asyncio.gather(*self._ahead, return_exceptions=True)
+        for conn in self._opened:
+            await conn.close()
+
+
 async def write_groups(
     creator: CopyCreator,
     groups: Iterable[Group],
     lanes: int,
-    readers: Readers | None,
+    more: Lanes,
     written: Callable[[Group], None],
 ) -> list[Group]:
     """Write ``groups`` by COPY, up to ``lanes`` at once: the first lane on ``creator``'s connections, each
-    other on a target connection and a source reader (from ``readers``) of its own. ``written`` hears of
-    each group that landed; returns the groups the target refused, in the order of ``groups`` (each group
-    stands or falls alone, whatever the others do)."""
+    other on connections of its own (from ``more``, which closes them). ``written`` hears of each group
+    that landed; returns the groups the target refused, in the order of ``groups`` (each group stands or
+    falls alone, whatever the others do)."""
     queue = enumerate(groups)  # shared: each lane takes the next group when it is free
     refused: dict[int, Group] = {}
 
@@ -224,17 +262,16 @@ async def write_groups(
                 refused[n] = group
 
     async def another_lane() -> None:
-        reader = await readers() if readers is not None else None
-        if reader is None:
+        opened = await more.take()
+        if opened is None:
             return
+        reader, conn = opened
+        writer = creator.writer.on(conn)
         try:
-            writer = creator.writer.on(await connect(creator.writer.endpoint))
-            try:
-                await lane(creator.on(writer, reader))
-            finally:
-                await writer.conn.close()  # the writer's own: it may have reconnected
+            await lane(creator.on(writer, reader))
         finally:
-            await reader.close()
+            if writer.conn is not conn:
+                await writer.conn.close()  # the writer's own, made after the lane's was lost
 
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(lane(creator))

@@ -133,15 +133,20 @@ _INCOMING_IDENTITIES = f"""(
 ) AS n"""
 
 # A (provider_id, provider) the target already has is skipped: one probe of its unique index per identity
-# (``IDENTITY_KEY_INDEXED`` checks it is there), never a scan of the whole table.
+# (``IDENTITY_KEY_INDEXED`` checks it is there), never a scan of the whole table. The probe comes first,
+# so that an identity the target has (every one of a user matched again) costs nothing more; ON CONFLICT
+# still skips one written since.
 INSERT_IDENTITIES = f"""
 INSERT INTO auth.identities (id, provider_id, user_id, identity_data, provider, last_sign_in_at,
                              created_at, updated_at)
 SELECT CASE WHEN n.source_identity_id IS NULL OR x.taken THEN gen_random_uuid() ELSE n.source_identity_id END,
        n.provider_id, n.target_id, n.data, n.provider, n.last_sign_in_at, n.created_at, n.updated_at
 FROM {_INCOMING_IDENTITIES}
+LEFT JOIN LATERAL (SELECT true AS held FROM auth.identities AS h
+                   WHERE h.provider_id = n.provider_id AND h.provider = n.provider LIMIT 1) AS h ON true
 LEFT JOIN LATERAL (SELECT true AS taken FROM auth.identities AS x WHERE x.id = n.source_identity_id LIMIT 1)
      AS x ON true
+WHERE h.held IS NULL
 ON CONFLICT (provider_id, provider) DO NOTHING
 """
 

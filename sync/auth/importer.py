@@ -16,7 +16,7 @@ import asyncpg
 
 from sync.auth.admin_api_user import api_refusal, uncarried
 from sync.auth.direct import StagedUser, TargetWriter
-from sync.auth.direct_copy import CopyCreator, Group, Readers, write_groups
+from sync.auth.direct_copy import CopyCreator, Group, Lanes, Readers, write_groups
 from sync.auth.match import (
     MatchKind,
     SourceKey,
@@ -97,10 +97,26 @@ class UserImport:
 
     async def _settled(self, snapshot: SourceSnapshot, writer: TargetWriter) -> None:
         """The direct mode: matching settled on the target, plain creates by COPY, the rest in batches."""
-        settled = await settle_users(snapshot, writer.conn, self.deleted_accounts)
-        self._total(settled.users)
-        self.matches = settled.matches
-        creator = CopyCreator(writer, snapshot)
+        more = Lanes(writer.endpoint, self.readers)
+        try:
+            if self.readers is not None and self.changed_since is None and self.only_ids is None:
+                # Every production user, most of them in groups: the other lanes open while the
+                # matching is settled (a catch-up's few users seldom need them).
+                more.open(self.options.jobs - 1)
+            settled = await settle_users(snapshot, writer.conn, self.deleted_accounts)
+            self._total(settled.users)
+            self.matches = settled.matches
+            refused = await self._groups(settled, CopyCreator(writer, snapshot), more)
+        finally:
+            await more.close()
+        # A refused group goes through the batches, which isolate the users the target refuses.
+        left = ((u, SAME_ID if g.matched else CREATED) for g in refused for u in g.ids)
+        entries = chain(settled.others(), left)
+        await self._import(_batches_of(snapshot, entries, settled, self.options.batch_size))
+
+    async def _groups(self, settled: Settled, creator: CopyCreator, more: Lanes) -> list[Group]:
+        """Write the settled users' groups by COPY; the groups refused (all of them when the COPY path
+        cannot be used)."""
         # Up to --jobs groups at once, each lane given one at least, but no group smaller than a batch (a
         # catch-up's few users are one group, on the connections at hand). Read lazily: memory stays flat.
         created, same = len(settled.copied) // 16, len(settled.same) // 16
@@ -112,13 +128,8 @@ class UserImport:
         )
         if created + same and await creator.prepare():
             lanes = min(lanes, -(-created // size) + -(-same // size))
-            refused = await write_groups(creator, groups, lanes, self.readers, self._written_by_copy)
-        else:
-            refused = list(groups)
-        # A refused group goes through the batches, which isolate the users the target refuses.
-        left = ((u, SAME_ID if g.matched else CREATED) for g in refused for u in g.ids)
-        entries = chain(settled.others(), left)
-        await self._import(_batches_of(snapshot, entries, settled, self.options.batch_size))
+            return await write_groups(creator, groups, lanes, more, self._written_by_copy)
+        return list(groups)
 
     def _written_by_copy(self, group: Group) -> None:
         if self.progress is not None:
