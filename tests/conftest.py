@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from admin_api_import import FirstApiImport, import_through_the_api
 
-from devkit import SQL_DIR, testbed
+try:
+    from _pytest.nodeid import NodeId
+except ImportError:  # before pytest 9, pytest-xdist writes the group into the node id itself
+    NodeId = None
+
+from devkit import SQL_DIR, scenario, testbed
 from devkit.embedded import Server, dedicated_cluster, ensure_server
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``xdist_group`` run on one worker under ``--dist loadgroup``, as the mark promises.
+
+    pytest-xdist finds a test's group in an ``@group`` suffix of its node id and writes that suffix
+    into ``item._nodeid``, which pytest 9 no longer reads (the id lives in ``item._id``): without this,
+    the tests of a group spread over the workers and each worker builds what the group shares.
+    """
+    if NodeId is None or not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        groups = sorted(
+            {
+                str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                for m in item.iter_markers("xdist_group")
+            }
+        )
+        if groups and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
 
 
 @pytest.fixture(scope="session")
@@ -66,17 +94,22 @@ def make_db(server: Server, supabase_template: testbed.Database):
 
 
 @pytest.fixture(scope="session")
-def seed_templates(server: Server, supabase_template: testbed.Database) -> tuple[str, str]:
-    """Seed scenario templates at scale 1: (production, development); rebuilt when their code changes."""
-    from devkit import scenario
+def seed() -> scenario.Scenario:
+    """The seed scenario's rows, the same ones the seed databases were built from (drawn once per test
+    process: the draw hashes passwords; tests only read it)."""
+    return scenario.generate()
 
+
+@pytest.fixture(scope="session")
+def seed_templates(
+    server: Server, supabase_template: testbed.Database, request: pytest.FixtureRequest
+) -> tuple[str, str]:
+    """Seed scenario templates at scale 1: (production, development); rebuilt when their code changes."""
     digest = testbed.fingerprint(SQL_DIR, Path(scenario.__file__))
-    data = None
 
     def build(side: str):
         def run(db: testbed.Database) -> None:
-            nonlocal data
-            data = data or scenario.generate()
+            data = request.getfixturevalue("seed")
             if side == "production":
                 scenario.build_production(db.url, data)
             else:
@@ -95,3 +128,22 @@ def seed_templates(server: Server, supabase_template: testbed.Database) -> tuple
 def seed_dbs(make_db, seed_templates: tuple[str, str]) -> tuple[testbed.Database, testbed.Database]:
     """Fresh copies of the seed scenario: (production = source, development = target)."""
     return make_db(seed_templates[0]), make_db(seed_templates[1])
+
+
+@pytest.fixture(scope="session")
+def first_api_import(server: Server, seed_templates: tuple[str, str]) -> Iterator[FirstApiImport]:
+    """One admin-API import of the seed per test process, for the tests that start from its result
+    (marked ``xdist_group("first-api-import")``, so one worker runs it once for all of them)."""
+    source = testbed.create_database(server, f"t_{uuid.uuid4().hex[:12]}", template=seed_templates[0])
+    target = testbed.create_database(server, f"t_{uuid.uuid4().hex[:12]}", template=seed_templates[1])
+    try:
+        yield asyncio.run(import_through_the_api(source, target))
+    finally:
+        testbed.drop_database(server, source.name)
+        testbed.drop_database(server, target.name)
+
+
+@pytest.fixture
+def api_imported_dbs(make_db, first_api_import: FirstApiImport) -> tuple[testbed.Database, testbed.Database]:
+    """Fresh copies of (production, development) as the first admin-API import left them."""
+    return make_db(first_api_import.source), make_db(first_api_import.target)

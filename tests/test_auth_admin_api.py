@@ -19,6 +19,7 @@ import httpx
 import psycopg
 import psycopg.sql
 import pytest
+from admin_api_import import FAST, FirstApiImport, run_api
 from admin_api_server import AdminApiServer, Faults
 from click.testing import CliRunner
 from psycopg.types.json import Jsonb
@@ -42,11 +43,9 @@ from sync.auth import (
     AdminApi,
     AdminApiCreator,
     AuthOptions,
-    AuthReport,
     MatchKind,
     UserMatch,
     create_attributes,
-    import_users,
     is_transient_api_error,
     retry_after,
 )
@@ -55,17 +54,7 @@ from sync.auth.admin_api_errors import Exchange, failure_of
 from sync.auth.admin_api_user import api_refusal
 from sync.auth.report import hash_problem
 from sync.cli import main
-from sync.connect import Endpoint, Side
 from sync.errors import UsageError
-
-# Short waits: the server's faults are immediate, only the number of retries matters here.
-FAST = {"retry_initial_wait": 0.01, "retry_max_wait": 0.2, "retry_attempts": 12}
-
-
-@pytest.fixture(scope="module")
-def seed() -> scenario.Scenario:
-    """The seed scenario's rows, the same ones the seed databases were built from."""
-    return scenario.generate()
 
 
 @pytest.fixture
@@ -73,24 +62,6 @@ async def api(seed_dbs: tuple[Database, Database]) -> AsyncIterator[AdminApiServ
     """The admin endpoints of the target (development) database, behaving."""
     async with AdminApiServer(seed_dbs[1].url) as server:
         yield server
-
-
-async def run_api(
-    source: Database,
-    target: Database | None,
-    server: AdminApiServer,
-    key: str = "service-role-key",
-    **options: Any,
-) -> AuthReport:
-    """The admin-API import; with ``target``, what the API cannot carry is written there directly."""
-    source_endpoint = Endpoint.parse(Side.SOURCE, source.url)
-    target_endpoint = Endpoint.parse(Side.TARGET, target.url) if target is not None else None
-    return await import_users(
-        source_endpoint,
-        target_endpoint,
-        AuthOptions(mode="admin-api", **(FAST | options)),
-        admin_api=AdminApi(url=server.url, service_role_key=key),
-    )
 
 
 def load_users(db: Database, users: list[dict[str, Any]], identities: list[dict[str, Any]]) -> None:
@@ -119,18 +90,21 @@ def few(make_db: Any, seed: scenario.Scenario) -> tuple[Database, Database, list
     return source, target, users
 
 
-async def test_every_production_user_lands_through_the_api_and_signs_in_with_the_production_password(
-    seed_dbs: tuple[Database, Database], seed: scenario.Scenario, api: AdminApiServer
+@pytest.mark.xdist_group("first-api-import")
+def test_every_production_user_lands_through_the_api_and_signs_in_with_the_production_password(
+    first_api_import: FirstApiImport,
+    api_imported_dbs: tuple[Database, Database],
+    seed: scenario.Scenario,
 ) -> None:
-    source, target = seed_dbs
-    report = await run_api(source, target, api)
+    _, target = api_imported_dbs
+    report = first_api_import.report
 
     assert report.quarantined == 0 and report.exit_code == 0
     anonymous = [u for u in seed.production.users if u["is_anonymous"]]
     assert report.created == created_by_a_first_run(seed)
     direct = len(anonymous) + len(seed.soft_deleted)
-    assert api.creates == report.created - direct, "anonymous and soft-deleted users go direct"
-    assert not set(map(str, seed.soft_deleted)) & set(api.created_ids)
+    assert first_api_import.creates == report.created - direct, "anonymous and soft-deleted users go direct"
+    assert not set(map(str, seed.soft_deleted)) & set(first_api_import.created_ids)
     assert report.matched_by_email == len(seed.reregistered_emails)
     assert_every_production_user_has_one_target_user(seed, target)
     assert_reregistered_users_keep_their_production_password(seed, target)
@@ -140,7 +114,7 @@ async def test_every_production_user_lands_through_the_api_and_signs_in_with_the
     assert_identities_as_production_has_them(seed, target)
 
     # With the target DSN, what the API could not carry was written directly: times, OAuth identities.
-    created = [u for u in seed.production.users if str(u["id"]) in set(api.created_ids)]
+    created = [u for u in seed.production.users if str(u["id"]) in set(first_api_import.created_ids)]
     columns = ("created_at", "email_confirmed_at", "last_sign_in_at", "raw_user_meta_data")
     landed = {
         row[0]: row[1:]
@@ -201,18 +175,19 @@ async def test_with_30_percent_failures_every_user_lands_once(
     assert_sample_logs_in_with_production_password(seed, target)
 
 
+@pytest.mark.xdist_group("first-api-import")
 async def test_a_second_run_through_the_api_creates_nothing_and_changes_nothing(
-    seed_dbs: tuple[Database, Database], seed: scenario.Scenario, api: AdminApiServer
+    api_imported_dbs: tuple[Database, Database], seed: scenario.Scenario
 ) -> None:
-    source, target = seed_dbs
-    await run_api(source, target, api)
-    before, creates = table_digest(target), api.creates
+    source, target = api_imported_dbs  # as a first run through the API left them
+    before = table_digest(target)
 
-    second = await run_api(source, target, api)
+    async with AdminApiServer(target.url) as api:
+        second = await run_api(source, target, api)
 
     assert (second.created, second.updated, second.identities_created, second.quarantined) == (0, 0, 0, 0)
     assert second.unchanged == len(seed.production.users)
-    assert api.creates == creates
+    assert api.creates == 0
     assert table_digest(target) == before
 
 

@@ -35,12 +35,6 @@ from sync.errors import UsageError
 # ------------------------------------------------------------------------------------- shared checks
 
 
-@pytest.fixture(scope="module")
-def seed() -> scenario.Scenario:
-    """The seed scenario's rows, the same ones the seed databases were built from."""
-    return scenario.generate()
-
-
 def endpoints(source: Database, target: Database, *, admin: bool = False) -> tuple[Endpoint, Endpoint]:
     """Source and target endpoints as the ``postgres`` login (or the superuser with ``admin``)."""
     return (

@@ -166,7 +166,9 @@ async def _cli(*args: str) -> tuple[int, str]:
     return child.returncode or 0, out.decode()
 
 
-async def test_the_reports_and_verify_json_hold_no_hash_token_or_key(seed_dbs, tmp_path: Path):
+async def test_the_reports_and_verify_json_hold_no_hash_token_or_key(
+    seed_dbs, seed: scenario.Scenario, tmp_path: Path
+):
     source, target = seed_dbs
     tokens = ", ".join(f"{c} = 'tok-{c}-' || md5(id::text)" for c in TOKEN_COLUMNS)
     execute(
@@ -177,7 +179,7 @@ async def test_the_reports_and_verify_json_hold_no_hash_token_or_key(seed_dbs, t
         "source": f"prod-service-role-{uuid.uuid4().hex}",
         "target": f"dev-service-role-{uuid.uuid4().hex}",
     }
-    data = scenario.generate()
+    data = seed
     async with (
         StorageApiServer(source.url, tmp_path / "production", keys["source"]) as prod_api,
         StorageApiServer(target.url, tmp_path / "development", keys["target"]) as dev_api,

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import asyncpg
 import psycopg
-import pytest
 from click.testing import CliRunner
 from psycopg import sql
 
@@ -21,17 +20,11 @@ SHIPPED = str(PROJECT / "mappings" / "sync.toml")
 ORDER = ["public.profiles", "public.bank_profiles", "public.financing_requests", "public.documents"]
 
 
-@pytest.fixture(scope="module")
-def built() -> scenario.Scenario:
-    """The seed scenario's rows as the generator drew them: the expected numbers come from here."""
-    return scenario.generate()
-
-
-def in_window(built: scenario.Scenario, since: datetime) -> dict[str, int]:
+def in_window(seed: scenario.Scenario, since: datetime) -> dict[str, int]:
     """Production rows created or edited at or after ``since``, per table."""
     return {
         f"public.{table}": sum(1 for row in rows if row["updated_at"] >= since)
-        for table, rows in built.production.rows.items()
+        for table, rows in seed.production.rows.items()
     }
 
 
@@ -44,7 +37,7 @@ def plan_of(seed_dbs, *args: str):
     return plan("--source", source.url, "--target", target.url, *args)
 
 
-def test_plan_lists_the_months_gap_parents_first_with_counts_equal_to_what_production_gained(seed_dbs, built):
+def test_plan_lists_the_months_gap_parents_first_with_counts_equal_to_what_production_gained(seed_dbs, seed):
     result = plan_of(seed_dbs, "--mapping", SHIPPED, "--since", "2024-11-18")
 
     assert result.exit_code == 0, result.output
@@ -54,13 +47,13 @@ def test_plan_lists_the_months_gap_parents_first_with_counts_equal_to_what_produ
     start = lines.index("tables, parents first")
     rows = lines[start + 1 : start + 1 + len(ORDER)]
     assert [row.split()[1] for row in rows] == ORDER
-    expected = in_window(built, scenario.COPY_DATE)
+    expected = in_window(seed, scenario.COPY_DATE)
     for row, table in zip(rows, ORDER, strict=True):
         assert f"{expected[table]:,} rows in the window" in row
     # Development's test rows took the keys production's new rows have: one collision per test row.
     for table, taken in scenario.DEV_TEST_ROWS.items():
         row = rows[ORDER.index(f"public.{table}")]
-        assert f"{taken * built.scale:,} of their keys taken by other rows in target" in row
+        assert f"{taken * seed.scale:,} of their keys taken by other rows in target" in row
     new_users = scenario.PROD_USERS - scenario.PRE_COPY_USERS
     assert (
         f"users: 4,082 in source, 1,133 in target: {new_users - scenario.DEV_REREGISTERED:,} to create, "
@@ -79,7 +72,7 @@ def test_plan_lists_the_months_gap_parents_first_with_counts_equal_to_what_produ
     assert result.stderr == ""
 
 
-def test_json_output_validates_and_carries_the_same_numbers(seed_dbs, built, monkeypatch):
+def test_json_output_validates_and_carries_the_same_numbers(seed_dbs, seed, monkeypatch):
     source, target = seed_dbs
     monkeypatch.chdir(PROJECT)  # mappings/sync.toml is found without --mapping
     keywords = psycopg.conninfo.make_conninfo(**psycopg.conninfo.conninfo_to_dict(source.url))
@@ -92,7 +85,7 @@ def test_json_output_validates_and_carries_the_same_numbers(seed_dbs, built, mon
     assert report.since == datetime(2024, 11, 18, tzinfo=UTC)
     assert report.mapping == str(Path("mappings") / "sync.toml")
     assert [t.name for t in report.tables] == ORDER
-    assert {t.name: t.window_rows for t in report.tables} == in_window(built, scenario.COPY_DATE)
+    assert {t.name: t.window_rows for t in report.tables} == in_window(seed, scenario.COPY_DATE)
     assert {t.name: t.collisions for t in report.tables if t.key == "remap"} == {
         f"public.{t}": n for t, n in scenario.DEV_TEST_ROWS.items()
     }
@@ -105,24 +98,24 @@ def test_json_output_validates_and_carries_the_same_numbers(seed_dbs, built, mon
     assert report.errors == []
 
 
-def test_since_takes_an_instant_with_its_offset_and_counts_from_there(seed_dbs, built):
+def test_since_takes_an_instant_with_its_offset_and_counts_from_there(seed_dbs, seed):
     result = plan_of(seed_dbs, "--mapping", SHIPPED, "--since", "2024-12-01T09:30:00-06:00", "--json")
 
     assert result.exit_code == 0, result.output
     report = PlanReport.model_validate_json(result.stdout)
     since = datetime(2024, 12, 1, 9, 30, tzinfo=timezone(timedelta(hours=-6)))
     assert report.since == since
-    assert {t.name: t.window_rows for t in report.tables} == in_window(built, since)
+    assert {t.name: t.window_rows for t in report.tables} == in_window(seed, since)
 
 
-def test_without_since_whole_tables_are_counted(seed_dbs, built):
+def test_without_since_whole_tables_are_counted(seed_dbs, seed):
     result = plan_of(seed_dbs, "--mapping", SHIPPED, "--json")
 
     assert result.exit_code == 0, result.output
     report = PlanReport.model_validate_json(result.stdout)
     assert report.since is None
     assert {t.name: t.window_rows for t in report.tables} == {
-        f"public.{t}": len(rows) for t, rows in built.production.rows.items()
+        f"public.{t}": len(rows) for t, rows in seed.production.rows.items()
     }
 
 

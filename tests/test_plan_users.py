@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import psycopg
-import pytest
 from click.testing import CliRunner
 from test_auth_direct import new_production_users, sql
 
@@ -17,12 +16,6 @@ from sync.plan import PlanReport
 from sync.resources import sql_dir
 
 SHIPPED = str(Path(__file__).resolve().parent.parent / "mappings" / "sync.toml")
-
-
-@pytest.fixture(scope="module")
-def seed() -> scenario.Scenario:
-    """The seed scenario's rows, the same ones the seed databases were built from."""
-    return scenario.generate()
 
 
 def dev_account(seed: scenario.Scenario, email: str) -> dict:

@@ -172,9 +172,9 @@ def test_sequences_are_ahead_of_every_key(synced):
         assert ahead == [(True,)], table
 
 
-def test_reregistered_people_log_in_with_their_production_password(synced):
+def test_reregistered_people_log_in_with_their_production_password(synced, seed: scenario.Scenario):
     _, target, _, _ = synced
-    for email in scenario.generate().reregistered_emails:
+    for email in seed.reregistered_emails:
         rows = fetch(target.url, "SELECT encrypted_password FROM auth.users WHERE lower(email) = %s", email)
         assert len(rows) == 1, email
         assert bcrypt.checkpw(scenario.password_for(email).encode(), rows[0][0].encode())
@@ -277,9 +277,11 @@ def test_a_source_connection_lost_mid_table_is_retried(seed_dbs):
 
 
 @pytest.mark.parametrize("mode", ["direct", "admin-api"])
-def test_soft_deleted_production_users_land_with_their_rows_and_verify_equal(seed_dbs, mode):
+def test_soft_deleted_production_users_land_with_their_rows_and_verify_equal(
+    seed_dbs, seed: scenario.Scenario, mode
+):
     source, target = seed_dbs
-    deleted = [str(u) for u in scenario.generate().soft_deleted]
+    deleted = [str(u) for u in seed.soft_deleted]
 
     async def run() -> tuple[object, int]:
         async with AdminApiServer(target.url) as server:

@@ -95,9 +95,10 @@ def test_oauth_identities_and_phone_identities_exist_on_both_sides(seed_dbs):
     assert all(pid == sub and pid.isdigit() for pid, sub in google)
 
 
-def test_some_new_users_were_soft_deleted_as_the_auth_server_does_it_and_their_rows_stay(seed_dbs, make_db):
+def test_some_new_users_were_soft_deleted_as_the_auth_server_does_it_and_their_rows_stay(
+    seed_dbs, make_db, seed: scenario.Scenario
+):
     source, _ = seed_dbs
-    seed = scenario.generate()
     assert len(seed.soft_deleted) == scenario.SOFT_DELETED_USERS
     assert rows(
         source.url,

@@ -38,9 +38,11 @@ async def fetch_all(server: StorageApiServer, paths: list[str]) -> dict[str, byt
     return found
 
 
-async def test_every_production_documents_file_arrives_with_its_row_and_only_once(seed_dbs, tmp_path: Path):
+async def test_every_production_documents_file_arrives_with_its_row_and_only_once(
+    seed_dbs, seed: scenario.Scenario, tmp_path: Path
+):
     production, development = seed_dbs
-    data = scenario.generate()
+    data = seed
     source, target = Endpoint.parse(Side.SOURCE, production.url), Endpoint.parse(Side.TARGET, development.url)
     async with (
         StorageApiServer(production.url, tmp_path / "production") as prod_api,

@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-from admin_api_server import AdminApiServer
+import pytest
 from click.testing import CliRunner
 from queries import SEED_MAPPING, execute, fetch
-from test_auth_admin_api import run_api
 
 from sync.cli import main
 
@@ -24,13 +23,12 @@ def providers(url: str, ids: list[str]) -> dict[str, set[str]]:
     return {user: set(names) for user, names in rows}
 
 
+@pytest.mark.xdist_group("first-api-import")
 async def test_an_api_created_users_email_identity_is_equal_when_production_had_one_and_extra_when_not(
-    seed_dbs,
+    api_imported_dbs, first_api_import
 ):
-    source, target = seed_dbs
-    async with AdminApiServer(target.url) as api:
-        await run_api(source, target, api)
-    created = sorted(set(api.created_ids))
+    source, target = api_imported_dbs
+    created = sorted(set(first_api_import.created_ids))
     production, landed = providers(source.url, created), providers(target.url, created)
     had_email = {u for u in created if "email" in production.get(u, set())}
     google_only = sorted(u for u in created if production.get(u) == {"google"})
