@@ -105,6 +105,18 @@ def slice_of_production(seed: scenario.Scenario, every: int) -> scenario.Scenari
 
 
 @pytest.fixture
+def quarter(
+    make_db: Any, seed_templates: tuple[str, str], seed: scenario.Scenario
+) -> tuple[scenario.Scenario, Database, Database]:
+    """A quarter of production's users, every kind the checks name among them, in a source of their own;
+    and a fresh copy of development."""
+    part = slice_of_production(seed, every=4)
+    source, target = make_db(), make_db(seed_templates[1])
+    load_users(source, part.production.users, part.production.identities)
+    return part, source, target
+
+
+@pytest.fixture
 def few(make_db: Any, seed: scenario.Scenario) -> tuple[Database, Database, list[dict[str, Any]]]:
     """A source holding the 40 newest production users with an e-mail, and an empty target."""
     source, target = make_db(), make_db()
@@ -170,12 +182,9 @@ def test_every_production_user_lands_through_the_api_and_signs_in_with_the_produ
 
 
 async def test_with_30_percent_failures_every_user_lands_once(
-    make_db: Any, seed_templates: tuple[str, str], seed: scenario.Scenario
+    quarter: tuple[scenario.Scenario, Database, Database],
 ) -> None:
-    # A quarter of production's users, every kind the checks name among them, against the development copy.
-    part = slice_of_production(seed, every=4)
-    source, target = make_db(), make_db(seed_templates[1])
-    load_users(source, part.production.users, part.production.identities)
+    part, source, target = quarter
     faults = Faults(
         seed=5,
         rate_limit_json=0.08,
@@ -239,27 +248,28 @@ async def test_a_user_the_target_trigger_rejects_is_quarantined_with_the_databas
 
 
 async def test_without_the_target_dsn_the_report_says_what_the_api_could_not_carry(
-    seed_dbs: tuple[Database, Database], seed: scenario.Scenario, api: AdminApiServer
+    quarter: tuple[scenario.Scenario, Database, Database],
 ) -> None:
-    source, target = seed_dbs
-    report = await run_api(source, None, api)
+    part, source, target = quarter
+    async with AdminApiServer(target.url) as api:
+        report = await run_api(source, None, api)
 
-    anonymous = {u["id"] for u in seed.production.users if u["is_anonymous"]}
+    anonymous = {u["id"] for u in part.production.users if u["is_anonymous"]}
     # Soft-deleted users are refused up front: created through the API they would be live accounts.
-    refused = anonymous | set(seed.soft_deleted)
+    refused = anonymous | set(part.soft_deleted)
     assert {q.source_id for q in report.quarantine} == refused
     assert all("give the target DSN" in q.error for q in report.quarantine)
     assert all("soft-deleted" in q.error for q in report.quarantine if q.source_id not in anonymous)
-    assert report.created == created_by_a_first_run(seed) - len(refused) == api.creates
+    assert report.created == created_by_a_first_run(part) - len(refused) == api.creates
     notes = {n.source_id: n.note for n in report.notes}
-    with_google = {i["user_id"] for i in seed.production.identities if i["provider"] == "google"}
+    with_google = {i["user_id"] for i in part.production.identities if i["provider"] == "google"}
     created_google = [u for u in with_google if str(u) in set(api.created_ids)]
     assert created_google and all("google identity" in notes[u] for u in created_google)
     assert all("original creation and sign-in times" in notes[uuid.UUID(u)] for u in api.created_ids)
     # Re-registered people are still found (by e-mail through the API), but cannot take a new hash.
-    assert report.matched_by_email == len(seed.reregistered_emails)
+    assert report.matched_by_email == len(part.reregistered_emails)
     assert sql(target, "SELECT to_regnamespace('_sync')") == [(None,)], "nothing but the API was used"
-    by_id = {str(u["id"]): u for u in seed.production.users}
+    by_id = {str(u["id"]): u for u in part.production.users}
     for user_id in api.created_ids[:: len(api.created_ids) // 40]:
         ((hashed,),) = sql(target, "SELECT encrypted_password FROM auth.users WHERE id = %s", user_id)
         assert bcrypt.checkpw(scenario.password_for(by_id[user_id]["email"]).encode(), hashed.encode())
