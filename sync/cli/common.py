@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -149,6 +150,9 @@ def admin_api_of(auth_mode: str, supabase_url: str | None, service_role_key: str
 
 def run_pipeline(source: Endpoint, target: Endpoint, work: Callable[[], Awaitable[T]]) -> T:
     """Run ``work``; user errors and database failures become one line and an exit code."""
+    # What start-up made (modules, options) lives as long as the process: the collector's full passes
+    # leave it out, so one that comes while many rows are in flight does not walk it all again.
+    gc.freeze()
     try:
         return asyncio.run(work())
     except SyncError as exc:
