@@ -220,9 +220,14 @@ async def test_users_created_by_copy_are_written_as_the_batches_write_them(
     source = make_db(seed_templates[0])
     by_copy, by_batches = make_db(seed_templates[1]), make_db(seed_templates[1])
     copied = await _import(source, by_copy)
-    # A trigger refusing one created user makes its whole COPY group go through the batches instead.
+    # A trigger refusing one created user makes its whole COPY group go through the batches instead (the
+    # last user created under its own id: the groups land after the users the batches write).
     there = {r[0] for r in _fetch(by_batches, "SELECT id FROM auth.users")}
-    landed = _fetch(by_copy, "SELECT source_key::uuid FROM _sync.landed ORDER BY landed_at, source_key")
+    landed = _fetch(
+        by_copy,
+        "SELECT source_key::uuid FROM _sync.landed WHERE source_key = target_key "
+        "ORDER BY landed_at DESC, source_key",
+    )
     refused = next(r[0] for r in landed if r[0] not in there)
     _fetch(by_batches, _REFUSE_ONE.format(refused=refused))
     batched = await _import(source, by_batches)

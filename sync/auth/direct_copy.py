@@ -246,11 +246,12 @@ async def write_groups(
     lanes: int,
     more: Lanes,
     written: Callable[[Group], None],
+    first: Callable[[], Awaitable[None]] | None = None,
 ) -> list[Group]:
-    """Write ``groups`` by COPY, up to ``lanes`` at once: the first lane on ``creator``'s connections, each
-    other on connections of its own (from ``more``, which closes them). ``written`` hears of each group
-    that landed; returns the groups the target refused, in the order of ``groups`` (each group stands or
-    falls alone, whatever the others do)."""
+    """Write ``groups`` by COPY, up to ``lanes`` at once: the first lane on ``creator``'s connections (after
+    ``first``, other work of those connections), each other on connections of its own (from ``more``,
+    which closes them). ``written`` hears of each group that landed; returns the groups the target
+    refused, in the order of ``groups`` (each group stands or falls alone, whatever the others do)."""
     queue = enumerate(groups)  # shared: each lane takes the next group when it is free
     refused: dict[int, Group] = {}
 
@@ -273,8 +274,13 @@ async def write_groups(
             if writer.conn is not conn:
                 await writer.conn.close()  # the writer's own, made after the lane's was lost
 
+    async def first_lane() -> None:
+        if first is not None:
+            await first()
+        await lane(creator)
+
     async with asyncio.TaskGroup() as tasks:
-        tasks.create_task(lane(creator))
+        tasks.create_task(first_lane())
         for _ in range(lanes - 1):
             tasks.create_task(another_lane())
     return [refused[n] for n in sorted(refused)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from itertools import chain, islice
@@ -106,17 +106,24 @@ class UserImport:
             settled = await settle_users(snapshot, writer.conn, self.deleted_accounts)
             self._total(settled.users)
             self.matches = settled.matches
-            refused = await self._groups(settled, CopyCreator(writer, snapshot), more)
+
+            # The users the batches write (those the matcher decided, and the settled ones with a note)
+            # go first on the first lane, while the other lanes write groups.
+            def others() -> Awaitable[None]:
+                return self._import(_batches_of(snapshot, settled.others(), settled, self.options.batch_size))
+
+            refused = await self._groups(settled, CopyCreator(writer, snapshot), more, others)
         finally:
             await more.close()
         # A refused group goes through the batches, which isolate the users the target refuses.
         left = ((u, SAME_ID if g.matched else CREATED) for g in refused for u in g.ids)
-        entries = chain(settled.others(), left)
-        await self._import(_batches_of(snapshot, entries, settled, self.options.batch_size))
+        await self._import(_batches_of(snapshot, left, settled, self.options.batch_size))
 
-    async def _groups(self, settled: Settled, creator: CopyCreator, more: Lanes) -> list[Group]:
-        """Write the settled users' groups by COPY; the groups refused (all of them when the COPY path
-        cannot be used)."""
+    async def _groups(
+        self, settled: Settled, creator: CopyCreator, more: Lanes, first: Callable[[], Awaitable[None]]
+    ) -> list[Group]:
+        """Write the settled users' groups by COPY, ``first`` on the first lane before any; the groups
+        refused (all of them when the COPY path cannot be used)."""
         # Up to --jobs groups at once, each lane given one at least, but no group smaller than a batch (a
         # catch-up's few users are one group, on the connections at hand). Read lazily: memory stays flat.
         created, same = len(settled.copied) // 16, len(settled.same) // 16
@@ -128,7 +135,8 @@ class UserImport:
         )
         if created + same and await creator.prepare():
             lanes = min(lanes, -(-created // size) + -(-same // size))
-            return await write_groups(creator, groups, lanes, more, self._written_by_copy)
+            return await write_groups(creator, groups, lanes, more, self._written_by_copy, first)
+        await first()
         return list(groups)
 
     def _written_by_copy(self, group: Group) -> None:
