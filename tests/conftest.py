@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -63,7 +64,9 @@ def supabase_template(server: Server) -> testbed.Database:
     return testbed.supabase_template(server)
 
 
+@contextlib.contextmanager
 def _fresh(server: Server, template: str) -> Iterator[testbed.Database]:
+    """A new database copied from ``template``, dropped on leaving."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     db = testbed.create_database(server, name, template=template)
     try:
@@ -75,22 +78,19 @@ def _fresh(server: Server, template: str) -> Iterator[testbed.Database]:
 @pytest.fixture
 def supabase_db(server: Server, supabase_template: testbed.Database) -> Iterator[testbed.Database]:
     """A fresh, empty Supabase-shaped database."""
-    yield from _fresh(server, supabase_template.name)
+    with _fresh(server, supabase_template.name) as db:
+        yield db
 
 
 @pytest.fixture
 def make_db(server: Server, supabase_template: testbed.Database):
     """Factory of fresh databases copied from a template (default: the empty Supabase one)."""
-    created: list[str] = []
+    with contextlib.ExitStack() as made:
 
-    def make(template: str | None = None) -> testbed.Database:
-        name = f"t_{uuid.uuid4().hex[:12]}"
-        created.append(name)
-        return testbed.create_database(server, name, template=template or supabase_template.name)
+        def make(template: str | None = None) -> testbed.Database:
+            return made.enter_context(_fresh(server, template or supabase_template.name))
 
-    yield make
-    for name in created:
-        testbed.drop_database(server, name)
+        yield make
 
 
 @pytest.fixture(scope="session")
@@ -134,13 +134,8 @@ def seed_dbs(make_db, seed_templates: tuple[str, str]) -> tuple[testbed.Database
 def first_api_import(server: Server, seed_templates: tuple[str, str]) -> Iterator[FirstApiImport]:
     """One admin-API import of the seed per test process, for the tests that start from its result
     (marked ``xdist_group("first-api-import")``, so one worker runs it once for all of them)."""
-    source = testbed.create_database(server, f"t_{uuid.uuid4().hex[:12]}", template=seed_templates[0])
-    target = testbed.create_database(server, f"t_{uuid.uuid4().hex[:12]}", template=seed_templates[1])
-    try:
+    with _fresh(server, seed_templates[0]) as source, _fresh(server, seed_templates[1]) as target:
         yield asyncio.run(import_through_the_api(source, target))
-    finally:
-        testbed.drop_database(server, source.name)
-        testbed.drop_database(server, target.name)
 
 
 @pytest.fixture
