@@ -40,6 +40,8 @@ class Case:
         self.id_map: list[tuple[uuid.UUID, uuid.UUID]] = []
         self.deleted_accounts: list[uuid.UUID] = []
         self.ids: dict[str, uuid.UUID] = {}
+        self.settled: set[str] = set()
+        """Users of the case that SQL settles (every other one meets another user: the matcher decides)."""
 
     def id(self, name: str) -> uuid.UUID:
         return self.ids.setdefault(name, uuid.uuid4())
@@ -103,8 +105,23 @@ def deleted_and_sso(c: Case) -> None:
     c.on_source("new person", "gone@x.com")
 
 
+def sso_target_users(c: Case) -> None:
+    """SSO target users: no one's candidate by e-mail, so sharing only their e-mail settles a user; by
+    phone they are candidates like anyone."""
+    c.on_target("sso holder", "sso.only@x.com", is_sso_user=True)
+    c.on_source("meets an sso user", "sso.only@x.com")
+    c.settled.add("meets an sso user")
+    c.on_target("sso by id", "sso.by.id@x.com", is_sso_user=True)
+    c.on_source("sso by id", "sso.moved@x.com")
+    c.on_source("takes the sso address", "sso.by.id@x.com")
+    c.settled.update({"sso by id", "takes the sso address"})
+    c.on_target("sso phone", "sso.phone@x.com", "5215599990005", is_sso_user=True)
+    c.on_source("same phone as sso", "phone.of.sso@x.com", "5215599990005")
+
+
 CASES: dict[str, Callable[[Case], None]] = {
-    f.__name__: f for f in (case_variants, moved_address, shared_addresses, mapped_users, deleted_and_sso)
+    f.__name__: f
+    for f in (case_variants, moved_address, shared_addresses, mapped_users, deleted_and_sso, sso_target_users)
 }
 
 
@@ -156,7 +173,9 @@ async def test_users_settled_in_sql_get_the_matchers_answer(
 
     assert settled.all_matches([k.id for k in keys]) == everyone
     # Every user of the case meets another, so the matcher decides it; most seed users are settled.
-    assert {user_id for user_id, *_ in case.source} <= set(settled.matches)
+    settled_ids = {case.ids[name] for name in case.settled}
+    assert {user_id for user_id, *_ in case.source} - settled_ids <= set(settled.matches)
+    assert not settled_ids & set(settled.matches)
     assert len(settled.matches) < len(keys) // 4 and settled.copied
     kinds = {m.kind for m in everyone if m.source_id in {u for u, *_ in case.source}}
     assert kinds - {MatchKind.NEW}, "each case has users the matcher does not simply create"

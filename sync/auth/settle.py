@@ -59,14 +59,16 @@ _ODD_TARGET = (
 )
 # $1: deleted accounts, $2: the ``table_name`` of users. Each branch a join the planner hashes or probes by
 # index; none an ``IN (subquery)`` under an OR. A user is left to the matcher when its own keys may meet
-# another user's, or when the target user with its id may be another production user's candidate.
+# another user's, or when the target user with its id may be another production user's candidate. An SSO
+# target user is no one's candidate by e-mail (the matcher's rule), which also lets a few staged keys probe
+# the e-mail index, partial on exactly that condition.
 _PER_CONTACT = f"""
 UNION SELECT k.id FROM {KEY_STAGE} AS k
       JOIN (SELECT {{c}} FROM {KEY_STAGE} GROUP BY {{c}} HAVING count(*) > 1) AS d ON d.{{c}} = k.{{c}}
-UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN auth.users AS t ON t.{{c}} = k.{{c}} AND t.id <> k.id
+UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN auth.users AS t ON t.{{c}} = k.{{c}} AND t.id <> k.id{{sso}}
 UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN {_ODD_STAGE} AS o ON o.{{c}} = k.{{c}}
 UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN auth.users AS t ON t.id = k.id
-      JOIN {KEY_STAGE} AS k2 ON k2.{{c}} = t.{{c}} AND k2.id <> k.id
+      JOIN {KEY_STAGE} AS k2 ON k2.{{c}} = t.{{c}} AND k2.id <> k.id{{sso}}
 UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN auth.users AS t ON t.id = k.id
       JOIN {_ODD_STAGE} AS o ON o.{{c}} = t.{{c}}"""
 _UNSETTLED = f"""
@@ -77,8 +79,8 @@ UNION SELECT k.id FROM {KEY_STAGE} AS k
 UNION SELECT k.id FROM {KEY_STAGE} AS k
       JOIN _sync.id_map AS m ON m.table_name = $2 AND m.target_key = k.id::text
 UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN {_ODD_STAGE} AS o ON o.id = k.id
-{_PER_CONTACT.format(c="email")}
-{_PER_CONTACT.format(c="phone")}
+{_PER_CONTACT.format(c="email", sso=" AND t.is_sso_user = false")}
+{_PER_CONTACT.format(c="phone", sso="")}
 """
 
 # A settled user with a plain hash (no note to make) goes in a COPY group: matched by id (``s``), or
@@ -106,6 +108,10 @@ SELECT string_agg(uuid_send(id), ''::bytea ORDER BY ord) FILTER (WHERE kind = 'c
 FROM kinds
 """
 _DROP = f"DROP TABLE IF EXISTS {KEY_STAGE}, {_ODD_STAGE}"
+# A stage of at most this many keys (a catch-up's) is analysed, which reads it whole in a few ms: with its
+# statistics the planner probes the target's indexes for each key instead of hashing every target user. A
+# larger stage's size alone tells the planner to hash, and sampling it would cost more than it saves.
+_ANALYSED_UP_TO = 10_000
 
 
 @dataclass
@@ -170,6 +176,8 @@ async def settle_users(
         users = await source.copy_keys_to(target, KEY_STAGE)
         if not users:  # a catch-up with no changed user reads no target user
             return Settled(b"", b"", b"", {}, 0)
+        if users <= _ANALYSED_UP_TO:
+            await target.execute(f"ANALYZE {KEY_STAGE}")
         # Keys stored otherwise on either side (few), normalised here: production's without an id, the
         # target's with the id of their user.
         odd = [(None, r["email"], r["phone"]) for r in await target.fetch(_ODD_SOURCE)]
