@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 
+from sync.sqltext import inline
+
 
 async def pipe_copy(
     sconn: asyncpg.Connection,
@@ -19,7 +21,9 @@ async def pipe_copy(
     copy_format: str = "binary",
 ) -> int:
     """Stream the rows of ``query`` (with ``args``) on ``sconn`` into ``table`` (``schema.name`` or a
-    temporary table's name) on ``tconn``; how many.
+    temporary table's name) on ``tconn``; how many. ``args`` are inlined as literals (COPY binds none):
+    the driver's way asks the server to prepare the query and quote them first, two round trips and a
+    look-up of every type it has not met on that connection before each COPY.
 
     Both ends finish before anything is raised: if the load fails, the source's COPY is drained, so the
     source connection (and the transaction it may hold) stays usable.
@@ -38,7 +42,7 @@ async def pipe_copy(
 
     async def produce() -> None:
         try:
-            await sconn.copy_from_query(query, *args, output=sink, format=copy_format)
+            await sconn.copy_from_query(inline(query, args), output=sink, format=copy_format)
         finally:
             await queue.put(None)
 

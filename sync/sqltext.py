@@ -1,9 +1,14 @@
-"""SQL text built from catalog and mapping names: identifiers quoted, every value a bound parameter."""
+"""SQL text built from catalog and mapping names: identifiers quoted, every value a bound parameter, or,
+where the protocol binds none (``COPY (query) TO STDOUT``), a literal the client renders itself."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
+from datetime import date, datetime
+from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 
 def ident(name: str) -> str:
@@ -53,3 +58,54 @@ class Params:
             self.values.append(value)
             self._slots[key] = f"${len(self.values)}::{sql_type}"
         return self._slots[key]
+
+
+_PLACEHOLDER = re.compile(r"\$(\d+)\b")
+
+
+def inline(query: str, args: Sequence[Any]) -> str:
+    """``query`` with each ``$n`` replaced by the literal of ``args[n - 1]``, in one pass (a literal's own
+    text is never read again). Rendered here, without a round trip to ask the server: the statement's
+    ``::type`` casts that follow each placeholder give the literal its type, as for a bound value.
+    """
+    if not args:
+        return query
+    literals = [literal(a) for a in args]
+    return _PLACEHOLDER.sub(lambda m: literals[int(m.group(1)) - 1], query)
+
+
+def literal(value: Any) -> str:
+    """A quoted SQL literal of ``value`` (an escape string, so read alike whatever
+    ``standard_conforming_strings`` says), or ``NULL``; a list or tuple becomes an array literal."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, list | tuple):
+        text = "{" + ",".join(_array_element(v) for v in value) + "}"
+    else:
+        text = _text(value)
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _array_element(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    return '"' + _text(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _text(value: Any) -> str:
+    """The text PostgreSQL reads as this value (a naive datetime is local time, as the driver takes it)."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, int | Decimal | UUID):
+        text = str(value)
+    elif isinstance(value, datetime):
+        text = value.astimezone().isoformat() if value.tzinfo is None else value.isoformat()
+    elif isinstance(value, date):
+        text = value.isoformat()
+    else:
+        raise TypeError(f"no SQL literal for a {type(value).__name__}")
+    if "\x00" in text:
+        raise ValueError("a SQL literal cannot hold a NUL character")
+    return text
