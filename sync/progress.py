@@ -11,9 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-
 if TYPE_CHECKING:
+    from rich.console import Console
     from rich.progress import Progress, TaskID
 
 log = logging.getLogger("sync")
@@ -37,11 +36,12 @@ class RunProgress:
     The auth import reports through :meth:`users_total` and :meth:`users` (users settled, of them created).
     """
 
-    def __init__(self, console: Console, totals: dict[str, int | None], *, enabled: bool = True) -> None:
+    def __init__(self, console: Console | None, totals: dict[str, int | None]) -> None:
+        """``console``: where progress shows (bars on a terminal, else plain log lines); None: nowhere."""
         self.console = console
         self.totals = totals
-        self.enabled = enabled
-        self.live = enabled and console.is_terminal
+        self.enabled = console is not None
+        self.live = console is not None and console.is_terminal
         self._bars: Progress | None = None
         self._tasks: dict[str, TaskID] = {}
         self._done: dict[str, int] = {}

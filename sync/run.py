@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -49,8 +49,10 @@ from sync.state import (
     quarantined_keys,
     record_high_water,
 )
-from sync.storage import StorageReport
-from sync.storage.stage import StorageStage
+from sync.storage.report import StorageReport
+
+if TYPE_CHECKING:
+    from sync.storage.stage import StorageStage
 
 log = logging.getLogger("sync")
 

@@ -9,27 +9,29 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import asyncpg
 import click
 from pydantic import SecretStr
 
-from sync import render
 from sync.auth import AdminApi
 from sync.connect import Endpoint, Side
 from sync.errors import EXIT_FAILED, EXIT_USAGE, SyncError, cause_of, first_cause, first_line
 from sync.mapping import Mapping, load_mapping
 from sync.modes import DeleteMode
 from sync.progress import RunProgress
-from sync.storage.stage import StorageAccess, StorageStage
-from sync.storage.transfer import TransferSettings
+
+if TYPE_CHECKING:
+    from sync.storage.stage import StorageStage
 
 T = TypeVar("T")
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """Print one clear line on stderr and exit with ``code``."""
+    from sync import render  # rich loads only when a line is printed: a --json run starts without it
+
     render.error(message)
     sys.exit(code)
 
@@ -182,6 +184,10 @@ def storage_stage(
             "--source-service-role-key, --supabase-url and --service-role-key are not all given"
         )
         return None
+    # Imported here: the stage, its selection and transfers load only when a run moves files.
+    from sync.storage.stage import StorageAccess, StorageStage
+    from sync.storage.transfer import TransferSettings
+
     source_url, source_key, target_url, target_key = (str(a) for a in access)
     settings = TransferSettings(concurrency=concurrency or mapping.storage.concurrency)
     return StorageStage(

@@ -1,4 +1,8 @@
-"""``sync run`` (once, or ``--follow``) and ``sync quarantine retry``."""
+"""``sync run`` (once, or ``--follow``) and ``sync quarantine retry``.
+
+:mod:`sync.render` (and rich with it) is imported where something is printed for people, so a run with
+``--json`` or ``--quiet`` starts without it.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,10 @@ import sys
 from collections.abc import Awaitable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
-from sync import render
 from sync.auth import AuthOptions, AuthReport
 from sync.cli.common import (
     Instant,
@@ -30,11 +33,15 @@ from sync.cli.common import (
 )
 from sync.connect import Endpoint
 from sync.errors import SyncError
-from sync.follow import DEFAULT_EVERY, FollowRound, RunRound, follow, parse_every
 from sync.modes import DeleteMode
 from sync.progress import RunProgress
 from sync.run import RunOptions, RunReport, admin_api_checks, auth_import, run_auth_only, run_sync
 from sync.state import CATCH_UP_OVERLAP
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from sync.follow import FollowRound, RunRound
 
 
 @click.command("run")
@@ -146,7 +153,7 @@ def run_command(
         stream=sys.stderr,
         force=True,
     )
-    progress = RunProgress(render.console, {}, enabled=not (quiet or as_json or interval))
+    progress = RunProgress(None if quiet or as_json or interval else _console(), {})
     if auth_only:
 
         async def auth_work() -> AuthReport:
@@ -157,6 +164,8 @@ def run_command(
         if as_json:
             click.echo(report.model_dump_json(indent=2))
         elif not quiet:
+            from sync import render  # here: see the module's docstring
+
             render.auth(report)
         sys.exit(report.exit_code)
 
@@ -195,8 +204,17 @@ def run_command(
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     elif not quiet:
+        from sync import render  # here: see the module's docstring
+
         render.run(report)
     sys.exit(report.exit_code)
+
+
+def _console() -> Console:
+    """The console people read a run's progress on."""
+    from sync import render
+
+    return render.console
 
 
 def _follow_interval(follow: bool, every: str | None, auth_only: bool) -> timedelta | None:
@@ -207,6 +225,8 @@ def _follow_interval(follow: bool, every: str | None, auth_only: bool) -> timede
         return None
     if auth_only:
         fail("--follow repeats whole catch-up runs: it does not combine with --auth-only.")
+    from sync.follow import DEFAULT_EVERY, parse_every  # here: a single run never loads the rounds' loop
+
     try:
         return parse_every(every) if every is not None else DEFAULT_EVERY
     except SyncError as exc:
@@ -223,6 +243,9 @@ def _follow(
     quiet: bool,
 ) -> NoReturn:
     """``sync run --follow``: rounds until Ctrl-C, one line each; exits with the follow's code."""
+    from sync import render
+    from sync.follow import follow  # here: a single run never loads the rounds' loop
+
     if not (quiet or as_json):
         render.follow_start(every)
 
@@ -256,6 +279,8 @@ def quarantine_retry(
 
     Rows that land leave quarantine; the others stay with the new message. Exit 0 when none remain.
     """
+    from sync import render
+
     endpoints = parse_endpoints(source, target)
     mapping = mapping_of(mapping_path)
     auth_options = AuthOptions(mode="direct", triggers=mapping.sync.triggers)

@@ -6,11 +6,17 @@ project's Storage API; ``transfer`` streams one object at a time and checkpoints
 ``stage`` runs it all for ``sync run`` and surveys it for ``sync plan``.
 """
 
-from sync.storage.client import StorageApi, StorageApiError
-from sync.storage.report import StorageReport
-from sync.storage.select import BucketRule, ColumnRule, StorageRules
-from sync.storage.stage import copy_storage, survey_storage, wanted_objects
-from sync.storage.transfer import TransferSettings
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sync.storage.client import StorageApi, StorageApiError
+    from sync.storage.report import StorageReport
+    from sync.storage.select import BucketRule, ColumnRule, StorageRules
+    from sync.storage.stage import copy_storage, survey_storage, wanted_objects
+    from sync.storage.transfer import TransferSettings
 
 __all__ = [
     "BucketRule",
@@ -24,3 +30,25 @@ __all__ = [
     "survey_storage",
     "wanted_objects",
 ]
+
+# A run report names StorageReport whether or not files move: importing it must not load the stage,
+# the selection and the transfers, which only a run that copies files (or plan, verify) uses.
+_HOMES = {
+    "StorageApi": "sync.storage.client",
+    "StorageApiError": "sync.storage.client",
+    "StorageReport": "sync.storage.report",
+    "BucketRule": "sync.storage.select",
+    "ColumnRule": "sync.storage.select",
+    "StorageRules": "sync.storage.select",
+    "copy_storage": "sync.storage.stage",
+    "survey_storage": "sync.storage.stage",
+    "wanted_objects": "sync.storage.stage",
+    "TransferSettings": "sync.storage.transfer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The package's public names, each imported from its module on first use."""
+    if name in _HOMES:
+        return getattr(import_module(_HOMES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
