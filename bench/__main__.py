@@ -68,6 +68,13 @@ def scenario_templates(server: Server, scale: int) -> tuple[testbed.Database, te
     return source, target
 
 
+def quiesce(server: Server) -> None:
+    """Write out what the step before left dirty (copying a template, a load), so that no measurement
+    pays for the one before it."""
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+
+
 def fresh(server: Server, name: str, template: str | None) -> testbed.Database:
     """A new database ``name`` (dropped first if left over), a copy of ``template`` or Supabase-shaped."""
     testbed.drop_database(server, name)
@@ -117,6 +124,7 @@ def one_round(server: Server, scale: int, number: int, common_args: list[str]) -
         if number % 2:
             steps.reverse()
         for step in steps:
+            quiesce(server)
             if step == "sync":
                 target = copy_of("target", tgt_tpl.name)
                 common = ["--source", source.url, "--target", target.url, *common_args]
