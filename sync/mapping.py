@@ -61,7 +61,9 @@ def _column_or_false(value: object) -> object:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Validators are built when a mapping is first read, as one for the whole file, not one per class as
+    # the module is imported.
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class SyncSettings(_Strict):
