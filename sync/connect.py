@@ -267,20 +267,17 @@ async def _connect_retrying(endpoint: Endpoint, kwargs: dict[str, Any]) -> async
 async def detect_pool_mode(endpoint: Endpoint) -> Endpoint:
     """``endpoint`` with the pool mode its connections show, whatever port or host it uses.
 
-    Two connections ask for their backend's pid one after the other: behind a transaction pooler the
-    second lands on the backend the first just gave back, which no session-holding connection can.
-    Both probes run without prepared statements or startup settings, which any pooler accepts.
+    Two connections, opened at once, ask for their backend's pid one after the other: behind a
+    transaction pooler the second lands on the backend the first just gave back, which no
+    session-holding connection can. Both probes run without prepared statements or startup settings,
+    which any pooler accepts.
     """
     probe = replace(endpoint, mode=PoolMode.TRANSACTION)
-    first = await connect(probe, application_name="sync probe")
+    first, second = await connect_both(probe, probe, application_name="sync probe")
     try:
-        second = await connect(probe, application_name="sync probe")
-        try:
-            pids = [await conn.fetchval("SELECT pg_backend_pid()") for conn in (first, second)]
-        finally:
-            await second.close()
+        pids = [await conn.fetchval("SELECT pg_backend_pid()") for conn in (first, second)]
     finally:
-        await first.close()
+        await both(first.close(), second.close())
     if pids[0] == pids[1]:
         return replace(endpoint, mode=PoolMode.TRANSACTION)
     return endpoint
