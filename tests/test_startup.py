@@ -31,13 +31,15 @@ NEVER_IN_A_RUN = (
     "sync.verify",
     "sync.cutover",
     "sync.preview",
+    "sync.plan.report",
     "sync.auth.admin_api",
     "supabase",
     "httpx",
     "rich.progress",
     "devkit",
 )
-"""Modules a single run without Storage keys, the admin API or a terminal never uses."""
+"""Modules a single run without Storage keys, the admin API or a terminal never uses (``sync plan``'s
+report models included)."""
 
 
 def loaded_by(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], set[str]]:

@@ -7,10 +7,17 @@
 - :mod:`~sync.plan.report`: what ``sync plan --json`` prints.
 """
 
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from sync.plan.build import build_plan, draft_plan
 from sync.plan.casts import check_casts
 from sync.plan.model import AUTH_USERS, ParentLink, Plan, TablePlan
-from sync.plan.report import PlanReport, TableReport, TriggerReport, UserReport
+
+if TYPE_CHECKING:
+    from sync.plan.report import PlanReport, TableReport, TriggerReport, UserReport
 
 __all__ = [
     "AUTH_USERS",
@@ -25,3 +32,13 @@ __all__ = [
     "check_casts",
     "draft_plan",
 ]
+
+_REPORT = ("PlanReport", "TableReport", "TriggerReport", "UserReport")
+"""Imported on first use: ``sync run`` uses the plan, never its report's models."""
+
+
+def __getattr__(name: str) -> Any:
+    """The report's models, imported from :mod:`sync.plan.report` on first use."""
+    if name in _REPORT:
+        return getattr(import_module("sync.plan.report"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
