@@ -145,9 +145,19 @@ async def reach(source: Endpoint, target: Endpoint) -> tuple[Endpoint, Endpoint]
     return await both(detect_pool_mode(source), detect_pool_mode(target))
 
 
-async def preflight(source: Endpoint, target: Endpoint, plan: Plan, needs: Needs) -> Preflight:
-    """Check both sides for what ``needs`` says the command does; PreflightError (exit 2) when refused."""
-    sconn, tconn = await connect_both(source, target, application_name="sync preflight")
+async def preflight(
+    source: Endpoint,
+    target: Endpoint,
+    plan: Plan,
+    needs: Needs,
+    on: tuple[asyncpg.Connection, asyncpg.Connection] | None = None,
+) -> Preflight:
+    """Check both sides for what ``needs`` says the command does; PreflightError (exit 2) when refused.
+
+    ``on``: the command's own connections to (source, target), used and left open, rather than a pair
+    opened for the checks (one connection's wait less, a TLS handshake and more on a remote server).
+    """
+    sconn, tconn = on or await connect_both(source, target, application_name="sync preflight")
     try:
         src, tgt = await both(read_server(sconn, source), read_server(tconn, target))
         if same_database(src, tgt, source, target):
@@ -163,7 +173,8 @@ async def preflight(source: Endpoint, target: Endpoint, plan: Plan, needs: Needs
             _check_writable(tgt)
             await _check_target(tconn, tgt, plan, users)
     finally:
-        await both(tconn.close(), sconn.close())
+        if on is None:
+            await both(tconn.close(), sconn.close())
     for check in needs.extra:
         await check()
     notes = [NO_AUTH_NOTE] if needs.auth and scope is AuthScope.NEITHER else []

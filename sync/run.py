@@ -181,6 +181,16 @@ def auth_import(
 
 async def load_plan(source: Endpoint, target: Endpoint, mapping: Mapping) -> Plan:
     """Read both catalogs and build the plan; PlanError (nothing written) when it would lose data."""
+    plan, sides = await open_plan(source, target, mapping)
+    await both(sides[0].close(), sides[1].close())
+    return plan
+
+
+async def open_plan(
+    source: Endpoint, target: Endpoint, mapping: Mapping
+) -> tuple[Plan, tuple[asyncpg.Connection, asyncpg.Connection]]:
+    """:func:`load_plan`'s plan, and the connections to (source, target) it was read on, left open for
+    the preflight; closed when the plan fails."""
     sconn, tconn = await connect_both(source, target)
     schemas = mapping.sync.schemas
 
@@ -194,10 +204,10 @@ async def load_plan(source: Endpoint, target: Endpoint, mapping: Mapping) -> Pla
         problems = await check_casts(tconn, plan.tables)
         if problems:
             raise PlanError(problems)
-        return plan
-    finally:
-        await sconn.close()
-        await tconn.close()
+    except BaseException:
+        await both(sconn.close(), tconn.close())
+        raise
+    return plan, (sconn, tconn)
 
 
 async def run_sync(
@@ -220,11 +230,15 @@ async def run_sync(
     started = time.perf_counter()
     source, target = await reach(source, target)
     lock = RunLock(target)
-    plan = await retrying(what="reading both catalogs")(load_plan, source, target, mapping)
-    if storage_stage is not None:
-        storage_stage.check(plan, mapping)
-    users = auth_stage is not None and not options.skip_auth
-    checked = await preflight(source, target, plan, Needs(writes=True, auth=users, extra=checks))
+    plan, sides = await retrying(what="reading both catalogs")(open_plan, source, target, mapping)
+    try:
+        if storage_stage is not None:
+            storage_stage.check(plan, mapping)
+        users = auth_stage is not None and not options.skip_auth
+        needs = Needs(writes=True, auth=users, extra=checks)
+        checked = await preflight(source, target, plan, needs, on=sides)
+    finally:
+        await both(sides[0].close(), sides[1].close())
     log.info("source: %s", checked.source.describe(source))
     log.info("target: %s", checked.target.describe(target))
     for note in checked.notes:

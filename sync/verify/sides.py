@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from sync.connect import Endpoint
+from sync.connect import Endpoint, both
 from sync.mapping import Mapping
 from sync.preflight import Needs, preflight, reach
-from sync.run import load_plan
+from sync.run import open_plan
 from sync.storage.rules import storage_rules
 from sync.verify import VerifyReport, verify
 
@@ -29,8 +29,11 @@ async def verify_sides(
 ) -> VerifyReport:
     """Compare the target with production as ``sync verify`` does; UsageError (exit 2) when refused."""
     source, target = await reach(source, target)
-    plan = await load_plan(source, target, mapping)
-    checked = await preflight(source, target, plan, Needs(writes=False))
+    plan, sides = await open_plan(source, target, mapping)
+    try:
+        checked = await preflight(source, target, plan, Needs(writes=False), on=sides)
+    finally:
+        await both(sides[0].close(), sides[1].close())
     if named is not None:
         named(checked.source.describe(source), checked.target.describe(target))
     return await verify(source, target, plan, since, storage=storage_rules(plan, mapping))
