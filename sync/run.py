@@ -244,8 +244,7 @@ async def run_sync(
     for note in checked.notes:
         log.info(note)
     users = users and checked.auth is AuthScope.BOTH
-    await lock.acquire()
-    tconn = await connect(target, application_name="sync run")
+    tconn = await _locked(lock, target)
     bookkeeping = RunConnection(target, tconn)
     snapshot = SourceSnapshot(source)
     try:
@@ -354,6 +353,21 @@ async def run_sync(
         await snapshot.close()
         await bookkeeping.close()
         await lock.release()
+
+
+async def _locked(lock: RunLock, target: Endpoint) -> asyncpg.Connection:
+    """The run lock taken and the run's own target connection opened, both at once; neither is kept
+    when the other fails."""
+    taken, opened = await asyncio.gather(
+        lock.acquire(), connect(target, application_name="sync run"), return_exceptions=True
+    )
+    if isinstance(taken, BaseException) or isinstance(opened, BaseException):
+        if isinstance(opened, asyncpg.Connection):
+            await opened.close()
+        if not isinstance(taken, BaseException):
+            await lock.release()
+        raise taken if isinstance(taken, BaseException) else opened
+    return opened
 
 
 class RunConnection:
