@@ -93,8 +93,7 @@ import contextlib
 import time
 from collections.abc import Collection, Sequence
 from datetime import datetime
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 import asyncpg
@@ -110,6 +109,7 @@ from sync.auth.preflight import SOURCE_PRIVILEGES, TARGET_PRIVILEGES, check_priv
 from sync.auth.report import AuthReport
 from sync.connect import Endpoint, connect
 from sync.errors import UsageError
+from sync.lazy import lazy_names
 from sync.selection import Changes
 from sync.snapshot import SourceSnapshot as RunSnapshot
 from sync.state import WriteGuard, ensure_state
@@ -283,8 +283,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """The admin API's public names, imported on first use."""
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY)

@@ -9,9 +9,9 @@
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from sync.lazy import lazy_names
 from sync.plan.build import build_plan, draft_plan
 from sync.plan.casts import check_casts
 from sync.plan.model import AUTH_USERS, ParentLink, Plan, TablePlan
@@ -33,12 +33,7 @@ __all__ = [
     "draft_plan",
 ]
 
-_REPORT = ("PlanReport", "TableReport", "TriggerReport", "UserReport")
-"""Imported on first use: ``sync run`` uses the plan, never its report's models."""
-
-
-def __getattr__(name: str) -> Any:
-    """The report's models, imported from :mod:`sync.plan.report` on first use."""
-    if name in _REPORT:
-        return getattr(import_module("sync.plan.report"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Imported on first use: ``sync run`` uses the plan, never its report's models.
+__getattr__ = lazy_names(
+    __name__, dict.fromkeys(("PlanReport", "TableReport", "TriggerReport", "UserReport"), "sync.plan.report")
+)

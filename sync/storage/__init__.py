@@ -8,8 +8,9 @@ project's Storage API; ``transfer`` streams one object at a time and checkpoints
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from sync.lazy import lazy_names
 
 if TYPE_CHECKING:
     from sync.storage.client import StorageApi, StorageApiError
@@ -47,8 +48,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """The package's public names, each imported from its module on first use."""
-    if name in _HOMES:
-        return getattr(import_module(_HOMES[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _HOMES)
