@@ -69,8 +69,8 @@ def scenario_templates(server: Server, scale: int) -> tuple[testbed.Database, te
 
 
 def quiesce(server: Server) -> None:
-    """Write out what the step before left dirty (copying a template, a load), so that no measurement
-    pays for the one before it."""
+    """Write out what is left dirty (a database just copied from its template, the step before), so that
+    no measurement pays for what came before it."""
     with psycopg.connect(server.url, autocommit=True) as conn:
         conn.execute("CHECKPOINT")
 
@@ -115,6 +115,7 @@ def one_round(server: Server, scale: int, number: int, common_args: list[str]) -
     def copy_of(kind: str, template: str | None) -> testbed.Database:
         db = fresh(server, f"bench_{kind}_{tag}", template)
         created.append(db.name)
+        quiesce(server)  # the copy's pages written out before the step that uses it is timed
         return db
 
     result: dict = {}
@@ -124,7 +125,6 @@ def one_round(server: Server, scale: int, number: int, common_args: list[str]) -
         if number % 2:
             steps.reverse()
         for step in steps:
-            quiesce(server)
             if step == "sync":
                 target = copy_of("target", tgt_tpl.name)
                 common = ["--source", source.url, "--target", target.url, *common_args]
