@@ -183,13 +183,23 @@ async def import_users(
 
             api = await stack.enter_async_context(AdminApiCreator(admin_api, options, {}))
             await api.check_credentials()  # before anything is written
-        source_conn = await (snapshot.reader() if snapshot is not None else connect(source))
-        stack.push_async_callback(source_conn.close)
+        # Both sides' connections open at once; each is closed on the way out, whichever failed.
+        opened = await asyncio.gather(
+            snapshot.reader() if snapshot is not None else connect(source),
+            *([connect(target)] if target is not None else []),
+            return_exceptions=True,
+        )
+        for conn in opened:
+            if isinstance(conn, asyncpg.Connection):
+                stack.push_async_callback(conn.close)
+        for failure in opened:
+            if isinstance(failure, BaseException):
+                raise failure
+        source_conn = opened[0]
         await check_privileges(source_conn, "source", SOURCE_PRIVILEGES)
         writer: TargetWriter | None = None
         if target is not None:
-            target_conn = await connect(target)
-            stack.push_async_callback(target_conn.close)
+            target_conn = opened[1]
             writer = TargetWriter(target, target_conn, options, run_id, report, guard)
             hint = ", or use --auth-mode admin-api" if options.mode is AuthMode.DIRECT else ""
             await check_privileges(target_conn, "target", TARGET_PRIVILEGES, hint)

@@ -30,7 +30,7 @@ from typing import Any
 
 import asyncpg
 
-from sync.connect import PoolMode, connect
+from sync.connect import PoolMode, both, connect
 from sync.copy.apply import Written, apply_staged
 from sync.copy.checkpoint import Checkpoint, Part, Position
 from sync.copy.context import CopyContext, TableResult
@@ -122,11 +122,19 @@ class TableCopy:
         await self._with_retries(lambda: self._advance_after_parts(number))
 
     async def _connect(self) -> None:
+        """Both connections, opened at once (what one of them left when the other failed is closed by
+        the next attempt's :meth:`_close`)."""
         await self._close()
-        self._tconn = await connect(self.ctx.target, application_name=f"sync {self.tp.name}")
-        if self.ctx.target.mode is not PoolMode.TRANSACTION:
-            await bound_lock_waits(self._tconn, local=False)
-        self._sconn = await self.ctx.source.reader()
+
+        async def target() -> None:
+            self._tconn = await connect(self.ctx.target, application_name=f"sync {self.tp.name}")
+            if self.ctx.target.mode is not PoolMode.TRANSACTION:
+                await bound_lock_waits(self._tconn, local=False)
+
+        async def source() -> None:
+            self._sconn = await self.ctx.source.reader()
+
+        await both(target(), source())
 
     async def _close(self) -> None:
         for conn in (self._sconn, self._tconn):
