@@ -89,6 +89,11 @@ def literal(value: Any) -> str:
 def _array_element(value: Any) -> str:
     if value is None:
         return "NULL"
+    # The many ids of a group, rendered in a few ms: hex digits and a minus sign need no quotes.
+    if isinstance(value, UUID):
+        return value.hex
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     return '"' + _text(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
