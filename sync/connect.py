@@ -239,18 +239,24 @@ async def connect_both(
     source: Endpoint, target: Endpoint, *, application_name: str = "sync"
 ) -> tuple[asyncpg.Connection, asyncpg.Connection]:
     """One connection to each side, opened at once; neither is left open when the other fails."""
-    opened = await asyncio.gather(
+    sconn, tconn = await open_all(
         connect(source, application_name=application_name),
         connect(target, application_name=application_name),
-        return_exceptions=True,
     )
+    return sconn, tconn
+
+
+async def open_all(*opening: Awaitable[asyncpg.Connection]) -> list[asyncpg.Connection]:
+    """The connections ``opening`` opens, all at once; when one fails, those that opened are closed and
+    the first failure is raised."""
+    opened = await asyncio.gather(*opening, return_exceptions=True)
     failed = [result for result in opened if isinstance(result, BaseException)]
     if failed:
         for result in opened:
             if isinstance(result, asyncpg.Connection):
                 await result.close()
         raise failed[0]
-    return opened[0], opened[1]  # type: ignore[return-value]
+    return opened  # type: ignore[return-value]
 
 
 async def _connect_retrying(endpoint: Endpoint, kwargs: dict[str, Any]) -> asyncpg.Connection:

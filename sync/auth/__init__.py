@@ -107,7 +107,7 @@ from sync.auth.match import MatchKind, SourceKey, TargetKey, UserMatch, match_us
 from sync.auth.options import AdminApi, AuthMode, AuthOptions, TriggerMode
 from sync.auth.preflight import SOURCE_PRIVILEGES, TARGET_PRIVILEGES, check_privileges, check_trigger_skip
 from sync.auth.report import AuthReport
-from sync.connect import Endpoint, connect
+from sync.connect import Endpoint, connect, open_all
 from sync.errors import UsageError
 from sync.lazy import lazy_names
 from sync.selection import Changes
@@ -183,18 +183,12 @@ async def import_users(
 
             api = await stack.enter_async_context(AdminApiCreator(admin_api, options, {}))
             await api.check_credentials()  # before anything is written
-        # Both sides' connections open at once; each is closed on the way out, whichever failed.
-        opened = await asyncio.gather(
+        opened = await open_all(
             snapshot.reader() if snapshot is not None else connect(source),
             *([connect(target)] if target is not None else []),
-            return_exceptions=True,
         )
         for conn in opened:
-            if isinstance(conn, asyncpg.Connection):
-                stack.push_async_callback(conn.close)
-        for failure in opened:
-            if isinstance(failure, BaseException):
-                raise failure
+            stack.push_async_callback(conn.close)
         source_conn = opened[0]
         await check_privileges(source_conn, "source", SOURCE_PRIVILEGES)
         writer: TargetWriter | None = None
