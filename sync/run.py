@@ -23,16 +23,16 @@ import asyncpg
 from sync import copy as table_copy
 from sync.auth import AdminApi, AuthOptions, AuthReport, UserProgress, import_users
 from sync.auth.columns import USERS_TABLE
-from sync.catalog import Catalog, read_catalog
 from sync.census import Census, take_census
-from sync.connect import Endpoint, both, connect, connect_both
+from sync.connect import Endpoint, both, connect
 from sync.deletes import DeletesReport, counted, find_deletes
 from sync.deletes.basis import Basis, forget_basis, last_basis
-from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, PlanError, first_cause, first_line
+from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, first_cause, first_line
 from sync.mapping import Mapping
 from sync.models import Model
 from sync.modes import DeleteMode
-from sync.plan import Plan, build_plan, check_casts
+from sync.plan import Plan
+from sync.plan.load import open_plan
 from sync.preflight import AuthScope, Check, Needs, preflight, reach
 from sync.retry import is_transient_db_error, retrying
 from sync.run_tables import copy_tables, patch_deferred
@@ -177,37 +177,6 @@ def auth_import(
         )
 
     return stage
-
-
-async def load_plan(source: Endpoint, target: Endpoint, mapping: Mapping) -> Plan:
-    """Read both catalogs and build the plan; PlanError (nothing written) when it would lose data."""
-    plan, sides = await open_plan(source, target, mapping)
-    await both(sides[0].close(), sides[1].close())
-    return plan
-
-
-async def open_plan(
-    source: Endpoint, target: Endpoint, mapping: Mapping
-) -> tuple[Plan, tuple[asyncpg.Connection, asyncpg.Connection]]:
-    """:func:`load_plan`'s plan, and the connections to (source, target) it was read on, left open for
-    the preflight; closed when the plan fails."""
-    sconn, tconn = await connect_both(source, target)
-    schemas = mapping.sync.schemas
-
-    async def read_source() -> Catalog:
-        async with sconn.transaction(readonly=True):
-            return await read_catalog(sconn, schemas)
-
-    try:
-        source_catalog, target_catalog = await both(read_source(), read_catalog(tconn, schemas))
-        plan = build_plan(source_catalog, target_catalog, mapping)
-        problems = await check_casts(tconn, plan.tables)
-        if problems:
-            raise PlanError(problems)
-    except BaseException:
-        await both(sconn.close(), tconn.close())
-        raise
-    return plan, (sconn, tconn)
 
 
 async def run_sync(

@@ -14,7 +14,8 @@ from sync.auth import AuthOptions
 from sync.auth.source import read_only_snapshot
 from sync.connect import Endpoint, Side
 from sync.mapping import Mapping, load_mapping
-from sync.run import RunOptions, RunReport, auth_import, load_plan, run_sync
+from sync.plan.load import load_plan
+from sync.run import RunOptions, RunReport, auth_import, run_sync
 from sync.selection import XID_SPAN, Changes, Selection
 from sync.sqltext import Params
 

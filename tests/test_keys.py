@@ -9,7 +9,7 @@ from test_copy import run, seed_parent_child
 
 from sync.connect import Endpoint, Side
 from sync.mapping import Mapping
-from sync.run import load_plan
+from sync.plan.load import load_plan
 
 
 def as_mapping(rules: dict) -> Mapping:

@@ -4,6 +4,8 @@
 - :mod:`~sync.plan.build`: :func:`build_plan` and :func:`draft_plan`, pure, from the two catalogs and the
   mapping; :mod:`~sync.plan.drift` and :mod:`~sync.plan.order` are its notes and its table order;
 - :mod:`~sync.plan.casts`: :func:`check_casts`, the one question put to the target;
+- :mod:`~sync.plan.load`: ``load_plan`` and ``open_plan``, the plan read off both servers (imported from
+  there: it connects, the rest of the package does not);
 - :mod:`~sync.plan.report`: what ``sync plan --json`` prints.
 """
 

@@ -10,8 +10,8 @@ from datetime import datetime
 
 from sync.connect import Endpoint, both
 from sync.mapping import Mapping
+from sync.plan.load import open_plan
 from sync.preflight import Needs, preflight, reach
-from sync.run import open_plan
 from sync.storage.rules import storage_rules
 from sync.verify import VerifyReport, verify
 
