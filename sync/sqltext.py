@@ -4,10 +4,10 @@ where the protocol binds none (``COPY (query) TO STDOUT``), a literal the client
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, overload
 from uuid import UUID
 
 
@@ -74,11 +74,54 @@ def inline(query: str, args: Sequence[Any]) -> str:
     return _PLACEHOLDER.sub(lambda m: literals[int(m.group(1)) - 1], query)
 
 
+class PackedIds(Sequence[UUID]):
+    """Ids packed 16 bytes each, as the target hands many of them over: a sequence of UUIDs made one at a
+    time when read, and an array literal rendered from the bytes at once (10k ids in about a millisecond,
+    where UUID objects take tens)."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self, packed: bytes) -> None:
+        if len(packed) % 16:
+            raise ValueError("packed ids come 16 bytes each")
+        self.packed = packed
+
+    def __len__(self) -> int:
+        return len(self.packed) // 16
+
+    @overload
+    def __getitem__(self, index: int) -> UUID: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[UUID]: ...
+    def __getitem__(self, index: int | slice) -> UUID | Sequence[UUID]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("id index out of range")
+        return UUID(bytes=self.packed[16 * index : 16 * index + 16])
+
+    def __iter__(self) -> Iterator[UUID]:
+        packed = self.packed
+        return (UUID(bytes=packed[i : i + 16]) for i in range(0, len(packed), 16))
+
+    def __repr__(self) -> str:
+        return f"PackedIds({len(self)} ids)"
+
+    def array(self) -> str:
+        """The ids as the text of a ``uuid[]`` (hex digits need no quotes)."""
+        digits = self.packed.hex()
+        return "{" + ",".join([digits[i : i + 32] for i in range(0, len(digits), 32)]) + "}"
+
+
 def literal(value: Any) -> str:
     """A quoted SQL literal of ``value`` (an escape string, so read alike whatever
     ``standard_conforming_strings`` says), or ``NULL``; a list or tuple becomes an array literal."""
     if value is None:
         return "NULL"
+    if isinstance(value, PackedIds):
+        return "E'" + value.array() + "'"
     if isinstance(value, list | tuple):
         text = "{" + ",".join(_array_element(v) for v in value) + "}"
     else:

@@ -13,7 +13,7 @@ import pytest
 from devkit.testbed import Database
 from sync.connect import Endpoint, Side, connect
 from sync.pipe import pipe_copy
-from sync.sqltext import inline, literal
+from sync.sqltext import PackedIds, inline, literal
 
 AWKWARD_TEXT = ["", "it's", "back\\slash", 'a "quote"', "{braces},commas", "NULL", "$1 and $2", "ñ ü 日本"]
 VALUES: list[tuple[Any, str]] = [
@@ -26,6 +26,11 @@ VALUES: list[tuple[Any, str]] = [
     ([1, -2, 2**40], "bigint[]"),
     (True, "boolean"),
     ([uuid.UUID(int=1), uuid.uuid4()], "uuid[]"),
+    (
+        PackedIds(b"".join(u.bytes for u in (uuid.UUID(int=1), uuid.uuid4(), uuid.UUID(int=2**128 - 1)))),
+        "uuid[]",
+    ),
+    (PackedIds(b""), "uuid[]"),
     (datetime(2024, 11, 18, 3, 4, 5, 678901, tzinfo=UTC), "timestamptz"),
     (datetime(2024, 11, 18, 3, 4, 5, tzinfo=timezone(timedelta(hours=-6))), "timestamptz"),
     (datetime(2024, 11, 18, 3, 4, 5), "timestamptz"),
@@ -41,7 +46,7 @@ async def test_inlined_values_read_as_the_same_values_bound(supabase_db: Databas
         await conn.execute(f"SET standard_conforming_strings = {conforming}")
         for value, sql_type in VALUES:
             query = f"SELECT $1::{sql_type} AS v"
-            bound = await conn.fetchval(query, value)
+            bound = await conn.fetchval(query, list(value) if isinstance(value, PackedIds) else value)
             inlined = await conn.fetchval(inline(query, [value]))
             assert inlined == bound, (value, sql_type)
             assert inlined is not None or value is None
@@ -59,6 +64,17 @@ async def test_placeholders_are_replaced_once_each_and_by_number(supabase_db: Da
         assert list(await conn.fetchrow(inline(query, args))) == args[::-1]
     finally:
         await conn.close()
+
+
+def test_packed_ids_read_as_the_uuids_they_pack() -> None:
+    ids = [uuid.uuid4() for _ in range(5)]
+    packed = PackedIds(b"".join(u.bytes for u in ids))
+    assert len(packed) == 5 and list(packed) == ids and packed[1] == ids[1] and packed[-1] == ids[-1]
+    assert packed[1:3] == ids[1:3]
+    with pytest.raises(IndexError):
+        packed[5]
+    with pytest.raises(ValueError):
+        PackedIds(b"short")
 
 
 def test_a_value_without_a_literal_is_refused() -> None:

@@ -1,8 +1,9 @@
 """Matching at any scale: production's user keys staged on the target, and settled there in SQL where the
 matcher could give only one answer, so a run holds no per-user object for most users.
 
-The keys (id, e-mail, phone, SSO, deleted, and whether the password hash is a plain bcrypt one) reach a
-temporary table on the target by one binary COPY, passed through undecoded. A user is *settled* when no
+The keys (creation time, id, e-mail, phone, SSO, deleted; whether the e-mail and phone are stored in normal
+form and whether the password hash is a plain bcrypt one, both judged by production as it reads them) reach
+a temporary table on the target by one binary COPY, passed through undecoded. A user is *settled* when no
 rule of the matcher can touch it: its e-mail and phone are stored in normal form, no other production user
 and no other target user has either of them (compared also with the normalised values of the few keys on
 either side stored otherwise), and no earlier mapping, deleted account or mapping target involves its id.
@@ -38,6 +39,7 @@ from sync.auth.match import (
     read_target_keys,
 )
 from sync.auth.source import SourceSnapshot
+from sync.sqltext import PackedIds
 
 KEY_STAGE = "_sync_user_keys"
 _ODD_STAGE = "_sync_odd_keys"
@@ -46,14 +48,11 @@ _ODD_STAGE = "_sync_odd_keys"
 MATCHER, SAME_ID, CREATED = b"m", b"i", b"n"
 
 _STAGE = f"""
-CREATE TEMP TABLE {KEY_STAGE} (ord bigint, id uuid, email text, phone text, sso boolean, deleted boolean,
-                               plain_hash boolean);
+CREATE TEMP TABLE {KEY_STAGE} (created_at timestamptz, id uuid, email text, phone text, plain_keys boolean,
+                               sso boolean, deleted boolean, plain_hash boolean);
 CREATE TEMP TABLE {_ODD_STAGE} (id uuid, email text, phone text)
 """
-_ODD_SOURCE = (
-    f"SELECT id, email, phone, sso, deleted FROM {KEY_STAGE} "
-    f"WHERE email !~ '{PLAIN_EMAIL}' OR phone !~ '{PLAIN_PHONE}'"
-)
+_ODD_SOURCE = f"SELECT id, email, phone, sso, deleted FROM {KEY_STAGE} WHERE NOT plain_keys"
 _ODD_TARGET = (
     f"SELECT id, email, phone FROM auth.users WHERE email !~ '{PLAIN_EMAIL}' OR phone !~ '{PLAIN_PHONE}'"
 )
@@ -73,7 +72,7 @@ UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN auth.users AS t ON t.id = k.id
       JOIN {_ODD_STAGE} AS o ON o.{{c}} = t.{{c}}"""
 _UNSETTLED = f"""
 SELECT k.id FROM {KEY_STAGE} AS k
-WHERE k.email !~ '{PLAIN_EMAIL}' OR k.phone !~ '{PLAIN_PHONE}' OR k.id = ANY ($1::uuid[])
+WHERE NOT k.plain_keys OR k.id = ANY ($1::uuid[])
 UNION SELECT k.id FROM {KEY_STAGE} AS k
       JOIN _sync.id_map AS m ON m.table_name = $2 AND m.source_key = k.id::text
 UNION SELECT k.id FROM {KEY_STAGE} AS k
@@ -89,7 +88,7 @@ UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN {_ODD_STAGE} AS o ON o.id = k.id
 _KINDS = f"""
 WITH unsettled AS MATERIALIZED ({_UNSETTLED}),
 kinds AS (
-    SELECT k.ord, k.id, k.email, k.phone, k.sso, k.deleted,
+    SELECT k.created_at, k.id, k.email, k.phone, k.sso, k.deleted,
            CASE WHEN x.id IS NOT NULL THEN '{MATCHER.decode()}'::bytea
                 WHEN t.id IS NOT NULL AND k.plain_hash THEN 's'::bytea
                 WHEN t.id IS NOT NULL THEN '{SAME_ID.decode()}'::bytea
@@ -99,12 +98,12 @@ kinds AS (
     LEFT JOIN unsettled AS x ON x.id = k.id
     LEFT JOIN auth.users AS t ON t.id = k.id
 )
-SELECT string_agg(uuid_send(id), ''::bytea ORDER BY ord) FILTER (WHERE kind = 'c') AS copied,
-       string_agg(uuid_send(id), ''::bytea ORDER BY ord) FILTER (WHERE kind = 's') AS same,
-       string_agg(uuid_send(id) || kind, ''::bytea ORDER BY ord) FILTER (WHERE kind NOT IN ('c', 's'))
-           AS others,
-       array_agg(ROW(id, email, phone, sso, deleted) ORDER BY ord) FILTER (WHERE kind = '{MATCHER.decode()}')
-           AS unsettled
+SELECT string_agg(uuid_send(id), ''::bytea ORDER BY created_at, id) FILTER (WHERE kind = 'c') AS copied,
+       string_agg(uuid_send(id), ''::bytea ORDER BY created_at, id) FILTER (WHERE kind = 's') AS same,
+       string_agg(uuid_send(id) || kind, ''::bytea ORDER BY created_at, id)
+           FILTER (WHERE kind NOT IN ('c', 's')) AS others,
+       array_agg(ROW(id, email, phone, sso, deleted) ORDER BY created_at, id)
+           FILTER (WHERE kind = '{MATCHER.decode()}') AS unsettled
 FROM kinds
 """
 _DROP = f"DROP TABLE IF EXISTS {KEY_STAGE}, {_ODD_STAGE}"
@@ -129,11 +128,11 @@ class Settled:
     users: int
     """Every production user in scope."""
 
-    def copied_ids(self, size: int) -> Iterator[list[UUID]]:
+    def copied_ids(self, size: int) -> Iterator[PackedIds]:
         """The created-by-COPY ids, ``size`` at a time, in production's order."""
         return _chunks(self.copied, size)
 
-    def same_ids(self, size: int) -> Iterator[list[UUID]]:
+    def same_ids(self, size: int) -> Iterator[PackedIds]:
         """The ids of the users matched by id through COPY, ``size`` at a time, in production's order."""
         return _chunks(self.same, size)
 
@@ -158,12 +157,11 @@ class Settled:
         return [self.match(u, kinds[u]) if u in kinds else UserMatch(u, u, MatchKind.NEW) for u in order]
 
 
-def _chunks(packed: bytes, size: int) -> Iterator[list[UUID]]:
-    """The ids packed 16 bytes each, ``size`` at a time."""
+def _chunks(packed: bytes, size: int) -> Iterator[PackedIds]:
+    """The ids packed 16 bytes each, ``size`` at a time (still packed)."""
     step = 16 * size
     for start in range(0, len(packed), step):
-        chunk = packed[start : start + step]
-        yield [UUID(bytes=chunk[i : i + 16]) for i in range(0, len(chunk), 16)]
+        yield PackedIds(packed[start : start + step])
 
 
 async def settle_users(

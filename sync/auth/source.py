@@ -18,7 +18,7 @@ from sync.auth.columns import (
     select_list,
     table_columns,
 )
-from sync.auth.match import SourceKey, normal_email, normal_phone
+from sync.auth.match import PLAIN_EMAIL, PLAIN_PHONE, SourceKey, normal_email, normal_phone
 from sync.auth.report import plain_hash_sql
 from sync.pipe import pipe_copy
 from sync.selection import Changes
@@ -134,20 +134,22 @@ class SourceSnapshot:
         ]
 
     async def copy_keys_to(self, target: asyncpg.Connection, table: str) -> int:
-        """Every source user's matching keys, oldest first, streamed undecoded into ``table`` on ``target``
-        (``ord``, id, e-mail and phone as stored, ``''`` as NULL, SSO, deleted, and whether the password
-        hash is none or a bcrypt one); how many."""
+        """Every source user's matching keys streamed undecoded into ``table`` on ``target`` (creation time
+        and id, which order them oldest first; e-mail and phone as stored, ``''`` as NULL; whether both are
+        stored in normal form; SSO, deleted, and whether the password hash is none or a bcrypt one); how
+        many. Production sorts nothing: the target orders the few lists it returns."""
         sso, deleted, password = (
             ident(name) if name in self._user_columns else "NULL"
             for name in ("is_sso_user", "deleted_at", "encrypted_password")
         )
         hash_text = f"coalesce({password}::text, '')"
         query = (
-            "SELECT row_number() OVER (ORDER BY created_at, id) AS ord, id, "
-            "nullif(email::text, '') AS email, nullif(phone::text, '') AS phone, "
-            f"coalesce({sso}, false) AS sso, {deleted} IS NOT NULL AS deleted, "
-            f"{plain_hash_sql(hash_text)} AS plain_hash "
-            f"FROM {_USERS}{self._window}"
+            "SELECT created_at::timestamptz, id, _email, _phone, "
+            f"coalesce(_email ~ '{PLAIN_EMAIL}', true) AND coalesce(_phone ~ '{PLAIN_PHONE}', true), "
+            f"coalesce({sso}, false), {deleted} IS NOT NULL, {plain_hash_sql(hash_text)} "
+            f"FROM {_USERS} CROSS JOIN LATERAL "
+            "(SELECT nullif(email::text, '') AS _email, nullif(phone::text, '') AS _phone) AS k"
+            f"{self._window}"
         )
         return await pipe_copy(self.conn, query, self._params, target, table)
 
