@@ -168,8 +168,12 @@ async def take_census(
         async with asyncio.TaskGroup() as group:
             for conn in readers:
                 group.create_task(scan(conn))
-    finally:
-        await asyncio.gather(*(conn.close() for conn in readers))
+    except BaseException:
+        for conn in readers:
+            conn.terminate()
+        raise
+    for conn in readers:
+        snapshot.give_back(conn)  # the next stage reads in the same snapshot
     if IDENTITIES_TABLE in counts:
         # A user is in the window when its row or one of its identities is: counted (and listed) once.
         touched = counts.pop(IDENTITIES_TABLE)

@@ -25,6 +25,7 @@ from sync.auth import AdminApi, AuthOptions, AuthReport, UserProgress, import_us
 from sync.auth.columns import USERS_TABLE
 from sync.census import Census, take_census
 from sync.connect import Endpoint, both, connect
+from sync.copy.context import target_writers
 from sync.deletes import DeletesReport, counted, find_deletes
 from sync.deletes.basis import Basis, forget_basis, last_basis
 from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, first_cause, first_line
@@ -33,6 +34,7 @@ from sync.models import Model
 from sync.modes import DeleteMode
 from sync.plan import Plan
 from sync.plan.load import open_plan
+from sync.pool import IdleConnections
 from sync.preflight import AuthScope, Check, Needs, preflight, reach
 from sync.retry import is_transient_db_error, retrying
 from sync.run_tables import copy_tables, patch_deferred
@@ -97,6 +99,8 @@ class RunContext:
     """Set on catch-up runs: the transactions since the previous run's snapshot, whose writes are read."""
     deleted_accounts: frozenset[UUID] = frozenset()
     """Target users whose production account was deleted (and that are still there)."""
+    writers: IdleConnections | None = None
+    """The target connections the table copies hand on to one another (closed when the run ends)."""
 
 
 class RunReport(Model):
@@ -216,6 +220,7 @@ async def run_sync(
     tconn = await _locked(lock, target)
     bookkeeping = RunConnection(target, tconn)
     snapshot = SourceSnapshot(source)
+    writers = target_writers(target)
     try:
         since = options.since
         mark = await catch_up_since(tconn, options.overlap, checked.source_identity)
@@ -270,7 +275,10 @@ async def run_sync(
             auth_since=since if catch_up else None,
             guard=lock.confirm,
             changes=changes,
+            writers=writers,
         )
+        if census is None or any(t.name not in census.quiet for t in plan.tables):
+            writers.open_ahead()  # the first table's target connection, while the stages before it run
         finding: asyncio.Task[tuple[DeletesReport, set[str]]] | None = None
         try:
             if not options.retry_quarantine:
@@ -319,8 +327,7 @@ async def run_sync(
         await bookkeeping.call(close_run)
         return report
     finally:
-        await snapshot.close()
-        await bookkeeping.close()
+        await asyncio.gather(snapshot.close(), writers.close(), bookkeeping.close())
         await lock.release()
 
 
@@ -462,11 +469,14 @@ async def production_deletes(
         shared = snapshot.shared
         basis = basis if shared else None
         tallies = tallies if shared else None
-        return await find_deletes(
+        found = await find_deletes(
             reader, target, plan.tables, mode=mode, basis=basis, tallies=tallies, on_users=on_users
         )
-    finally:
-        await reader.close()
+    except BaseException:
+        reader.terminate()
+        raise
+    snapshot.give_back(reader)
+    return found
 
 
 async def deletes_beside(

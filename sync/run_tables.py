@@ -68,6 +68,7 @@ def _copy_context(
         changes=ctx.changes,
         jobs=_jobs(ctx, options),
         slots=slots,
+        writers=ctx.writers,
     )
 
 

@@ -5,6 +5,10 @@ transaction open for the run; each reader joins it with ``SET TRANSACTION SNAPSH
 jobs read the same instant. A transaction-mode pooler cannot hold that transaction across
 statements; there, and after the coordinator is lost, readers fall back to a fresh read-only
 transaction per batch (said in the plan and the run's log).
+
+A reader whose step ended cleanly is given back (:meth:`SourceSnapshot.give_back`) and handed to the
+next step that asks for one, still inside the snapshot: a catch-up's census, production deletes, auth
+import and table passes share a few readers rather than opening a pair of connections each.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from datetime import datetime
 import asyncpg
 
 from sync.connect import Endpoint, PoolMode, connect
+from sync.pool import IdleConnections
 
 log = logging.getLogger("sync")
 
@@ -57,6 +62,11 @@ class SourceSnapshot:
         """The snapshot's xmin and xmax (64-bit): what a later catch-up reads from, and this one up to."""
         self._coordinator: asyncpg.Connection | None = None
         self._tx: asyncpg.transaction.Transaction | None = None
+        # A reader is kept only while it is inside the shared snapshot (in its transaction, which a
+        # reader never ends); without one each reader reads an instant of its own and is not kept.
+        self._readers = IdleConnections(
+            self._open_reader, lambda conn: self.shared and conn.is_in_transaction()
+        )
 
     async def open(self) -> SourceSnapshot:
         """Export the snapshot (where the connection can hold one) and read the source's clock."""
@@ -98,9 +108,21 @@ class SourceSnapshot:
         return True
 
     async def reader(self) -> asyncpg.Connection:
-        """A new source connection, read-only, inside the shared snapshot when there is one."""
+        """A source connection, read-only, inside the shared snapshot when there is one: one an earlier
+        step gave back, else a new one."""
+        return await self._readers.take()
+
+    def give_back(self, reader: asyncpg.Connection) -> None:
+        """Return a reader whose step ended cleanly, for the next step (closed when it cannot be kept)."""
+        self._readers.give_back(reader)
+
+    async def _open_reader(self) -> asyncpg.Connection:
         conn = await connect(self.endpoint, application_name="sync reader")
-        await self.begin(conn)
+        try:
+            await self.begin(conn)
+        except BaseException:
+            conn.terminate()
+            raise
         return conn
 
     async def begin(self, conn: asyncpg.Connection) -> asyncpg.transaction.Transaction:
@@ -120,7 +142,8 @@ class SourceSnapshot:
         return tx
 
     async def close(self) -> None:
-        """End the coordinator's transaction and connection."""
+        """Close the idle readers, then end the coordinator's transaction and connection."""
+        await self._readers.close()
         if self._coordinator is not None and not self._coordinator.is_closed():
             try:
                 if self._tx is not None:

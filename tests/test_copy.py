@@ -274,7 +274,7 @@ def test_a_backend_terminated_mid_batch_is_retried_and_the_run_completes(make_db
         try:
             for _ in range(400):
                 pids = await conn.fetch(
-                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'sync public.docs' "
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'sync writer' "
                     "AND datname = $1 AND state <> 'idle'",
                     target.name,
                 )

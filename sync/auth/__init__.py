@@ -91,7 +91,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 from uuid import UUID
@@ -187,9 +187,13 @@ async def import_users(
             snapshot.reader() if snapshot is not None else connect(source),
             *([connect(target)] if target is not None else []),
         )
-        for conn in opened:
-            stack.push_async_callback(conn.close)
         source_conn = opened[0]
+        if snapshot is not None:
+            stack.push_async_exit(_handed_on(snapshot, source_conn))
+        else:
+            stack.push_async_callback(source_conn.close)
+        for conn in opened[1:]:
+            stack.push_async_callback(conn.close)
         await check_privileges(source_conn, "source", SOURCE_PRIVILEGES)
         writer: TargetWriter | None = None
         if target is not None:
@@ -220,6 +224,20 @@ async def import_users(
         await run.run(source_conn)
     report.seconds = round(time.monotonic() - started, 3)
     return report
+
+
+def _handed_on(snapshot: RunSnapshot, reader: asyncpg.Connection) -> Callable[..., Awaitable[bool]]:
+    """The import's exit for its reader: given back to the run when the import ended cleanly (the
+    table passes read on in the same snapshot), closed otherwise."""
+
+    async def leave(exc_type: type[BaseException] | None, *_: object) -> bool:
+        if exc_type is None:
+            snapshot.give_back(reader)
+        else:
+            reader.terminate()
+        return False
+
+    return leave
 
 
 def _readers(snapshot: RunSnapshot | None) -> Readers | None:

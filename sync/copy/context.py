@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
+import asyncpg
 from pydantic import field_serializer
 
-from sync.connect import Endpoint
+from sync.connect import Endpoint, PoolMode, connect
 from sync.models import Model
 from sync.plan import Plan
+from sync.pool import IdleConnections
+from sync.retry import bound_lock_waits
 from sync.selection import Changes
 from sync.snapshot import SourceSnapshot
 from sync.state import WriteGuard
@@ -67,3 +70,31 @@ class CopyContext:
     """Parts of one pass copied at once, at most (each a source and a target connection)."""
     slots: asyncio.Semaphore | None = None
     """The run's job slots: a table's copy holds one, and each further part it copies at once takes one."""
+    writers: IdleConnections = field(default=None)  # type: ignore[assignment]
+    """The run's target connections for table copies, handed from one copy to the next."""
+
+    def __post_init__(self) -> None:
+        if self.writers is None:
+            self.writers = target_writers(self.target)
+
+
+def target_writers(target: Endpoint) -> IdleConnections:
+    """Target connections for the table copies, each waiting at most ``LOCK_TIMEOUT_S`` for a lock (a
+    session setting, the same for every table), kept between copies while outside any transaction.
+
+    Behind a transaction pooler no session state holds, so each transaction bounds its own waits and
+    no connection is kept.
+    """
+
+    async def open_one() -> asyncpg.Connection:
+        conn = await connect(target, application_name="sync writer")
+        if target.mode is not PoolMode.TRANSACTION:
+            try:
+                await bound_lock_waits(conn, local=False)
+            except BaseException:
+                conn.terminate()
+                raise
+        return conn
+
+    pooled = target.mode is not PoolMode.TRANSACTION
+    return IdleConnections(open_one, lambda conn: pooled and not conn.is_in_transaction())

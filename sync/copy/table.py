@@ -30,7 +30,7 @@ from typing import Any
 
 import asyncpg
 
-from sync.connect import PoolMode, both, connect
+from sync.connect import PoolMode, both
 from sync.copy.apply import Written, apply_staged
 from sync.copy.checkpoint import Checkpoint, Part, Position
 from sync.copy.context import CopyContext, TableResult
@@ -88,24 +88,30 @@ class TableCopy:
         started = time.perf_counter()
         try:
             await self._connect()
-            start, done, rows_done = await self.checkpoint.load(self.tconn)
-            if done:
-                return self.result
-            self._begin_progress(rows_done)
-            await self._prepare()
-            if getattr(self.ctx.progress, "wants_totals", False):
-                total = await self._with_retries(self._count_selected)
-                self.ctx.progress.total(self.tp.name, total)  # type: ignore[union-attr]
-            for number, phase in enumerate(self.selection.phases(self.tp)):
-                if number < start.phase:
-                    continue
-                self.phase, self.phase_number = phase, number
-                await self._copy_pass(number, start.key if number == start.phase else None)
-            await self._with_retries(lambda: self.checkpoint.mark_done(self.tconn))
+            await self._copy()
+        except BaseException:
+            await self._close()
+            raise
         finally:
             self.result.seconds = time.perf_counter() - started
-            await self._close()
+        self._give_back()
         return self.result
+
+    async def _copy(self) -> None:
+        start, done, rows_done = await self.checkpoint.load(self.tconn)
+        if done:
+            return
+        self._begin_progress(rows_done)
+        await self._prepare()
+        if getattr(self.ctx.progress, "wants_totals", False):
+            total = await self._with_retries(self._count_selected)
+            self.ctx.progress.total(self.tp.name, total)  # type: ignore[union-attr]
+        for number, phase in enumerate(self.selection.phases(self.tp)):
+            if number < start.phase:
+                continue
+            self.phase, self.phase_number = phase, number
+            await self._copy_pass(number, start.key if number == start.phase else None)
+        await self._with_retries(lambda: self.checkpoint.mark_done(self.tconn))
 
     async def _copy_pass(self, number: int, after: list[str] | None) -> None:
         """Pass ``number`` after key ``after``: in one piece, or in parts (an earlier attempt's, or new)."""
@@ -122,14 +128,12 @@ class TableCopy:
         await self._with_retries(lambda: self._advance_after_parts(number))
 
     async def _connect(self) -> None:
-        """Both connections, opened at once (what one of them left when the other failed is closed by
-        the next attempt's :meth:`_close`)."""
+        """Both connections, the run's idle ones or new ones opened at once (what one of them left when
+        the other failed is closed by the next attempt's :meth:`_close`)."""
         await self._close()
 
         async def target() -> None:
-            self._tconn = await connect(self.ctx.target, application_name=f"sync {self.tp.name}")
-            if self.ctx.target.mode is not PoolMode.TRANSACTION:
-                await bound_lock_waits(self._tconn, local=False)
+            self._tconn = await self.ctx.writers.take()
 
         async def source() -> None:
             self._sconn = await self.ctx.source.reader()
@@ -137,9 +141,18 @@ class TableCopy:
         await both(target(), source())
 
     async def _close(self) -> None:
+        """Close both connections (after a failure: their state is not known)."""
         for conn in (self._sconn, self._tconn):
             if conn is not None and not conn.is_closed():
                 conn.terminate()
+        self._sconn = self._tconn = None
+
+    def _give_back(self) -> None:
+        """Hand both connections on to the run's next copy: this one ended cleanly."""
+        if self._sconn is not None:
+            self.ctx.source.give_back(self._sconn)
+        if self._tconn is not None:
+            self.ctx.writers.give_back(self._tconn)
         self._sconn = self._tconn = None
 
     async def _with_retries(self, step: Callable[[], Awaitable[Any]]) -> Any:
@@ -237,9 +250,12 @@ class TableCopy:
             try:
                 while queue:
                     await worker._copy_part(queue.popleft())
-            finally:
+            except BaseException:
                 if worker is not self:
                     await worker._close()
+                raise
+            if worker is not self:
+                worker._give_back()
 
         async def extra_lane() -> None:
             assert self.ctx.slots is not None
