@@ -45,8 +45,7 @@ from sync.state import (
     RunLock,
     WriteGuard,
     begin_run,
-    catch_up_since,
-    catch_up_xmin,
+    catch_up_point,
     finish_run,
     quarantined_keys,
     record_high_water,
@@ -223,8 +222,7 @@ async def run_sync(
     writers = target_writers(target)
     try:
         since = options.since
-        mark = await catch_up_since(tconn, options.overlap, checked.source_identity)
-        previous = await catch_up_xmin(tconn, checked.source_identity)
+        mark, previous = await catch_up_point(tconn, options.overlap, checked.source_identity)
         basis = await last_basis(tconn, checked.source_identity)
         catch_up = since is None and mark is not None and not options.restart and not options.retry_quarantine
         if catch_up:

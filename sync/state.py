@@ -36,10 +36,16 @@ FENCE_KEY = 0x53594E44  # writers hold it shared: a new holder of LOCK_KEY waits
 
 
 async def ensure_state(conn: asyncpg.Connection) -> None:
-    """Create the ``_sync`` schema on first use (idempotent; safe under concurrent callers)."""
-    exists = await conn.fetchval("SELECT to_regclass('_sync.schema_version') IS NOT NULL")
-    if exists and await conn.fetchval("SELECT max(version) FROM _sync.schema_version") == STATE_VERSION:
-        return
+    """Create the ``_sync`` schema on first use (idempotent; safe under concurrent callers).
+
+    ``conn`` is outside any transaction: the version is asked for directly, one statement, and a
+    schema not there yet answers with an error.
+    """
+    try:
+        if await conn.fetchval("SELECT max(version) FROM _sync.schema_version") == STATE_VERSION:
+            return
+    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+        pass
     async with conn.transaction():
         # Serialise creators: CREATE ... IF NOT EXISTS still races on the catalog.
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('_sync.schema'))")
@@ -82,8 +88,9 @@ class RunLock:
             raise LockedError(message)
         await ensure_state(conn)
         # An earlier holder whose connection died may still be committing a batch: let it finish.
-        await conn.execute("SELECT pg_advisory_lock($1)", FENCE_KEY)
-        await conn.execute("SELECT pg_advisory_unlock($1)", FENCE_KEY)
+        await conn.execute(
+            "SELECT pg_advisory_unlock($1) FROM (SELECT pg_advisory_lock($1) OFFSET 0) AS waited", FENCE_KEY
+        )
         await self._hold(conn)
 
     async def confirm(self, conn: asyncpg.Connection) -> None:
@@ -93,11 +100,12 @@ class RunLock:
         waits for it to end. A lock whose connection died is taken again here; LockLostError when
         another run has it or had it meanwhile.
         """
-        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", FENCE_KEY)
         for _ in range(2):
             pid = self.pid
-            if pid is not None and await conn.fetchval(_HELD, LOCK_KEY, pid):
+            if pid is not None and await conn.fetchval(_FENCED_AND_HELD, FENCE_KEY, LOCK_KEY, pid):
                 return
+            if pid is None:
+                await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", FENCE_KEY)
             await self.retake(pid)
         raise LockLostError(_LOST)
 
@@ -168,11 +176,14 @@ _LOST = (
     "stopped without writing more; run the same command again once that one has finished to resume."
 )
 
-# Whether backend ``$2`` holds the run lock ``$1`` in this database.
-_HELD = (
-    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $2 "
+# The fence key ``$1`` taken shared for the transaction, then whether backend ``$3`` holds the run lock
+# ``$2`` in this database: one round trip. The check refers to the fence's row, so it runs after the
+# fence is held (a run that took the lock meanwhile waits for this transaction, or is seen here).
+_FENCED_AND_HELD = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $3 "
     "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-    "AND classid = 0 AND objid = $1 AND objsubid = 1)"
+    "AND classid = 0 AND objid = $2 AND objsubid = 1 AND fence.taken IS NOT NULL) "
+    "FROM (SELECT pg_advisory_xact_lock_shared($1)::text AS taken OFFSET 0) AS fence"
 )
 
 
@@ -270,14 +281,25 @@ async def catch_up_since(
 
     Only runs that read ``source`` (when given) count: another database's mark says nothing of this one.
     """
-    mark = await conn.fetchval(
-        "SELECT high_water FROM _sync.runs WHERE status IN ('succeeded', 'quarantined') "
+    return (await catch_up_point(conn, overlap, source))[0]
+
+
+async def catch_up_point(
+    conn: asyncpg.Connection, overlap: timedelta, source: str | None = None
+) -> tuple[datetime | None, CaughtUpTo | None]:
+    """:func:`catch_up_since` and :func:`catch_up_xmin` at once: one read of the last successful run."""
+    row = await conn.fetchrow(
+        "SELECT high_water, snapshot_xmin, snapshot FROM _sync.runs "
+        "WHERE status IN ('succeeded', 'quarantined') "
         "AND high_water IS NOT NULL AND NOT options ? 'retry' AND "
         + _SAME_SOURCE
         + " ORDER BY id DESC LIMIT 1",
         source,
     )
-    return mark - overlap if mark is not None else None
+    if row is None:
+        return None, None
+    xmin = row["snapshot_xmin"]
+    return row["high_water"] - overlap, CaughtUpTo(xmin, row["snapshot"]) if xmin is not None else None
 
 
 @dataclass(frozen=True)
@@ -294,16 +316,7 @@ async def catch_up_xmin(conn: asyncpg.Connection, source: str | None = None) -> 
 
     The same run as :func:`catch_up_since`'s mark: transaction ids of another database mean nothing here.
     """
-    row = await conn.fetchrow(
-        "SELECT snapshot_xmin, snapshot FROM _sync.runs WHERE status IN ('succeeded', 'quarantined') "
-        "AND high_water IS NOT NULL AND NOT options ? 'retry' AND "
-        + _SAME_SOURCE
-        + " ORDER BY id DESC LIMIT 1",
-        source,
-    )
-    if row is None or row["snapshot_xmin"] is None:
-        return None
-    return CaughtUpTo(row["snapshot_xmin"], row["snapshot"])
+    return (await catch_up_point(conn, timedelta(0), source))[1]
 
 
 async def record_high_water(

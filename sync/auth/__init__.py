@@ -107,7 +107,7 @@ from sync.auth.match import MatchKind, SourceKey, TargetKey, UserMatch, match_us
 from sync.auth.options import AdminApi, AuthMode, AuthOptions, TriggerMode
 from sync.auth.preflight import SOURCE_PRIVILEGES, TARGET_PRIVILEGES, check_privileges, check_trigger_skip
 from sync.auth.report import AuthReport
-from sync.connect import Endpoint, connect, open_all
+from sync.connect import Endpoint, both, connect, open_all
 from sync.errors import UsageError
 from sync.lazy import lazy_names
 from sync.selection import Changes
@@ -194,17 +194,23 @@ async def import_users(
             stack.push_async_callback(source_conn.close)
         for conn in opened[1:]:
             stack.push_async_callback(conn.close)
-        await check_privileges(source_conn, "source", SOURCE_PRIVILEGES)
         writer: TargetWriter | None = None
         if target is not None:
             target_conn = opened[1]
             writer = TargetWriter(target, target_conn, options, run_id, report, guard)
+
+        async def ready_target() -> None:
+            """The target's checks and the writer's preparation (beside the source's check)."""
+            if writer is None:
+                return
             hint = ", or use --auth-mode admin-api" if options.mode is AuthMode.DIRECT else ""
-            await check_privileges(target_conn, "target", TARGET_PRIVILEGES, hint)
+            await check_privileges(writer.conn, "target", TARGET_PRIVILEGES, hint)
             if options.triggers is TriggerMode.SKIP:
-                await check_trigger_skip(target_conn)
-            await ensure_state(target_conn)
+                await check_trigger_skip(writer.conn)
+            await ensure_state(writer.conn)
             await writer.prepare()
+
+        await both(check_privileges(source_conn, "source", SOURCE_PRIVILEGES), ready_target())
         run = UserImport(
             options,
             report,

@@ -34,15 +34,14 @@ async def check_privileges(
         "CASE WHEN to_regclass(x.name) IS NULL THEN false "
         "ELSE has_table_privilege(x.name, x.privilege) END AS granted, "
         "coalesce((SELECT c.relrowsecurity AND NOT pg_has_role(c.relowner, 'USAGE') "
-        "          FROM pg_class AS c WHERE c.oid = to_regclass(x.name)), false) AS rls "
+        "          FROM pg_class AS c WHERE c.oid = to_regclass(x.name)), false) AS rls, "
+        "current_user AS role, "
+        "(SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user) AS bypass "
         "FROM unnest($1::text[], $2::text[]) AS x(name, privilege)",
         [name for name, _ in needed],
         [privilege for _, privilege in needed],
     )
-    role = await conn.fetchrow(
-        "SELECT current_user AS name, rolsuper OR rolbypassrls AS bypass FROM pg_roles "
-        "WHERE rolname = current_user"
-    )
+    role = {"name": rows[0]["role"], "bypass": rows[0]["bypass"]}
     missing_tables = sorted({r["name"] for r in rows if not r["present"]})
     if missing_tables:
         raise UsageError(

@@ -43,9 +43,8 @@ class Basis:
 
 async def last_basis(tconn: asyncpg.Connection, source: str | None) -> Basis | None:
     """The basis the last run on the target left, if it read ``source``: the run before this one must be
-    the last to have landed anything (a run that ended otherwise, or a retry, left none)."""
-    if not await tconn.fetchval("SELECT to_regclass('_sync.runs') IS NOT NULL"):
-        return None
+    the last to have landed anything (a run that ended otherwise, or a retry, left none). The run's
+    lock made sure ``_sync`` is there."""
     row = await tconn.fetchrow(
         "SELECT deletes_basis::text AS basis, options->>'source' AS source FROM _sync.runs "
         "ORDER BY id DESC LIMIT 1"
