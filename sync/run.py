@@ -24,7 +24,7 @@ from sync import copy as table_copy
 from sync.auth import AdminApi, AuthOptions, AuthReport, UserProgress, import_users
 from sync.auth.columns import USERS_TABLE
 from sync.census import Census, take_census
-from sync.connect import Endpoint, both, connect
+from sync.connect import Endpoint, connect
 from sync.copy.context import target_writers
 from sync.deletes import DeletesReport, counted, find_deletes
 from sync.deletes.basis import Basis, forget_basis, last_basis
@@ -36,7 +36,8 @@ from sync.plan import Plan
 from sync.plan.load import open_plan
 from sync.pool import IdleConnections
 from sync.preflight import AuthScope, Check, Needs, preflight, reach
-from sync.retry import is_transient_db_error, retrying
+from sync.retry import retrying
+from sync.run_connection import LockConnection, RunConnection
 from sync.run_tables import copy_tables, patch_deferred
 from sync.selection import Changes, Selection
 from sync.snapshot import SourceSnapshot
@@ -202,21 +203,28 @@ async def run_sync(
     started = time.perf_counter()
     source, target = await reach(source, target)
     lock = RunLock(target)
-    plan, sides = await retrying(what="reading both catalogs")(open_plan, source, target, mapping)
+    lock_conn = LockConnection(target)
+    try:
+        plan, sides = await retrying(what="reading both catalogs")(open_plan, source, target, mapping)
+    except BaseException:
+        await lock_conn.discard()
+        raise
     try:
         if storage_stage is not None:
             storage_stage.check(plan, mapping)
         users = auth_stage is not None and not options.skip_auth
         needs = Needs(writes=True, auth=users, extra=checks)
         checked = await preflight(source, target, plan, needs, on=sides)
-    finally:
-        await both(sides[0].close(), sides[1].close())
-    log.info("source: %s", checked.source.describe(source))
-    log.info("target: %s", checked.target.describe(target))
-    for note in checked.notes:
-        log.info(note)
+        log.info("source: %s", checked.source.describe(source))
+        log.info("target: %s", checked.target.describe(target))
+        for note in checked.notes:
+            log.info(note)
+        await lock_conn.take(lock)
+    except BaseException:
+        await asyncio.gather(lock_conn.discard(), sides[0].close(), sides[1].close())
+        raise
     users = users and checked.auth is AuthScope.BOTH
-    tconn = await _locked(lock, target)
+    tconn = sides[1]
     bookkeeping = RunConnection(target, tconn)
     snapshot = SourceSnapshot(source)
     writers = target_writers(target)
@@ -239,7 +247,7 @@ async def run_sync(
         only_keys = await quarantined_keys(tconn) if options.retry_quarantine else None
         if only_keys is not None:
             plan = replace(plan, tables=[t for t in plan.tables if t.name in only_keys])
-        await snapshot.open()
+        await snapshot.open(sides[0])
         xids = snapshot.xids
         if snapshot.high_water is not None and not options.retry_quarantine:
             await record_high_water(
@@ -325,55 +333,10 @@ async def run_sync(
         await bookkeeping.call(close_run)
         return report
     finally:
+        if not snapshot.opened:
+            await sides[0].close()
         await asyncio.gather(snapshot.close(), writers.close(), bookkeeping.close())
         await lock.release()
-
-
-async def _locked(lock: RunLock, target: Endpoint) -> asyncpg.Connection:
-    """The run lock taken and the run's own target connection opened, both at once; neither is kept
-    when the other fails."""
-    taken, opened = await asyncio.gather(
-        lock.acquire(), connect(target, application_name="sync run"), return_exceptions=True
-    )
-    if isinstance(taken, BaseException) or isinstance(opened, BaseException):
-        if isinstance(opened, asyncpg.Connection):
-            await opened.close()
-        if not isinstance(taken, BaseException):
-            await lock.release()
-        raise taken if isinstance(taken, BaseException) else opened
-    return opened
-
-
-class RunConnection:
-    """The run's own target connection (its record, the sequences), opened again after it was lost."""
-
-    def __init__(self, target: Endpoint, conn: asyncpg.Connection) -> None:
-        self.target = target
-        self.conn = conn
-
-    async def call(self, step: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """``step(conn)``, retried on a fresh connection when a restart or failover cut the last one."""
-
-        async def attempt() -> T:
-            conn = await self.alive()
-            try:
-                return await step(conn)
-            except Exception as exc:
-                if is_transient_db_error(exc):
-                    self.conn.terminate()
-                raise
-
-        return await retrying(what="the run's own record")(attempt)
-
-    async def alive(self) -> asyncpg.Connection:
-        """The connection, opened again when it was closed."""
-        if self.conn.is_closed():
-            self.conn = await connect(self.target, application_name="sync run")
-        return self.conn
-
-    async def close(self) -> None:
-        if not self.conn.is_closed():
-            await self.conn.close()
 
 
 def _users_to_import(only_keys: dict[str, list[str]] | None) -> bool:

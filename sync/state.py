@@ -74,14 +74,16 @@ class RunLock:
         self._retaking = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
 
-    async def acquire(self) -> None:
-        """Take the lock or raise LockedError naming the run that holds it; writes nothing when refused."""
+    async def acquire(self, conn: asyncpg.Connection | None = None) -> None:
+        """Take the lock (on ``conn``, a target connection of its own, or a new one) or raise LockedError
+        naming the run that holds it; writes nothing when refused."""
         if self.endpoint.mode is PoolMode.TRANSACTION:
             raise UsageError(
                 "The target URL goes through a transaction-mode pooler (port 6543), which cannot hold the "
                 "run lock: use the direct URL or the session pooler (port 5432) for --target."
             )
-        conn = await connect(self.endpoint, application_name="sync lock")
+        if conn is None:
+            conn = await connect(self.endpoint, application_name="sync lock")
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
             message = await _holder_message(conn)
             await conn.close()
