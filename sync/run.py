@@ -294,9 +294,20 @@ async def run_sync(
                     )
                 )
                 ctx.deleted_accounts = frozenset(UUID(k) for k in gone)
-            if auth_stage is not None and users and _users_to_import(only_keys):
-                report.auth = await auth_stage(ctx)
-            report.tables = await copy_tables(ctx, options, progress)
+            importing = (
+                asyncio.ensure_future(auth_stage(ctx))
+                if auth_stage is not None and users and _users_to_import(only_keys)
+                else None
+            )
+            # The tables get ready while the users are imported; they copy no row before all are in.
+            tables = asyncio.ensure_future(copy_tables(ctx, options, progress, after=importing))
+            try:
+                if importing is not None:
+                    report.auth = await importing
+                report.tables = await tables
+            except BaseException:
+                await _call_off(tables, importing)
+                raise
             await patch_deferred(ctx, options)
             if finding is not None:
                 report.deletes, _ = await finding
@@ -337,6 +348,14 @@ async def run_sync(
             await sides[0].close()
         await asyncio.gather(snapshot.close(), writers.close(), bookkeeping.close())
         await lock.release()
+
+
+async def _call_off(*tasks: asyncio.Future[Any] | None) -> None:
+    """Cancel the stages still running beside one that failed, and wait for them to close."""
+    running = [task for task in tasks if task is not None]
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
 
 
 def _users_to_import(only_keys: dict[str, list[str]] | None) -> bool:

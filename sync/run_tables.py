@@ -5,6 +5,7 @@ table's key ranges too, within ``--jobs`` slots."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from sync import copy as table_copy
@@ -16,22 +17,48 @@ if TYPE_CHECKING:
 
 
 async def copy_tables(
-    ctx: RunContext, options: RunOptions, progress: table_copy.Progress | None
+    ctx: RunContext,
+    options: RunOptions,
+    progress: table_copy.Progress | None,
+    after: Awaitable[object] | None = None,
 ) -> list[table_copy.TableResult]:
     """Copy every planned table, parents before children; independent tables run concurrently, and
-    a large table's key ranges too: ``--jobs`` slots in all, each a source and a target connection."""
+    a large table's key ranges too: ``--jobs`` slots in all, each a source and a target connection.
+    No row is copied before ``after`` (the auth import) is done; a table may get ready meanwhile."""
     slots = asyncio.Semaphore(_jobs(ctx, options))
     copy_ctx = _copy_context(ctx, options, progress, slots)
     names = {t.name for t in ctx.plan.tables}
     deferred = {(t.name, link) for t in ctx.plan.tables for link in t.deferred}
     tasks: dict[str, asyncio.Task[table_copy.TableResult]] = {}
+    copying = {t.name: asyncio.Event() for t in ctx.plan.tables}
+    # One table at a time gets ready while its parents copy (a pair of connections beyond --jobs): its
+    # connections and first reads no longer wait for them, one round trip after another.
+    ahead = asyncio.Semaphore(1)
+    before = asyncio.ensure_future(after) if after is not None else None
 
     async def one(tp: TablePlan) -> table_copy.TableResult:
-        for link in tp.parents:
-            if link.parent in names and link.parent != tp.name and (tp.name, link) not in deferred:
-                await tasks[link.parent]
-        async with slots:
-            return await table_copy.TableCopy(copy_ctx, tp).run()
+        copy = table_copy.TableCopy(copy_ctx, tp)
+        parents = {
+            link.parent
+            for link in tp.parents
+            if link.parent in names and link.parent != tp.name and (tp.name, link) not in deferred
+        }
+        waits = [tasks[parent] for parent in parents] + ([before] if before is not None else [])
+        try:
+            for parent in parents:
+                await copying[parent].wait()
+            if not all(task.done() for task in waits):
+                async with ahead:
+                    await copy.ready()
+                    await asyncio.wait(waits)
+            for task in waits:
+                await task
+            async with slots:
+                copying[tp.name].set()
+                return await copy.run()
+        except BaseException:
+            await copy.abandon()
+            raise
 
     try:
         async with asyncio.TaskGroup() as group:

@@ -77,32 +77,56 @@ class TableCopy:
         self._sconn: asyncpg.Connection | None = None
         self._tconn: asyncpg.Connection | None = None
         self._lock_waited = 0.0
+        self._start: tuple[Position, bool, int] | None = None
+        """Where the copy starts, once :meth:`ready`: position, whether done, rows already committed."""
 
     # -------------------------------------------------------------------------------- lifecycle
+
+    async def ready(self) -> None:
+        """Open the connections and read where the copy starts (its checkpoint, the staging format,
+        where fresh keys start): nothing that needs the parents landed, so it may run while they copy."""
+        if self._start is not None or self.selection.quiet(self.tp):
+            return
+        started = time.perf_counter()
+        try:
+            await self._connect()
+            start = await self.checkpoint.load(self.tconn)
+            if not start[1]:
+                await self._prepare()
+            self._start = start
+        except BaseException:
+            await self._close()
+            raise
+        finally:
+            self.result.seconds += time.perf_counter() - started
 
     async def run(self) -> TableResult:
         """Copy every selected row after the checkpoint, pass by pass; return the counts."""
         if self.selection.quiet(self.tp):
             self.result.quiet = True
             return self.result
+        await self.ready()
         started = time.perf_counter()
         try:
-            await self._connect()
             await self._copy()
         except BaseException:
             await self._close()
             raise
         finally:
-            self.result.seconds = time.perf_counter() - started
+            self.result.seconds += time.perf_counter() - started
         self._give_back()
         return self.result
 
+    async def abandon(self) -> None:
+        """Close what :meth:`ready` opened when the copy will not run (a parent failed)."""
+        await self._close()
+
     async def _copy(self) -> None:
-        start, done, rows_done = await self.checkpoint.load(self.tconn)
+        assert self._start is not None
+        start, done, rows_done = self._start
         if done:
             return
         self._begin_progress(rows_done)
-        await self._prepare()
         if getattr(self.ctx.progress, "wants_totals", False):
             total = await self._with_retries(self._count_selected)
             self.ctx.progress.total(self.tp.name, total)  # type: ignore[union-attr]
