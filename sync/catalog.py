@@ -133,10 +133,13 @@ ORDER BY a.attrelid, a.attnum
 """
 
 # Expression columns (indkey 0) make an index useless as a key; its plain leading column still helps.
+# Names come back as text: an array of ``name`` would cost each connection a look-up of the type's
+# codec (asyncpg decodes few arrays without one), several round trips before the first catalog row.
 _INDEXES = """
 SELECT i.indrelid, i.indisprimary, i.indisunique, i.indpred IS NOT NULL AS partial,
        0 = ANY(i.indkey[0:i.indnkeyatts - 1]) AS has_expression,
-       ARRAY(SELECT a.attname FROM unnest(i.indkey[0:i.indnkeyatts - 1]) WITH ORDINALITY AS k(attnum, ord)
+       ARRAY(SELECT a.attname::text
+             FROM unnest(i.indkey[0:i.indnkeyatts - 1]) WITH ORDINALITY AS k(attnum, ord)
              JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
              ORDER BY k.ord) AS columns,
        (SELECT a.attname FROM pg_attribute AS a
@@ -148,10 +151,10 @@ WHERE i.indrelid = ANY($1::oid[]) AND i.indisvalid
 _CONSTRAINTS = """
 SELECT c.conrelid, c.conname, c.contype::text, pn.nspname AS ref_schema, p.relname AS ref_table,
        c.confdeltype::text, pg_get_constraintdef(c.oid) AS definition,
-       ARRAY(SELECT a.attname FROM unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
+       ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
              JOIN pg_attribute AS a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
              ORDER BY k.ord) AS columns,
-       ARRAY(SELECT a.attname FROM unnest(c.confkey) WITH ORDINALITY AS k(attnum, ord)
+       ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY AS k(attnum, ord)
              JOIN pg_attribute AS a ON a.attrelid = c.confrelid AND a.attnum = k.attnum
              ORDER BY k.ord) AS ref_columns
 FROM pg_constraint AS c
@@ -183,7 +186,7 @@ WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
 """
 
 _ENUMS = """
-SELECT format_type(e.enumtypid, NULL) AS type, array_agg(e.enumlabel ORDER BY e.enumsortorder) AS labels
+SELECT format_type(e.enumtypid, NULL) AS type, array_agg(e.enumlabel::text ORDER BY e.enumsortorder) AS labels
 FROM pg_enum AS e
 WHERE e.enumtypid = ANY($1::oid[])
 GROUP BY e.enumtypid

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from sync.connect import both
 from sync.sqltext import Params, table_ident
 
 ROWS_PER_BUCKET = 32
@@ -130,7 +131,8 @@ def _row_hash_sql(count: int) -> str:
 async def same_hashes(sconn: asyncpg.Connection, tconn: asyncpg.Connection) -> bool:
     """Whether both servers hash text alike (same hash, same encoding): a key lies in one bucket on both."""
     sql = f"SELECT {_hash_sql('$1::text')}::text || ' ' || current_setting('server_encoding')"
-    return bool(await sconn.fetchval(sql, _HASH_PROBE) == await tconn.fetchval(sql, _HASH_PROBE))
+    source, target = await both(sconn.fetchval(sql, _HASH_PROBE), tconn.fetchval(sql, _HASH_PROBE))
+    return bool(source == target)
 
 
 @dataclass(frozen=True)

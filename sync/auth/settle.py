@@ -19,6 +19,7 @@ user with a kind byte after each id (about 17 bytes per user in all).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from uuid import UUID
@@ -72,7 +73,7 @@ UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN auth.users AS t ON t.id = k.id
       JOIN {_ODD_STAGE} AS o ON o.{{c}} = t.{{c}}"""
 _UNSETTLED = f"""
 SELECT k.id FROM {KEY_STAGE} AS k
-WHERE NOT k.plain_keys OR k.id = ANY ($1::uuid[])
+WHERE NOT k.plain_keys OR k.id = ANY ($1::text[]::uuid[])
 UNION SELECT k.id FROM {KEY_STAGE} AS k
       JOIN _sync.id_map AS m ON m.table_name = $2 AND m.source_key = k.id::text
 UNION SELECT k.id FROM {KEY_STAGE} AS k
@@ -102,7 +103,7 @@ SELECT string_agg(uuid_send(id), ''::bytea ORDER BY created_at, id) FILTER (WHER
        string_agg(uuid_send(id), ''::bytea ORDER BY created_at, id) FILTER (WHERE kind = 's') AS same,
        string_agg(uuid_send(id) || kind, ''::bytea ORDER BY created_at, id)
            FILTER (WHERE kind NOT IN ('c', 's')) AS others,
-       array_agg(ROW(id, email, phone, sso, deleted) ORDER BY created_at, id)
+       json_agg(json_build_array(id, email, phone, sso, deleted) ORDER BY created_at, id)
            FILTER (WHERE kind = '{MATCHER.decode()}') AS unsettled
 FROM kinds
 """
@@ -168,8 +169,7 @@ async def settle_users(
     source: SourceSnapshot, target: asyncpg.Connection, deleted_accounts: Collection[UUID] = ()
 ) -> Settled:
     """Stage ``source``'s keys on ``target``, settle what SQL can, match the rest; see the module."""
-    await target.execute(_DROP)
-    await target.execute(_STAGE)
+    await target.execute(f"{_DROP}; {_STAGE}")
     try:
         users = await source.copy_keys_to(target, KEY_STAGE)
         if not users:  # a catch-up with no changed user reads no target user
@@ -187,10 +187,10 @@ async def settle_users(
         )
         # Its statistics (a few rows, read at once) let the planner hash it rather than sort every key.
         await target.execute(f"ANALYZE {_ODD_STAGE}")
-        row = await target.fetchrow(_KINDS, list(deleted_accounts), USERS_TABLE)
+        row = await target.fetchrow(_KINDS, [str(u) for u in deleted_accounts], USERS_TABLE)
         keys = [
-            SourceKey(i, normal_email(e), normal_phone(p), sso, deleted)
-            for i, e, p, sso, deleted in row["unsettled"] or ()
+            SourceKey(UUID(i), normal_email(e), normal_phone(p), sso, deleted)
+            for i, e, p, sso, deleted in json.loads(row["unsettled"] or "[]")
         ]
         id_map = await read_id_map(target, [k.id for k in keys])
         candidates = await read_target_keys(target, keys, id_map)

@@ -194,7 +194,7 @@ async def production_deletes(
     """
     report = DeletesReport(mode=mode, copy_date=copied)
     finder = await Finder.open(sconn, tconn, copied, basis, tallies)
-    users = bool(await tconn.fetchval("SELECT to_regclass('auth.users') IS NOT NULL"))
+    users = finder.users
     gone: set[str] = set()
 
     async def search_users() -> None:

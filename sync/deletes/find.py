@@ -30,6 +30,7 @@ from datetime import datetime
 
 import asyncpg
 
+from sync.auth.columns import USERS_TABLE
 from sync.census import Tally, changed_since, tallied, tally
 from sync.compare import (
     ROWS_PER_BUCKET,
@@ -41,6 +42,7 @@ from sync.compare import (
     estimate_rows,
     same_hashes,
 )
+from sync.connect import both
 from sync.deletes.basis import Basis
 from sync.pipe import pipe_copy
 from sync.selection import Changes
@@ -78,6 +80,10 @@ class Found:
     """Settled by the count against the previous run's basis: no key was compared."""
 
 
+# The target's ledgers of landed rows, looked for with the users' table.
+LEDGERS = ("_sync.landed", "_sync.id_map")
+
+
 @dataclass(frozen=True)
 class Finder:
     """Both sides of one search (inside the caller's transactions), and what holds for every table."""
@@ -95,6 +101,8 @@ class Finder:
     basis: Basis | None = None
     tallies: Mapping[str, Tally] = field(default_factory=dict)
     """The run's census, when it took one: the counts are there already."""
+    users: bool = True
+    """The target has ``auth.users``."""
 
     @classmethod
     async def open(
@@ -105,18 +113,24 @@ class Finder:
         basis: Basis | None = None,
         tallies: Mapping[str, Tally] | None = None,
     ) -> Finder:
-        present = await tconn.fetch(
-            "SELECT t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i) WHERE to_regclass(t) IS NOT NULL "
-            "ORDER BY i",
-            ["_sync.landed", "_sync.id_map"],
-        )
-        ledgers = tuple(r["t"] for r in present)
-        since = None
-        if basis is not None:
+        async def since_basis() -> Changes | None:
+            if basis is None:
+                return None
             upto = await sconn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
-            since = Changes.since_snapshot(basis.snapshot, upto)
+            return Changes.since_snapshot(basis.snapshot, upto)
+
+        present, since = await both(
+            tconn.fetch(
+                "SELECT t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i) "
+                "WHERE to_regclass(t) IS NOT NULL ORDER BY i",
+                [*LEDGERS, USERS_TABLE],
+            ),
+            since_basis(),
+        )
+        ledgers = tuple(r["t"] for r in present if r["t"] in LEDGERS)
         splits = await same_hashes(sconn, tconn)
-        return cls(sconn, tconn, copied, ledgers, splits, since, basis, tallies or {})
+        users = any(r["t"] == USERS_TABLE for r in present)
+        return cls(sconn, tconn, copied, ledgers, splits, since, basis, tallies or {}, users)
 
     async def find(
         self,
