@@ -23,7 +23,7 @@ import asyncpg
 from sync import copy as table_copy
 from sync.auth import AdminApi, AuthOptions, AuthReport, UserProgress, import_users
 from sync.auth.columns import USERS_TABLE
-from sync.census import Census, take_census
+from sync.census import READERS, Census, take_census
 from sync.connect import Endpoint, connect
 from sync.copy.context import target_writers
 from sync.deletes import DeletesReport, counted, find_deletes
@@ -227,6 +227,7 @@ async def run_sync(
     tconn = sides[1]
     bookkeeping = RunConnection(target, tconn)
     snapshot = SourceSnapshot(source)
+    snapshot.connect_ahead(READERS)  # the census's readers, while the run's record is read and written
     writers = target_writers(target)
     try:
         since = options.since

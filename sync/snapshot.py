@@ -13,6 +13,8 @@ import and table passes share a few readers rather than opening a pair of connec
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -66,6 +68,7 @@ class SourceSnapshot:
         self._tx: asyncpg.transaction.Transaction | None = None
         # A reader is kept only while it is inside the shared snapshot (in its transaction, which a
         # reader never ends); without one each reader reads an instant of its own and is not kept.
+        self._ahead: list[asyncio.Future[asyncpg.Connection]] = []
         self._readers = IdleConnections(
             self._open_reader, lambda conn: self.shared and conn.is_in_transaction()
         )
@@ -107,7 +110,7 @@ class SourceSnapshot:
         if not self.shared:
             return False
         try:
-            await self._coordinator.fetchval("SELECT 1")
+            await self._coordinator.execute("SELECT 1")
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
             return False
         return True
@@ -121,8 +124,20 @@ class SourceSnapshot:
         """Return a reader whose step ended cleanly, for the next step (closed when it cannot be kept)."""
         self._readers.give_back(reader)
 
+    def connect_ahead(self, readers: int) -> None:
+        """Start opening ``readers`` connections now, beside other work; they join the snapshot when a
+        step first asks for a reader."""
+        for _ in range(readers):
+            self._ahead.append(asyncio.ensure_future(connect(self.endpoint, application_name="sync reader")))
+
     async def _open_reader(self) -> asyncpg.Connection:
-        conn = await connect(self.endpoint, application_name="sync reader")
+        conn = None
+        while conn is None and self._ahead:
+            # One that failed to open is opened again below, where a failure is the step's own.
+            with contextlib.suppress(Exception):
+                conn = await self._ahead.pop(0)
+        if conn is None:
+            conn = await connect(self.endpoint, application_name="sync reader")
         try:
             await self.begin(conn)
         except BaseException:
@@ -148,6 +163,13 @@ class SourceSnapshot:
 
     async def close(self) -> None:
         """Close the idle readers, then end the coordinator's transaction and connection."""
+        ahead, self._ahead = self._ahead, []
+        for opening in ahead:
+            opening.cancel()
+        opened = await asyncio.gather(*ahead, return_exceptions=True)
+        for conn in opened:
+            if isinstance(conn, asyncpg.Connection):
+                conn.terminate()
         await self._readers.close()
         if self._coordinator is not None and not self._coordinator.is_closed():
             try:

@@ -1,5 +1,6 @@
 """SQL text built from catalog and mapping names: identifiers quoted, every value a bound parameter, or,
-where the protocol binds none (``COPY (query) TO STDOUT``), a literal the client renders itself."""
+where the protocol binds none (``COPY (query) TO STDOUT``, several statements sent together), a literal
+the client renders itself."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 from uuid import UUID
+
+if TYPE_CHECKING:
+    import asyncpg
 
 
 def ident(name: str) -> str:
@@ -157,3 +161,24 @@ def _text(value: Any) -> str:
     if "\x00" in text:
         raise ValueError("a SQL literal cannot hold a NUL character")
     return text
+
+
+class Pending:
+    """Statements whose results are not needed, kept to be sent together: one round trip for all rather
+    than one or two each (a statement new to a connection is prepared first). Each is rendered with its
+    literals (:func:`inline`); they run in order, inside the caller's transaction. It stands in for the
+    connection where a step only executes statements.
+    """
+
+    def __init__(self) -> None:
+        self._statements: list[str] = []
+
+    async def execute(self, query: str, *args: Any) -> None:
+        """Keep ``query`` (with ``args`` as its ``$n``) for :meth:`send`."""
+        self._statements.append(inline(query, args))
+
+    async def send(self, conn: asyncpg.Connection) -> None:
+        """Execute the statements kept so far on ``conn``, in one round trip."""
+        statements, self._statements = self._statements, []
+        if statements:
+            await conn.execute(";\n".join(statements))

@@ -23,7 +23,7 @@ from sync.copy.quarantine import RowRejected, resolve_landed
 from sync.copy.stage import STAGE, staged_values
 from sync.plan import Plan, TablePlan
 from sync.selection import key_owners, links
-from sync.sqltext import column_list, ident, row_of, table_ident
+from sync.sqltext import Pending, column_list, ident, row_of, table_ident
 
 
 @dataclass
@@ -43,30 +43,44 @@ async def apply_staged(
     key_floor: int | None = None,
     *,
     ledger_fresh: bool = False,
+    held: bool = True,
+    pending: Pending | None = None,
 ) -> Written:
     """Steps 1–4 on the staged rows, inside the caller's transaction; staged rows in quarantine leave it.
 
     ``key_floor`` is where fresh keys for colliding rows start (past the source's highest key plus
     the plan's margin), for tables that allocate keys. ``ledger_fresh``: the ledger had no entry of the
     table when its copy began, so none of the staged rows (each copied once per run) is in it.
+    ``held``: rows of the table may be in quarantine (False when the run knows none is: nothing to
+    resolve). The statements whose results nothing waits for go together, in one round trip each
+    group; the last group (the ledger) is left in ``pending`` when the caller gives one, to go with its
+    own (the checkpoint).
     """
     written = Written()
+    rewrites = Pending()
     if tp.trigger_mode == "skip":
-        await conn.execute("SET LOCAL session_replication_role = replica")
-    await rewrite_parents(conn, tp, plan)
+        await rewrites.execute("SET LOCAL session_replication_role = replica")
+    await rewrite_parents(rewrites, tp, plan)
     if tp.key == "remap" and len(tp.primary_key) == 1:
-        await map_own_keys(conn, tp)
+        await map_own_keys(rewrites, tp)
         if not ledger_fresh:
-            await recognise_landed(conn, tp)
+            await recognise_landed(rewrites, tp)
+        await rewrites.send(conn)
         written.remapped = await remap_keys(conn, tp, run_id, key_floor)
     elif tp.key == "natural":
-        await adopt_natural_keys(conn, tp, run_id)
+        await adopt_natural_keys(rewrites, tp, run_id)
+        await rewrites.send(conn)
         written.remapped = await separate_natural_collisions(conn, tp, run_id, key_floor)
+    await rewrites.send(conn)
     if tp.trigger_mode == "skip":
         await check_references(conn, tp)
     written.inserted, written.updated = await conn.fetchrow(upsert_sql(tp))
-    await record_landed(conn, tp, run_id, fresh=ledger_fresh)
-    await resolve_landed(conn, tp.name)
+    landed = pending if pending is not None else Pending()
+    await record_landed(landed, tp, run_id, fresh=ledger_fresh)
+    if held:
+        await resolve_landed(landed, tp.name)
+    if pending is None:
+        await landed.send(conn)
     return written
 
 
@@ -76,7 +90,7 @@ def staged_as_target(tp: TablePlan, columns: Sequence[str]) -> str:
     return "ROW(" + ", ".join(f"s.{ident(c)}::{types[c]}" for c in columns) + ")"
 
 
-async def rewrite_parents(conn: asyncpg.Connection, tp: TablePlan, plan: Plan) -> None:
+async def rewrite_parents(conn: asyncpg.Connection | Pending, tp: TablePlan, plan: Plan) -> None:
     """Rewrite each single-column foreign key of the stage through the id map."""
     types = tp.staged_types
     for link in links(tp):
@@ -92,7 +106,7 @@ async def rewrite_parents(conn: asyncpg.Connection, tp: TablePlan, plan: Plan) -
         )
 
 
-async def map_own_keys(conn: asyncpg.Connection, tp: TablePlan) -> None:
+async def map_own_keys(conn: asyncpg.Connection | Pending, tp: TablePlan) -> None:
     """Rewrite staged keys that an earlier batch or run mapped (single-column keys)."""
     key = tp.primary_key[0]
     await conn.execute(
@@ -154,7 +168,7 @@ async def give_fresh_keys(
     )
 
 
-async def adopt_natural_keys(conn: asyncpg.Connection, tp: TablePlan, run_id: int) -> None:
+async def adopt_natural_keys(conn: asyncpg.Connection | Pending, tp: TablePlan, run_id: int) -> None:
     """Rewrite staged keys to those of target rows with the same natural key, recording the pairs.
 
     Without a copied primary key there is nothing to rewrite: the target numbers its own rows and the

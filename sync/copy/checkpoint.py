@@ -16,6 +16,8 @@ from typing import Any
 
 import asyncpg
 
+from sync.sqltext import Pending
+
 
 @dataclass(frozen=True)
 class Position:
@@ -75,7 +77,7 @@ class Checkpoint:
         )
 
     async def advance(
-        self, conn: asyncpg.Connection, position: Position, rows: int, part: Part | None = None
+        self, conn: asyncpg.Connection | Pending, position: Position, rows: int, part: Part | None = None
     ) -> None:
         """Move the table's checkpoint, or ``part``'s (which also keeps where the part ends)."""
         saved: dict[str, Any] = {"pass": position.phase, "key": position.key}

@@ -16,7 +16,7 @@ from sync.copy.context import CopyContext
 from sync.copy.stage import STAGE
 from sync.copy.table import TableCopy
 from sync.plan import TablePlan
-from sync.sqltext import ident, row_of, table_ident
+from sync.sqltext import Pending, ident, row_of, table_ident
 
 
 class DeferredPatch(TableCopy):
@@ -37,13 +37,15 @@ class DeferredPatch(TableCopy):
         super().__init__(ctx, narrow)
         self.checkpoint_name = f"{tp.name} (second pass)"
 
-    async def _apply(self, staged: int) -> Written:
+    async def _apply(self, staged: int, pending: Pending) -> Written:
         if staged == 0:
             return Written()
-        await rewrite_parents(self.tconn, self.tp, self.ctx.plan)
+        rewrites = Pending()
+        await rewrite_parents(rewrites, self.tp, self.ctx.plan)
         row_key = self.tp.row_key
         if self.tp.key != "natural" and len(row_key) == 1:
-            await map_own_keys(self.tconn, self.tp)
+            await map_own_keys(rewrites, self.tp)
+        await rewrites.send(self.tconn)
         fks = list(dict.fromkeys(c for link in self.tp.parents for c in link.columns))
         target_types = self.tp.target_types
         sets = ", ".join(f"{ident(c)} = s.{ident(c)}::{target_types[c]}" for c in fks)

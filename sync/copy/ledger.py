@@ -13,7 +13,7 @@ import asyncpg
 from sync.copy.stage import STAGE
 from sync.plan import TablePlan
 from sync.selection import target_key_sql
-from sync.sqltext import ident
+from sync.sqltext import Pending, ident
 
 
 async def has_entries(conn: asyncpg.Connection, tp: TablePlan) -> bool:
@@ -24,7 +24,7 @@ async def has_entries(conn: asyncpg.Connection, tp: TablePlan) -> bool:
     return bool(await conn.fetchval(query, tp.name))
 
 
-async def recognise_landed(conn: asyncpg.Connection, tp: TablePlan) -> None:
+async def recognise_landed(conn: asyncpg.Connection | Pending, tp: TablePlan) -> None:
     """Give staged rows that landed before the key they landed as (single-column keys), and mark them."""
     key = tp.primary_key[0]
     await conn.execute(
@@ -34,7 +34,9 @@ async def recognise_landed(conn: asyncpg.Connection, tp: TablePlan) -> None:
     )
 
 
-async def record_landed(conn: asyncpg.Connection, tp: TablePlan, run_id: int, *, fresh: bool) -> None:
+async def record_landed(
+    conn: asyncpg.Connection | Pending, tp: TablePlan, run_id: int, *, fresh: bool
+) -> None:
     """Record every staged row (now on the target, under its staged key) in the ledger.
 
     ``fresh``: the ledger held no entry of the table when its copy began. A run copies each row once

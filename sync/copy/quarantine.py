@@ -15,6 +15,7 @@ import asyncpg
 
 from sync.copy.stage import STAGE
 from sync.errors import first_line
+from sync.sqltext import Pending
 
 # SQLSTATE classes that mean "this row is wrong for the target", not "the run is broken".
 DATA_ERROR_CLASSES = ("21", "22", "23", "2F", "39", "P0")
@@ -77,7 +78,7 @@ async def quarantine_row(
     )
 
 
-async def resolve_landed(conn: asyncpg.Connection, table: str) -> None:
+async def resolve_landed(conn: asyncpg.Connection | Pending, table: str) -> None:
     """Mark the quarantined rows of ``table`` that are in the stage (and so land now) as resolved."""
     await conn.execute(
         f"UPDATE _sync.quarantine SET resolved_at = now() WHERE table_name = $1 AND resolved_at IS NULL "

@@ -69,8 +69,17 @@ def sequences_set(plan: Plan) -> list[tuple[TablePlan, str, str]]:
 
 async def move_sequences(conn: asyncpg.Connection, plan: Plan) -> int:
     """Move every sequence owned by a copied column to at least max(column) in target; never back."""
-    moved = 0
-    for tp, column, sequence in sequences_set(plan):
-        await advance_sequence(conn, sequence, f"SELECT max({ident(column)}) FROM {table_ident(tp.name)}")
-        moved += 1
-    return moved
+    moved = sequences_set(plan)
+    if not moved:
+        return 0
+    # One statement for all of them (each a round trip of its own on a remote server).
+    highest = ", ".join(
+        f"(${number}::text, (SELECT max({ident(column)}) FROM {table_ident(tp.name)})::bigint)"
+        for number, (tp, column, _) in enumerate(moved, start=1)
+    )
+    await conn.execute(
+        f"SELECT setval(s.name::regclass, s.v) FROM (VALUES {highest}) AS s(name, v) "
+        f"WHERE s.v IS NOT NULL AND s.v > coalesce(pg_sequence_last_value(s.name::regclass), 0)",
+        *(sequence for _, _, sequence in moved),
+    )
+    return len(moved)

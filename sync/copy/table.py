@@ -12,9 +12,8 @@ once when the run has free job slots: each part on its own source and target con
 source's inside the run's exported snapshot) and with its own checkpoint, so a rerun resumes every
 part where it stopped. The next pass starts once every part is done.
 
-Past ~400 lines because one object holds a copy's connections, retries and batches, and its parts'
-lanes are copies of it; the seam to split along is the source side (key ranges, boundaries, the
-batch query) apart from the target side (staging, applying, quarantine).
+Which rows a pass reads, its batches' key ranges and queries, are the source side
+(:mod:`.reading`); this module is the copy's connections, retries, parts and the target side.
 """
 
 from __future__ import annotations
@@ -35,8 +34,9 @@ from sync.copy.apply import Written, apply_staged
 from sync.copy.checkpoint import Checkpoint, Part, Position
 from sync.copy.context import CopyContext, TableResult
 from sync.copy.ledger import has_entries
-from sync.copy.listing import LISTED_KEYS_MAX, KeyList
+from sync.copy.listing import KeyList
 from sync.copy.quarantine import is_data_error, isolate_refused, quarantine_row
+from sync.copy.reading import SourceRanges
 from sync.copy.sequences import advance_past_source
 from sync.copy.stage import Stage
 from sync.errors import first_cause, first_line
@@ -50,12 +50,12 @@ from sync.retry import (
     retrying,
 )
 from sync.selection import CLOSURE_PASS, Predicate, Selection, source_key_columns
-from sync.sqltext import Params, column_list, ident, row_of, table_ident
+from sync.sqltext import Pending
 
 log = logging.getLogger("sync")
 
 
-class TableCopy:
+class TableCopy(SourceRanges):
     """The copy of one table, batch by batch from its checkpoint."""
 
     def __init__(self, ctx: CopyContext, tp: TablePlan) -> None:
@@ -322,96 +322,6 @@ class TableCopy:
                 lambda: advance_past_source(self.sconn, self.tconn, self.tp)
             )
 
-    def _in_range(self, params: Params, after: Sequence[str] | None, upto: Sequence[str] | None) -> str:
-        """The current pass's rows with keys in (after, upto]; the keys bound as parameters."""
-        if self.listed is None:
-            parts = [self.phase(params)]
-        else:
-            (column,) = self.source_pk
-            listed = params.bind(self.listed.between(after, upto), "text[]")
-            parts = [f"{ident(column)} = ANY({listed}::{self.src_types[column]}[])"]
-        keys = row_of(self.source_pk)
-        if after is not None:
-            parts.append(f"{keys} > {self._key_row(params, after)}")
-        if upto is not None:
-            parts.append(f"{keys} <= {self._key_row(params, upto)}")
-        return " AND ".join(parts)
-
-    def _key_row(self, params: Params, values: Sequence[str]) -> str:
-        """A key (as text, as checkpoints keep it) cast back to the source's key types."""
-        items = [
-            f"{params.bind(v, 'text')}::{self.src_types[c]}"
-            for c, v in zip(self.source_pk, values, strict=True)
-        ]
-        return f"ROW({', '.join(items)})"
-
-    def _select(self, after: list[str] | None, upto: list[str] | None) -> tuple[str, list[Any]]:
-        """The source query for the batch (after, upto], and its arguments."""
-        params = Params()
-        query = self.stage.select_sql(self._in_range(params, after, upto), params)
-        return query, params.values
-
-    async def _count_selected(self) -> int:
-        """The rows this table's copy will read (for progress bars and their ETA)."""
-        params = Params()
-        selected = self.selection.selected(self.tp, params)
-        return int(
-            await self.sconn.fetchval(
-                f"SELECT count(*) FROM {table_ident(self.tp.source_name)} WHERE {selected}",
-                *params.values,
-            )
-        )
-
-    async def _boundaries(self, after: list[str] | None, upto: list[str] | None) -> list[list[str]]:
-        """The last key of every full batch of the pass in (after, upto], from one ordered scan.
-
-        Read once per pass (never an ``OFFSET`` scan per batch): the batches are the ranges between
-        consecutive boundaries, then everything after the last one, so a row that appears after this
-        read still falls in a range and is copied. A boundary equal to ``upto`` is left out (the last
-        batch ends there anyway). The closure's pass lists its keys instead, when it has few enough.
-        """
-        self.listed = None
-        params = Params()
-        where = self._in_range(params, after, upto)
-        async with self._closure_hashed():
-            if self.phase_number == CLOSURE_PASS and len(self.source_pk) == 1:
-                column = ident(self.source_pk[0])
-                listed = await self.sconn.fetch(
-                    f"SELECT {column}::text FROM {table_ident(self.tp.source_name)} "
-                    f"WHERE {where} ORDER BY {column} LIMIT {LISTED_KEYS_MAX + 1}",
-                    *params.values,
-                )
-                if len(listed) <= LISTED_KEYS_MAX:
-                    self.listed = KeyList([row[0] for row in listed])
-                    return [key for key in self.listed.boundaries(self.ctx.batch_size) if key != upto]
-            size = params.bind(self.ctx.batch_size, "bigint")
-            keys = column_list(self.source_pk)
-            texts = ", ".join(f"{ident(c)}::text" for c in self.source_pk)
-            rows = await self.sconn.fetch(
-                f"SELECT {texts} FROM (SELECT {keys}, row_number() OVER (ORDER BY {keys}) AS _n "
-                f"FROM {table_ident(self.tp.source_name)} WHERE {where}) AS s "
-                f"WHERE s._n % {size} = 0 ORDER BY s._n",
-                *params.values,
-            )
-        return [key for key in (list(row.values()) for row in rows) if key != upto]
-
-    @asynccontextmanager
-    async def _closure_hashed(self) -> AsyncIterator[None]:
-        """On a full run, the closure pass's key listing joins the table with the keys its children
-        need by hash: one read of the table, whatever the number of keys.
-
-        The planner cannot estimate how many distinct keys the closure yields (it assumes 200), so it
-        would probe the table's key index once per key: hundreds of thousands of probes at scale. A
-        full run reads every child's window anyway, so one more scan is within the same bound; a
-        catch-up (few changed rows, or keys listed by its census) keeps the probes.
-        """
-        if self.phase_number != CLOSURE_PASS or self.ctx.changes is not None:
-            yield
-            return
-        await self.sconn.execute("SET LOCAL enable_nestloop = off")
-        yield
-        await self.sconn.execute("SET LOCAL enable_nestloop TO DEFAULT")  # the batches' own plans
-
     # ---------------------------------------------------------------------------------- writing
 
     async def _copy_batches(
@@ -438,8 +348,10 @@ class TableCopy:
         try:
             async with self._writing():
                 count = await self.stage.stream(self.sconn, self.tconn, *self._select(after, upto))
-                written = await self._apply(count)
-                await self.checkpoint.advance(self.tconn, position, count, part)
+                ledger_and_checkpoint = Pending()
+                written = await self._apply(count, ledger_and_checkpoint)
+                await self.checkpoint.advance(ledger_and_checkpoint, position, count, part)
+                await ledger_and_checkpoint.send(self.tconn)
             self._count(written)
             self.result.batches += 1
             self._report(count)
@@ -482,7 +394,9 @@ class TableCopy:
         """Stage and apply rows already read, in one transaction of their own."""
         async with self._writing():
             await self.stage.load(self.tconn, records)
-            written = await self._apply(len(records))
+            ledger = Pending()
+            written = await self._apply(len(records), ledger)
+            await ledger.send(self.tconn)
         self._count(written)
 
     async def _quarantine(self, record: asyncpg.Record, exc: BaseException) -> None:
@@ -496,11 +410,22 @@ class TableCopy:
             first_line(exc),
         )
 
-    async def _apply(self, staged: int) -> Written:
-        """Land the staged rows, inside the caller's transaction."""
+    async def _apply(self, staged: int, pending: Pending) -> Written:
+        """Land the staged rows, inside the caller's transaction; the last statements (those nothing
+        waits for) are left in ``pending``, for the caller to send with its own."""
         if staged == 0:
             return Written()
-        ctx = self.ctx
+        ctx, changes, fresh = self.ctx, self.ctx.changes, self.ledger_fresh
+        # A catch-up read the quarantine as it began (under the run lock): with none of the table's rows
+        # there, and none put there by this copy, no staged row can be in it.
+        held = changes is None or bool(changes.held.get(self.tp.name)) or self.result.quarantined > 0
         return await apply_staged(
-            self.tconn, self.tp, ctx.plan, ctx.run_id, self.key_floor, ledger_fresh=self.ledger_fresh
+            self.tconn,
+            self.tp,
+            ctx.plan,
+            ctx.run_id,
+            self.key_floor,
+            ledger_fresh=fresh,
+            held=held,
+            pending=pending,
         )
