@@ -90,7 +90,8 @@ class TableCopy(SourceRanges):
         started = time.perf_counter()
         try:
             await self._connect()
-            start = await self.checkpoint.load(self.tconn)
+            # Retried like every step: a connection handed on may have ended while it waited.
+            start = await self._with_retries(lambda: self.checkpoint.load(self.tconn))
             if not start[1]:
                 await self._prepare()
             self._start = start
