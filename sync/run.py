@@ -37,7 +37,7 @@ from sync.plan.load import open_plan
 from sync.pool import IdleConnections
 from sync.preflight import AuthScope, Check, Needs, preflight, reach
 from sync.retry import retrying
-from sync.run_connection import LockConnection, RunConnection
+from sync.run_connection import RunConnection, reach_early
 from sync.run_tables import copy_tables, patch_deferred
 from sync.selection import Changes, Selection
 from sync.snapshot import SourceSnapshot
@@ -201,11 +201,15 @@ async def run_sync(
     runs that read the same source.
     """
     started = time.perf_counter()
-    source, target = await reach(source, target)
+    source, target, opening, lock_conn = await reach_early(source, target)
     lock = RunLock(target)
-    lock_conn = LockConnection(target)
+    first = [opening] if opening is not None else []  # the first attempt's; a retry opens its own
+
+    async def read_plan() -> tuple[Plan, tuple[asyncpg.Connection, asyncpg.Connection]]:
+        return await open_plan(source, target, mapping, first.pop() if first else None)
+
     try:
-        plan, sides = await retrying(what="reading both catalogs")(open_plan, source, target, mapping)
+        plan, sides = await retrying(what="reading both catalogs")(read_plan)
     except BaseException:
         await lock_conn.discard()
         raise

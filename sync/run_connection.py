@@ -1,9 +1,10 @@
-"""A run's own connections: the lock's, opened while the plan is read, and the run's record's, the
-target connection the plan was read on.
+"""A run's own connections: the plan's, the lock's and the run's record's.
 
 On a remote server each new connection is several round trips before its first statement, so a run
-opens its lock's connection beside the catalog reads (opening one writes nothing: the lock is taken only
-after the preflight passed) and keeps the connections the plan and the preflight used rather than
+opens its first connections while it probes how each side pools them (as the DSN says: a session,
+unless its port is a transaction pooler's; opened again in the rare case the probe finds otherwise),
+opens its lock's connection beside the catalog reads (opening one writes nothing: the lock is taken
+only after the preflight passed) and keeps the connections the plan and the preflight used rather than
 opening others: the target's for the run's record and the source's for the snapshot.
 """
 
@@ -15,11 +16,41 @@ from typing import TypeVar
 
 import asyncpg
 
-from sync.connect import Endpoint, PoolMode, connect
+from sync.connect import Endpoint, PoolMode, connect, connect_both
+from sync.preflight import reach
 from sync.retry import is_transient_db_error, retrying
 from sync.state import RunLock
 
 T = TypeVar("T")
+
+
+Sides = tuple[asyncpg.Connection, asyncpg.Connection]
+
+
+async def reach_early(
+    source: Endpoint, target: Endpoint
+) -> tuple[Endpoint, Endpoint, asyncio.Future[Sides] | None, LockConnection]:
+    """Both endpoints with their pool modes (:func:`sync.preflight.reach`), the plan's connections to
+    (source, target) opening (None when the probe changed a mode: the plan opens its own) and the lock's
+    (opening while the catalogs are read).
+    """
+    sides = asyncio.ensure_future(connect_both(source, target))  # the source's first, as the probe's
+    try:
+        reached = await reach(source, target)
+    except BaseException:
+        await _discard(sides)
+        raise
+    if (reached[0].mode, reached[1].mode) != (source.mode, target.mode):
+        await _discard(sides)
+        return *reached, None, LockConnection(reached[1])
+    return *reached, sides, LockConnection(reached[1])
+
+
+async def _discard(opening: asyncio.Future[Sides]) -> None:
+    opening.cancel()
+    opened = (await asyncio.gather(opening, return_exceptions=True))[0]
+    if isinstance(opened, tuple):
+        await asyncio.gather(*(conn.close() for conn in opened))
 
 
 class LockConnection:

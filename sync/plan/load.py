@@ -3,6 +3,8 @@ the target's cast check."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 import asyncpg
 
 from sync.catalog import Catalog, read_catalog
@@ -22,11 +24,14 @@ async def load_plan(source: Endpoint, target: Endpoint, mapping: Mapping) -> Pla
 
 
 async def open_plan(
-    source: Endpoint, target: Endpoint, mapping: Mapping
+    source: Endpoint,
+    target: Endpoint,
+    mapping: Mapping,
+    opened: Awaitable[tuple[asyncpg.Connection, asyncpg.Connection]] | None = None,
 ) -> tuple[Plan, tuple[asyncpg.Connection, asyncpg.Connection]]:
-    """:func:`load_plan`'s plan, and the connections to (source, target) it was read on, left open for
-    the preflight; closed when the plan fails."""
-    sconn, tconn = await connect_both(source, target)
+    """:func:`load_plan`'s plan, and the connections to (source, target) it was read on (``opened``, or
+    new ones), left open for the preflight; closed when the plan fails."""
+    sconn, tconn = await opened if opened is not None else await connect_both(source, target)
     schemas = mapping.sync.schemas
 
     async def read_source() -> Catalog:
