@@ -244,12 +244,12 @@ async def read_target_keys(
     ids += [prior[0] for s in source if (prior := (id_map or {}).get(s.id)) is not None]
     emails = [s.email for s in source if s.email]
     phones = [s.phone for s in source if s.phone]
-    rows = await conn.fetch(
-        f"{_TARGET_KEY} WHERE id = ANY($1::uuid[]) "
+    rows = await conn.fetch(  # ids as text: the driver decodes no uuid[] without asking the server
+        f"{_TARGET_KEY} WHERE id = ANY($1::text[]::uuid[]) "
         f"UNION {_TARGET_KEY} WHERE email = ANY($2::text[]) AND is_sso_user = false "
         f"UNION {_TARGET_KEY} WHERE phone = ANY($3::text[]) "
         f"UNION {_TARGET_KEY} WHERE email !~ '{PLAIN_EMAIL}' OR phone !~ '{PLAIN_PHONE}'",
-        ids,
+        [str(i) for i in ids],
         emails,
         phones,
     )
@@ -281,6 +281,6 @@ async def read_id_map(
     if source_ids is None:
         rows = await conn.fetch(query, USERS_TABLE)
     else:
-        ids = list(source_ids)
-        rows = await conn.fetch(f"{query} AND source_key = ANY($2::uuid[]::text[])", USERS_TABLE, ids)
+        ids = [str(i) for i in source_ids]  # as text: no uuid[] for the driver to ask the server about
+        rows = await conn.fetch(f"{query} AND source_key = ANY($2::text[])", USERS_TABLE, ids)
     return {UUID(r["source_key"]): (UUID(r["target_key"]), r["reason"]) for r in rows}
