@@ -233,6 +233,8 @@ async def run_sync(
     snapshot = SourceSnapshot(source)
     snapshot.connect_ahead(READERS)  # the census's readers, while the run's record is read and written
     writers = target_writers(target)
+    # The snapshot is exported while the run's record is read and written: both after the lock is held.
+    exporting = asyncio.ensure_future(snapshot.open(sides[0]))
     try:
         since = options.since
         mark, previous = await catch_up_point(tconn, options.overlap, checked.source_identity)
@@ -252,7 +254,7 @@ async def run_sync(
         only_keys = await quarantined_keys(tconn) if options.retry_quarantine else None
         if only_keys is not None:
             plan = replace(plan, tables=[t for t in plan.tables if t.name in only_keys])
-        await snapshot.open(sides[0])
+        await exporting
         xids = snapshot.xids
         if snapshot.high_water is not None and not options.retry_quarantine:
             await record_high_water(
@@ -349,8 +351,7 @@ async def run_sync(
         await bookkeeping.call(close_run)
         return report
     finally:
-        if not snapshot.opened:
-            await sides[0].close()
+        await _call_off(exporting)
         await asyncio.gather(snapshot.close(), writers.close(), bookkeeping.close())
         await lock.release()
 

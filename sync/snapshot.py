@@ -62,8 +62,6 @@ class SourceSnapshot:
         self.high_water: datetime | None = None
         self.xids: XidRange | None = None
         """The snapshot's xmin and xmax (64-bit): what a later catch-up reads from, and this one up to."""
-        self.opened = False
-        """Whether :meth:`open` was called (it owns the connection it was given from then on)."""
         self._coordinator: asyncpg.Connection | None = None
         self._tx: asyncpg.transaction.Transaction | None = None
         # A reader is kept only while it is inside the shared snapshot (in its transaction, which a
@@ -76,14 +74,15 @@ class SourceSnapshot:
     async def open(self, conn: asyncpg.Connection | None = None) -> SourceSnapshot:
         """Export the snapshot (where the connection can hold one) and read the source's clock, on
         ``conn`` (a source connection outside any transaction, now the snapshot's) or a new one."""
-        self.opened = True
         if conn is None:
             conn = await connect(self.endpoint, application_name="sync coordinator")
         if self.endpoint.mode is PoolMode.TRANSACTION:
             # Reads come later than this snapshot, so its xmin is still a safe mark for the next run.
-            self.high_water, *xids = await conn.fetchrow(f"SELECT now(), {_XIDS}")
+            try:
+                self.high_water, *xids = await conn.fetchrow(f"SELECT now(), {_XIDS}")
+            finally:
+                conn.terminate()
             self.xids = XidRange(*xids)
-            await conn.close()
             log.info("source is behind a transaction pooler: no shared snapshot, reads are per batch")
             return self
         self._coordinator = conn

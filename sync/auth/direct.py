@@ -282,8 +282,7 @@ class TargetWriter:
         result = BatchResult()
         fresh = self._staged_on is not conn
         if fresh:
-            await conn.execute(self._stage_users)
-            await conn.execute(self._stage_identities)
+            await conn.execute(f"{self._stage_users}; {self._stage_identities}")  # one round trip
         identities = await stage(conn)
         if "restore" in actions and self._analysed_on is not conn:
             # The admin API's fix-ups join the stage with auth.identities: planned with statistics, taken
