@@ -192,8 +192,10 @@ WHERE e.enumtypid = ANY($1::oid[])
 GROUP BY e.enumtypid
 """
 
+# Also sets the transaction's search_path to pg_catalog alone (as SET LOCAL does), in the same round trip.
 _SERVER = """
-SELECT current_setting('server_version_num')::int AS version,
+SELECT set_config('search_path', 'pg_catalog', true) AS search_path,
+       current_setting('server_version_num')::int AS version,
        (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles AS r WHERE r.rolname = current_user) AS bypass
 """
 
@@ -211,9 +213,9 @@ async def read_catalog(
     transaction = conn.transaction(readonly=True)
     await transaction.start()
     try:
-        # With only pg_catalog on the path, format_type qualifies every other type (public.request_status),
-        # so a type name means the same thing on the other database whatever its search_path.
-        await conn.execute("SET LOCAL search_path = pg_catalog")
+        # With only pg_catalog on the path (set by the first statement), format_type qualifies every
+        # other type (public.request_status), so a type name means the same thing on the other database
+        # whatever its search_path.
         return await _read(conn, list(schemas), list(extra_tables))
     finally:
         await transaction.rollback()

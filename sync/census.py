@@ -155,10 +155,17 @@ async def take_census(
         for failed in opened:
             if isinstance(failed, BaseException):
                 raise failed
+        users: list[Job] = []
         if users_since is not None:
             kept = settled if basis and basis.of(USERS_TABLE, USERS_TABLE) else None
-            jobs += await _user_jobs(readers[0], selection.changes, users_since, kept)
-        queue = await _largest_first(readers[0], jobs)
+            # The users' columns on one reader, every table's size on the other, at once.
+            names = [*(job[1] for job in jobs), USERS_TABLE, IDENTITIES_TABLE]
+            users, pages = await asyncio.gather(
+                _user_jobs(readers[0], selection.changes, users_since, kept), _pages(readers[-1], names)
+            )
+        else:
+            pages = await _pages(readers[0], [job[1] for job in jobs])
+        queue = sorted([*jobs, *users], key=lambda job: -pages.get(table_ident(job[1]), 0))
 
         async def scan(conn: asyncpg.Connection) -> None:
             while queue:
@@ -189,15 +196,15 @@ async def take_census(
     return Census(tallies, quiet)
 
 
-async def _largest_first(conn: asyncpg.Connection, jobs: list[Job]) -> list[Job]:
-    """The jobs by their tables' size on disk, largest first, so the readers end together."""
-    pages = dict(
+async def _pages(conn: asyncpg.Connection, tables: list[str]) -> dict[str, int]:
+    """Each table's size on disk (by its quoted name): the largest are counted first, so the readers
+    end together."""
+    return dict(
         await conn.fetch(
             "SELECT t, coalesce(pg_relation_size(to_regclass(t)), 0) FROM unnest($1::text[]) AS t",
-            [table_ident(job[1]) for job in jobs],
+            [table_ident(table) for table in tables],
         )
     )
-    return sorted(jobs, key=lambda job: -pages.get(table_ident(job[1]), 0))
 
 
 async def _user_jobs(

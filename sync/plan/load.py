@@ -7,7 +7,7 @@ from collections.abc import Awaitable
 
 import asyncpg
 
-from sync.catalog import Catalog, read_catalog
+from sync.catalog import read_catalog
 from sync.connect import Endpoint, both, connect_both
 from sync.errors import PlanError
 from sync.mapping import Mapping
@@ -33,13 +33,11 @@ async def open_plan(
     new ones), left open for the preflight; closed when the plan fails."""
     sconn, tconn = await opened if opened is not None else await connect_both(source, target)
     schemas = mapping.sync.schemas
-
-    async def read_source() -> Catalog:
-        async with sconn.transaction(readonly=True):
-            return await read_catalog(sconn, schemas)
-
     try:
-        source_catalog, target_catalog = await both(read_source(), read_catalog(tconn, schemas))
+        # Each read in a read-only transaction of its own (read_catalog's).
+        source_catalog, target_catalog = await both(
+            read_catalog(sconn, schemas), read_catalog(tconn, schemas)
+        )
         plan = build_plan(source_catalog, target_catalog, mapping)
         problems = await check_casts(tconn, plan.tables)
         if problems:
