@@ -167,11 +167,15 @@ async def preflight(
             )
         scope = _auth_scope(src, tgt, needs)
         users = needs.auth and scope is AuthScope.BOTH
-        await _check_source(sconn, src, plan, users)
-        if needs.writes:
-            _check_lockable(target)
-            _check_writable(tgt)
-            await _check_target(tconn, tgt, plan, users)
+
+        async def check_target() -> None:
+            if needs.writes:
+                _check_lockable(target)
+                _check_writable(tgt)
+                await _check_target(tconn, tgt, plan, users)
+
+        # Both sides at once; a refusal of the source's is the one said, as when they were checked in turn.
+        await both(_check_source(sconn, src, plan, users), check_target())
     finally:
         if on is None:
             await both(tconn.close(), sconn.close())
