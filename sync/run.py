@@ -26,7 +26,7 @@ from sync.auth.columns import USERS_TABLE
 from sync.census import READERS, Census, take_census
 from sync.connect import Endpoint, connect
 from sync.copy.context import target_writers
-from sync.deletes import DeletesReport, counted, find_deletes
+from sync.deletes import DeletesReport, copy_date, counted, find_deletes
 from sync.deletes.basis import Basis, forget_basis, last_basis
 from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, first_cause, first_line
 from sync.mapping import Mapping
@@ -265,6 +265,8 @@ async def run_sync(
             if catch_up and previous is not None and xids
             else None
         )
+        # The copy date production deletes are judged by, read beside the census (it never changes).
+        copied = None if options.retry_quarantine else asyncio.ensure_future(bookkeeping.call(copy_date))
         census = None
         if not options.retry_quarantine and (changes is not None or basis is not None):
             selection = Selection(plan, since, None, changes)
@@ -273,6 +275,7 @@ async def run_sync(
             )
             if changes is not None:
                 changes = replace(changes, quiet=census.quiet, keyed=census.keyed)
+        copy_day = await copied if copied is not None else None  # before the connection serves anything else
         report = RunReport(
             run_id=run.id, since=since, high_water=run.high_water or snapshot.high_water, resumed=run.resumed
         )
@@ -297,7 +300,7 @@ async def run_sync(
             if not options.retry_quarantine:
                 finding, gone = await deletes_beside(
                     lambda known: production_deletes(
-                        snapshot, target, plan, options.deletes, basis, census, known
+                        snapshot, target, plan, options.deletes, basis, census, known, copy_day
                     )
                 )
                 ctx.deleted_accounts = frozenset(UUID(k) for k in gone)
@@ -351,7 +354,7 @@ async def run_sync(
         await bookkeeping.call(close_run)
         return report
     finally:
-        await _call_off(exporting)
+        await _call_off(exporting, copied)
         await asyncio.gather(snapshot.close(), writers.close(), bookkeeping.close())
         await lock.release()
 
@@ -441,9 +444,11 @@ async def production_deletes(
     basis: Basis | None,
     census: Census | None,
     on_users: Callable[[set[str]], None] | None = None,
+    copied: datetime | None = None,
 ) -> tuple[DeletesReport, set[str]]:
     """Find (and when asked, apply) production deletes, reading the source in the run's snapshot (the
-    census's counts, when it took them there); ``on_users`` learns the deleted users' ids first."""
+    census's counts, when it took them there); ``on_users`` learns the deleted users' ids first;
+    ``copied`` is the copy date, when the run reads it already."""
     tallies = census.tallies if census is not None else None
     settled = counted(plan.tables, mode, basis, tallies) if snapshot.shared else None
     if settled is not None:
@@ -456,7 +461,14 @@ async def production_deletes(
         basis = basis if shared else None
         tallies = tallies if shared else None
         found = await find_deletes(
-            reader, target, plan.tables, mode=mode, basis=basis, tallies=tallies, on_users=on_users
+            reader,
+            target,
+            plan.tables,
+            copied=copied,
+            mode=mode,
+            basis=basis,
+            tallies=tallies,
+            on_users=on_users,
         )
     except BaseException:
         reader.terminate()
