@@ -56,6 +56,7 @@ from sync.auth.report import AuthReport, QuarantinedUser
 from sync.connect import Endpoint, connect
 from sync.errors import SyncError, UsageError
 from sync.retry import is_transient_db_error, retrying
+from sync.sqltext import Pending
 from sync.state import WriteGuard
 
 T = TypeVar("T")
@@ -302,11 +303,14 @@ class TargetWriter:
                 await conn.execute(RESTORE_IDENTITIES)
         if "restore" in actions:
             result.identities -= _rowcount(await conn.execute(DROP_UNSOURCED_IDENTITIES))
+        # The id map, the ledger and the quarantine: no step waits for their results, one round trip.
+        bookkeeping = Pending()
         if kinds & {MatchKind.EMAIL, MatchKind.PHONE}:
-            await conn.execute(MAP_IDS, self.run_id, USERS_TABLE)
-        await conn.execute(LAND_USERS, self.run_id, USERS_TABLE)
-        await conn.execute(UNMAP_IDS, USERS_TABLE)
-        await conn.execute(RESOLVE_QUARANTINE, USERS_TABLE)
+            await bookkeeping.execute(MAP_IDS, self.run_id, USERS_TABLE)
+        await bookkeeping.execute(LAND_USERS, self.run_id, USERS_TABLE)
+        await bookkeeping.execute(UNMAP_IDS, USERS_TABLE)
+        await bookkeeping.execute(RESOLVE_QUARANTINE, USERS_TABLE)
+        await bookkeeping.send(conn)
         if self.options.triggers is TriggerMode.SKIP:
             missing = await conn.fetch(MISSING_USERS)
             if missing:
