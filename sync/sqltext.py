@@ -64,18 +64,31 @@ class Params:
         return self._slots[key]
 
 
-_PLACEHOLDER = re.compile(r"\$(\d+)\b")
+# A placeholder, or text where ``$n`` is not one and is left as written: a quoted identifier (a column may
+# be named ``a$1``), a string, an escape string, a comment.
+_PLACEHOLDER = re.compile(
+    r"""
+      "(?:[^"]|"")*"
+    | (?<![\w$])[Ee]'(?:[^'\\]|\\.|'')*'
+    | '(?:[^']|'')*'
+    | --[^\n]*
+    | /\*.*?\*/
+    | (?<![\w$])\$(\d+)\b
+    """,
+    re.VERBOSE | re.DOTALL,
+)
 
 
 def inline(query: str, args: Sequence[Any]) -> str:
     """``query`` with each ``$n`` replaced by the literal of ``args[n - 1]``, in one pass (a literal's own
-    text is never read again). Rendered here, without a round trip to ask the server: the statement's
-    ``::type`` casts that follow each placeholder give the literal its type, as for a bound value.
+    text is never read again; a ``$n`` inside a quoted name, a string or a comment is not a placeholder).
+    Rendered here, without a round trip to ask the server: the statement's ``::type`` casts that follow
+    each placeholder give the literal its type, as for a bound value.
     """
     if not args:
         return query
     literals = [literal(a) for a in args]
-    return _PLACEHOLDER.sub(lambda m: literals[int(m.group(1)) - 1], query)
+    return _PLACEHOLDER.sub(lambda m: m[0] if m[1] is None else literals[int(m[1]) - 1], query)
 
 
 class PackedIds(Sequence[UUID]):

@@ -66,6 +66,22 @@ async def test_placeholders_are_replaced_once_each_and_by_number(supabase_db: Da
         await conn.close()
 
 
+async def test_dollar_digits_in_names_strings_and_comments_are_not_placeholders(make_db: Any) -> None:
+    db = make_db()
+    conn = await connect(Endpoint.parse(Side.TARGET, db.admin_url))
+    try:
+        await conn.execute('CREATE TABLE public."t$1" ("a$1" int, "b$2" text)')
+        await conn.execute("INSERT INTO public.\"t$1\" VALUES (1, 'one'), (2, 'two')")
+        query = (
+            "SELECT \"a$1\", \"b$2\", 'it''s $2' AS s, E'\\\\$2\\'' AS e FROM public.\"t$1\" -- a $2 here\n"
+            'WHERE "a$1" = $1::int /* or $2 */'
+        )
+        rows = await conn.fetch(inline(query, [2]))
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in rows] == [(2, "two", "it's $2", "\\$2'")]
+
+
 def test_packed_ids_read_as_the_uuids_they_pack() -> None:
     ids = [uuid.uuid4() for _ in range(5)]
     packed = PackedIds(b"".join(u.bytes for u in ids))
