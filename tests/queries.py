@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from pathlib import Path
 
 import psycopg
+
+from sync.auth import AuthOptions
+from sync.connect import Endpoint, Side
+from sync.mapping import load_mapping
+from sync.run import RunOptions, auth_import, run_sync
 
 SEED_MAPPING = Path(__file__).resolve().parent.parent / "mappings" / "sync.toml"
 """The seed scenario's mapping, as shipped."""
@@ -21,6 +27,24 @@ def execute(url: str, sql: str, *params: object) -> None:
     """Run ``sql`` (possibly several statements when there are no ``params``) and commit."""
     with psycopg.connect(url) as conn:
         conn.execute(sql, params or None)  # type: ignore[arg-type]
+
+
+SEED_APP_TABLES = ("public.profiles", "public.financing_requests", "public.bank_profiles", "public.documents")
+"""The seed scenario's application tables the mapping copies."""
+
+
+def seed_sync(source, target, **options):  # type: ignore[no-untyped-def]
+    """One run of the engine between two test databases with the seed mapping (direct auth import);
+    ``options`` are :class:`~sync.run.RunOptions`' own."""
+    return asyncio.run(
+        run_sync(
+            Endpoint.parse(Side.SOURCE, source.url),
+            Endpoint.parse(Side.TARGET, target.url),
+            load_mapping(SEED_MAPPING),
+            RunOptions(**options),
+            auth_stage=auth_import(AuthOptions()),
+        )
+    )
 
 
 def seed_command(command: str, source, target, *extra: str) -> list[str]:  # type: ignore[no-untyped-def]

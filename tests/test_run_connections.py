@@ -9,28 +9,13 @@ from collections import Counter
 
 import asyncpg
 import pytest
-from queries import SEED_MAPPING, execute
+from queries import SEED_APP_TABLES, execute, seed_sync
 
 from devkit import scenario
-from sync.auth import AuthOptions
-from sync.connect import Endpoint, Side
-from sync.mapping import load_mapping
 from sync.pool import IdleConnections
-from sync.run import RunOptions, auth_import, run_sync
 
-APP = ("public.profiles", "public.financing_requests", "public.bank_profiles", "public.documents")
-
-
-def sync_run(source, target, **options):
-    return asyncio.run(
-        run_sync(
-            Endpoint.parse(Side.SOURCE, source.url),
-            Endpoint.parse(Side.TARGET, target.url),
-            load_mapping(SEED_MAPPING),
-            RunOptions(**options),
-            auth_stage=auth_import(AuthOptions()),
-        )
-    )
+APP = SEED_APP_TABLES
+sync_run = seed_sync
 
 
 def production_goes_on(source) -> None:

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from admin_api_server import AdminApiServer
 from click.testing import CliRunner
-from queries import SEED_MAPPING, execute, fetch, seed_run_args
+from queries import SEED_APP_TABLES, SEED_MAPPING, execute, fetch, seed_run_args, seed_sync
 from test_verify import problems, verify
 
 from devkit import scenario
@@ -21,19 +21,11 @@ from sync.connect import Endpoint, Side
 from sync.mapping import load_mapping
 from sync.run import RunOptions, auth_import, run_sync
 
-APP = ("public.profiles", "public.financing_requests", "public.bank_profiles", "public.documents")
+APP = SEED_APP_TABLES
 
 
 def sync_run(source, target, **options):
-    return asyncio.run(
-        run_sync(
-            Endpoint.parse(Side.SOURCE, source.url),
-            Endpoint.parse(Side.TARGET, target.url),
-            load_mapping(SEED_MAPPING),
-            RunOptions(**{"since": scenario.COPY_DATE, **options}),
-            auth_stage=auth_import(AuthOptions()),
-        )
-    )
+    return seed_sync(source, target, **{"since": scenario.COPY_DATE, **options})
 
 
 def checksums(url: str) -> dict[str, str]:
