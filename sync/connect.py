@@ -259,6 +259,24 @@ async def open_all(*opening: Awaitable[asyncpg.Connection]) -> list[asyncpg.Conn
     return opened  # type: ignore[return-value]
 
 
+async def call_off(*tasks: asyncio.Future[Any] | None) -> list[Any]:
+    """Cancel these (None skipped) and wait for each to end; what each ended with (a result, or the
+    exception it ended on)."""
+    running = [task for task in tasks if task is not None]
+    for task in running:
+        task.cancel()
+    return await asyncio.gather(*running, return_exceptions=True)
+
+
+async def discard(*opening: asyncio.Future[Any] | None) -> None:
+    """Call off connections still opening (each future one connection or a tuple of them) and close
+    those that opened already."""
+    for result in await call_off(*opening):
+        for conn in result if isinstance(result, tuple) else (result,):
+            if isinstance(conn, asyncpg.Connection) and not conn.is_closed():
+                await conn.close()
+
+
 async def _connect_retrying(endpoint: Endpoint, kwargs: dict[str, Any]) -> asyncpg.Connection:
     """``asyncpg.connect``, tried again while the server restarts or fails over (also at start)."""
     connecting = retrying(

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from sync.connect import discard
+
 
 class IdleConnections:
     """Connections to one side that a run opened and may use again; new ones opened as needed."""
@@ -66,8 +68,7 @@ class IdleConnections:
     async def close(self) -> None:
         """Close every idle connection (and those still opening ahead)."""
         ahead, self._ahead = self._ahead, []
-        for task in ahead:
-            task.cancel()
-        opened = await asyncio.gather(*ahead, return_exceptions=True)
-        idle, self._idle = [*self._idle, *(c for c in opened if isinstance(c, asyncpg.Connection))], []
-        await asyncio.gather(*(conn.close() for conn in idle if not conn.is_closed()), return_exceptions=True)
+        idle, self._idle = self._idle, []
+        await asyncio.gather(
+            discard(*ahead), *(conn.close() for conn in idle if not conn.is_closed()), return_exceptions=True
+        )

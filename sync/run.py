@@ -24,7 +24,7 @@ from sync import copy as table_copy
 from sync.auth import AdminApi, AuthOptions, AuthReport, UserProgress, import_users
 from sync.auth.columns import USERS_TABLE
 from sync.census import READERS, Census, take_census
-from sync.connect import Endpoint, connect
+from sync.connect import Endpoint, call_off, connect
 from sync.copy.context import target_writers
 from sync.deletes import DeletesReport, copy_date, counted, find_deletes
 from sync.deletes.basis import Basis, forget_basis, last_basis
@@ -316,7 +316,7 @@ async def run_sync(
                     report.auth = await importing
                 report.tables = await tables
             except BaseException:
-                await _call_off(tables, importing)
+                await call_off(tables, importing)
                 raise
             await patch_deferred(ctx, options)
             if finding is not None:
@@ -354,17 +354,9 @@ async def run_sync(
         await bookkeeping.call(close_run)
         return report
     finally:
-        await _call_off(exporting, copied)
+        await call_off(exporting, copied)
         await asyncio.gather(snapshot.close(), writers.close(), bookkeeping.close())
         await lock.release()
-
-
-async def _call_off(*tasks: asyncio.Future[Any] | None) -> None:
-    """Cancel the stages still running beside one that failed, and wait for them to close."""
-    running = [task for task in tasks if task is not None]
-    for task in running:
-        task.cancel()
-    await asyncio.gather(*running, return_exceptions=True)
 
 
 def _users_to_import(only_keys: dict[str, list[str]] | None) -> bool:

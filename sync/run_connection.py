@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from sync.connect import Endpoint, PoolMode, connect, connect_both
+from sync.connect import Endpoint, PoolMode, connect, connect_both, discard
 from sync.preflight import reach
 from sync.retry import is_transient_db_error, retrying
 from sync.state import RunLock
@@ -38,19 +38,12 @@ async def reach_early(
     try:
         reached = await reach(source, target)
     except BaseException:
-        await _discard(sides)
+        await discard(sides)
         raise
     if (reached[0].mode, reached[1].mode) != (source.mode, target.mode):
-        await _discard(sides)
+        await discard(sides)
         return *reached, None, LockConnection(reached[1])
     return *reached, sides, LockConnection(reached[1])
-
-
-async def _discard(opening: asyncio.Future[Sides]) -> None:
-    opening.cancel()
-    opened = (await asyncio.gather(opening, return_exceptions=True))[0]
-    if isinstance(opened, tuple):
-        await asyncio.gather(*(conn.close() for conn in opened))
 
 
 class LockConnection:
@@ -72,12 +65,7 @@ class LockConnection:
     async def discard(self) -> None:
         """Close the connection when the run ends before it took the lock."""
         opening, self._opening = self._opening, None
-        if opening is None:
-            return
-        opening.cancel()
-        opened = (await asyncio.gather(opening, return_exceptions=True))[0]
-        if isinstance(opened, asyncpg.Connection):
-            await opened.close()
+        await discard(opening)
 
 
 class RunConnection:

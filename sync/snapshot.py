@@ -21,7 +21,7 @@ from datetime import datetime
 
 import asyncpg
 
-from sync.connect import Endpoint, PoolMode, connect
+from sync.connect import Endpoint, PoolMode, connect, discard
 from sync.pool import IdleConnections
 
 log = logging.getLogger("sync")
@@ -163,12 +163,7 @@ class SourceSnapshot:
     async def close(self) -> None:
         """Close the idle readers, then end the coordinator's transaction and connection."""
         ahead, self._ahead = self._ahead, []
-        for opening in ahead:
-            opening.cancel()
-        opened = await asyncio.gather(*ahead, return_exceptions=True)
-        for conn in opened:
-            if isinstance(conn, asyncpg.Connection):
-                conn.terminate()
+        await discard(*ahead)
         await self._readers.close()
         if self._coordinator is not None and not self._coordinator.is_closed():
             try:
