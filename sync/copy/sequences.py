@@ -7,6 +7,8 @@ tables, every sequence owned by a copied column moves to at least the column's m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import asyncpg
 
 from sync.plan import Plan, TablePlan
@@ -15,16 +17,26 @@ from sync.selection import source_columns
 from sync.sqltext import ident, table_ident
 
 
-async def advance_sequence(conn: asyncpg.Connection, sequence: str, value_sql: str, *args: object) -> None:
-    """Move ``sequence`` (its name) forward to at least ``value_sql``; never backwards.
+async def advance_sequences(
+    conn: asyncpg.Connection, values: Sequence[tuple[str, str]], *args: object
+) -> None:
+    """Move each ``(sequence, value_sql)``'s sequence (its name) forward to at least its value; never
+    backwards. One statement for all of them (each a round trip of its own on a remote server).
 
-    ``value_sql`` is a scalar expression; its values are ``args``, bound from ``$2`` on.
+    Each ``value_sql`` is a scalar expression; its values are ``args``, bound from ``$1`` on (the
+    sequences' names are bound after them).
     """
+    if not values:
+        return
+    rows = ", ".join(
+        f"(${number}::text, ({value_sql})::bigint)"
+        for number, (_, value_sql) in enumerate(values, start=len(args) + 1)
+    )
     await conn.execute(
-        f"SELECT setval($1::regclass, v) FROM (SELECT ({value_sql})::bigint AS v) AS x "
-        f"WHERE v IS NOT NULL AND v > coalesce(pg_sequence_last_value($1::regclass), 0)",
-        sequence,
+        f"SELECT setval(s.name::regclass, s.v) FROM (VALUES {rows}) AS s(name, v) "
+        f"WHERE s.v IS NOT NULL AND s.v > coalesce(pg_sequence_last_value(s.name::regclass), 0)",
         *args,
+        *(sequence for sequence, _ in values),
     )
 
 
@@ -44,10 +56,9 @@ async def advance_past_source(sconn: asyncpg.Connection, tconn: asyncpg.Connecti
     floor = min(int(source_max) + tp.key_margin, largest - 1)
     sequence = tp.sequences.get(key)
     if sequence is not None:
-        await advance_sequence(
+        await advance_sequences(
             tconn,
-            sequence,
-            f"GREATEST($2::bigint, (SELECT max({ident(key)}) FROM {table_ident(tp.name)}))",
+            [(sequence, f"GREATEST($1::bigint, (SELECT max({ident(key)}) FROM {table_ident(tp.name)}))")],
             floor,
         )
     return floor
@@ -70,16 +81,11 @@ def sequences_set(plan: Plan) -> list[tuple[TablePlan, str, str]]:
 async def move_sequences(conn: asyncpg.Connection, plan: Plan) -> int:
     """Move every sequence owned by a copied column to at least max(column) in target; never back."""
     moved = sequences_set(plan)
-    if not moved:
-        return 0
-    # One statement for all of them (each a round trip of its own on a remote server).
-    highest = ", ".join(
-        f"(${number}::text, (SELECT max({ident(column)}) FROM {table_ident(tp.name)})::bigint)"
-        for number, (tp, column, _) in enumerate(moved, start=1)
-    )
-    await conn.execute(
-        f"SELECT setval(s.name::regclass, s.v) FROM (VALUES {highest}) AS s(name, v) "
-        f"WHERE s.v IS NOT NULL AND s.v > coalesce(pg_sequence_last_value(s.name::regclass), 0)",
-        *(sequence for _, _, sequence in moved),
+    await advance_sequences(
+        conn,
+        [
+            (sequence, f"SELECT max({ident(column)}) FROM {table_ident(tp.name)}")
+            for tp, column, sequence in moved
+        ],
     )
     return len(moved)
