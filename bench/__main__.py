@@ -1,6 +1,6 @@
 """``make bench``: the seed scenario at a scale, synced end to end, beside the baselines it is judged by.
 
-    python -m bench [--scale 10] [--rounds 3] [--jobs 4] [--batch-size 5000]
+    python -m bench [--scale 10] [--rounds 3] [--jobs N] [--batch-size 5000]
     make bench SCALE=100 ROUNDS=1
 
 Each round starts from fresh copies of the same production and development databases and measures, in
@@ -11,7 +11,9 @@ of an empty production schema; and a plain binary ``COPY`` of the users and iden
 into the target's own auth tables (the floor of the auth import). Medians over the rounds, the ratios the
 performance budget speaks of, and every round's figures go to ``bench/results.json``.
 
-Runs on the server ``DATABASE_URL`` names (a superuser URL) or on the project's embedded one.
+Runs on the server ``DATABASE_URL`` names (a superuser URL) or on the project's embedded one. The sync
+runs with ``--jobs`` as many as this machine's CPUs, since both of its databases live on one server that
+shares them (more jobs than cores only adds contention; give ``--jobs`` for a server elsewhere).
 """
 
 from __future__ import annotations
@@ -120,12 +122,12 @@ def one_round(server: Server, scale: int, number: int, common_args: list[str]) -
 
     result: dict = {}
     try:
-        source = copy_of("source", src_tpl.name)
         steps = ["sync", "dump", "floor"]
         if number % 2:
             steps.reverse()
         for step in steps:
             if step == "sync":
+                source = copy_of("source", src_tpl.name)
                 target = copy_of("target", tgt_tpl.name)
                 common = ["--source", source.url, "--target", target.url, *common_args]
                 result.update(measure_sync(source, target, common))
@@ -134,6 +136,10 @@ def one_round(server: Server, scale: int, number: int, common_args: list[str]) -
             else:
                 seconds, users, identities = auth_copy_floor(src_tpl, copy_of("floor", tgt_tpl.name))
                 result.update(floor_s=seconds, floor_users=users, floor_identities=identities)
+            # A step's databases go as soon as it is measured: the server's background work on their
+            # fresh rows (autovacuum's analyse and vacuum) would otherwise run during the next step.
+            while created:
+                testbed.drop_database(server, created.pop())
     finally:
         for name in created:
             testbed.drop_database(server, name)
@@ -163,11 +169,11 @@ def summarise(rounds: list[dict]) -> dict:
     return s
 
 
-def print_summary(s: dict, scale: int, rounds: int) -> None:
+def print_summary(s: dict, scale: int, rounds: int, jobs: int) -> None:
     """The medians as a table, each figure beside its baseline and the budget's target."""
     r = s["ratios"]
     noop_budget = 1.5 if scale >= 100 else 1.0
-    print(f"\nscale {scale}, median of {rounds} interleaved round(s)")
+    print(f"\nscale {scale}, --jobs {jobs}, median of {rounds} interleaved round(s)")
     lines = [
         (
             "full run (wall, start-up incl.)",
@@ -208,18 +214,24 @@ def print_summary(s: dict, scale: int, rounds: int) -> None:
         print(f"  {name:<46} {t['rows']:>10} rows {t['rows_per_s']:>10,.0f} rows/s")
 
 
+def _cpus() -> int:
+    """The CPUs this process may run on (a container's share, not the host's)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--scale", type=int, default=int(os.environ.get("SCALE") or 10))
     parser.add_argument("--rounds", type=int, default=int(os.environ.get("ROUNDS") or 3))
-    parser.add_argument("--jobs", type=int, default=4)
+    parser.add_argument("--jobs", type=int, default=_cpus(), help="the sync's --jobs (default: CPUs here)")
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON results go")
     args = parser.parse_args()
-    if args.scale < 1 or args.rounds < 1:
-        parser.error("--scale and --rounds must be at least 1")
+    if args.scale < 1 or args.rounds < 1 or args.jobs < 1:
+        parser.error("--scale, --rounds and --jobs must be at least 1")
 
     server = ensure_server()
     common = [
@@ -240,8 +252,14 @@ def main() -> None:
             f"catch-up {r['catch_up_s']:.2f} s, peak {r['peak_mib']:.0f} MiB"
         )
     summary = summarise(rounds)
-    print_summary(summary, args.scale, args.rounds)
-    payload = {"scale": args.scale, "rounds": rounds, "median": summary, "server_version": server.version}
+    print_summary(summary, args.scale, args.rounds, args.jobs)
+    payload = {
+        "scale": args.scale,
+        "jobs": args.jobs,
+        "rounds": rounds,
+        "median": summary,
+        "server_version": server.version,
+    }
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nwritten to {args.out}")
 

@@ -57,6 +57,7 @@ SELECT a.attname, format_type(a.atttypid, NULL) AS type,
 FROM pg_attribute AS a JOIN pg_type AS t ON t.oid = a.atttypid
 WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
 """
+_QUARANTINED = "SELECT EXISTS (SELECT FROM _sync.quarantine WHERE table_name = $1 AND resolved_at IS NULL)"
 # A created user's column from the stage-shaped source row ``s``: as the staged insert, with the default
 # audience and role the stage record would have carried.
 _USER_EXPRESSIONS = {
@@ -104,6 +105,9 @@ class CopyCreator:
         self._identities: tuple[str, list[str]] = ("", [])
         self._staged_users = ""
         self._staged_identities = ""
+        # Whether the target holds a user still in quarantine: a group's users can be earlier runs' only
+        # (this run quarantines none of them before their group lands), so without one none is resolved.
+        self._quarantined = True
 
     async def prepare(self) -> bool:
         """Build the source queries for this pair of servers; False when the path cannot be used (a
@@ -111,6 +115,7 @@ class CopyCreator:
         conn = self.writer.conn
         users = await conn.fetch(_COLUMN_TYPES, USERS_TABLE)
         identities = await conn.fetch(_COLUMN_TYPES, IDENTITIES_TABLE)
+        self._quarantined = await conn.fetchval(_QUARANTINED, USERS_TABLE)
         if not all(r["builtin"] for r in [*users, *identities]):
             return False
         if "provider_id" not in self.source.identity_columns:
@@ -195,7 +200,8 @@ class CopyCreator:
             )
             # The ids as literals (a group's are packed bytes): no UUID object made, no statement prepared.
             await conn.execute(inline(LAND_CREATED, [self.writer.run_id, USERS_TABLE, ids]))
-            await conn.execute(inline(RESOLVE_CREATED, [USERS_TABLE, ids]))
+            if self._quarantined:
+                await conn.execute(inline(RESOLVE_CREATED, [USERS_TABLE, ids]))
             return users, identities
 
         users, identities = await self.writer.transaction(work, f"creating {len(ids)} auth user(s)")

@@ -36,6 +36,9 @@ from sync.selection import Changes
 if TYPE_CHECKING:
     from sync.auth.admin_api import AdminApiCreator
 
+GROUPS_PER_LANE = 4
+"""How many COPY groups each lane is given, at most, when the users are many."""
+
 Batch = tuple[list[asyncpg.Record], dict[UUID, list[asyncpg.Record]]]
 """Source user rows, and the identities of each (by user id)."""
 
@@ -124,11 +127,13 @@ class UserImport:
     ) -> list[Group]:
         """Write the settled users' groups by COPY, ``first`` on the first lane before any; the groups
         refused (all of them when the COPY path cannot be used)."""
-        # Up to --jobs groups at once, each lane given one at least, but no group smaller than a batch (a
-        # catch-up's few users are one group, on the connections at hand). Read lazily: memory stays flat.
+        # Up to --jobs groups at once, each lane given a few (a lane that finishes first takes the next,
+        # so the lanes end together), but no group smaller than a batch (a catch-up's few users are one
+        # group, on the connections at hand). Read lazily: memory stays flat.
         created, same = len(settled.copied) // 16, len(settled.same) // 16
         lanes = self.options.jobs if self.readers is not None else 1
-        size = min(self.options.copy_size, max(self.options.batch_size, -(-(created + same) // lanes)))
+        share = -(-(created + same) // (lanes * GROUPS_PER_LANE))
+        size = min(self.options.copy_size, max(self.options.batch_size, share))
         groups = chain(
             (Group(ids) for ids in settled.copied_ids(size)),
             (Group(ids, matched=True) for ids in settled.same_ids(size)),
