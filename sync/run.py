@@ -23,12 +23,13 @@ import asyncpg
 from sync import copy as table_copy
 from sync.auth import AdminApi, AuthOptions, AuthReport, UserProgress, import_users
 from sync.auth.columns import USERS_TABLE
+from sync.auth.match import DeletedAccounts
 from sync.census import READERS, Census, take_census
 from sync.connect import Endpoint, call_off, connect
 from sync.copy.context import target_writers
 from sync.deletes import DeletesReport, copy_date, counted, find_deletes
 from sync.deletes.basis import Basis, forget_basis, last_basis
-from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, first_cause, first_line
+from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, SyncError, first_cause, first_line
 from sync.mapping import Mapping
 from sync.models import Model
 from sync.modes import DeleteMode
@@ -97,8 +98,9 @@ class RunContext:
     """The run lock's check, made in every write transaction before it commits."""
     changes: Changes | None = None
     """Set on catch-up runs: the transactions since the previous run's snapshot, whose writes are read."""
-    deleted_accounts: frozenset[UUID] = frozenset()
-    """Target users whose production account was deleted (and that are still there)."""
+    deleted_accounts: DeletedAccounts = frozenset()
+    """Target users whose production account was deleted (and that are still there), or the search that
+    will know them (the auth import stages production's users meanwhile)."""
     writers: IdleConnections | None = None
     """The target connections the table copies hand on to one another (closed when the run ends)."""
 
@@ -298,12 +300,11 @@ async def run_sync(
         finding: asyncio.Task[tuple[DeletesReport, set[str]]] | None = None
         try:
             if not options.retry_quarantine:
-                finding, gone = await deletes_beside(
+                finding, ctx.deleted_accounts = deletes_beside(
                     lambda known: production_deletes(
                         snapshot, target, plan, options.deletes, basis, census, known, copy_day
                     )
                 )
-                ctx.deleted_accounts = frozenset(UUID(k) for k in gone)
             importing = (
                 asyncio.ensure_future(auth_stage(ctx))
                 if auth_stage is not None and users and _users_to_import(only_keys)
@@ -469,22 +470,33 @@ async def production_deletes(
     return found
 
 
-async def deletes_beside(
+def deletes_beside(
     find: Callable[[Callable[[set[str]], None]], Awaitable[tuple[DeletesReport, set[str]]]],
-) -> tuple[asyncio.Task[tuple[DeletesReport, set[str]]], set[str]]:
-    """Start ``find`` (given a callback for the deleted users' ids) and return once it knew the users.
+) -> tuple[asyncio.Task[tuple[DeletesReport, set[str]]], asyncio.Future[frozenset[UUID]]]:
+    """Start ``find`` (given a callback for the deleted users' ids); return it and the deleted users,
+    known once it knew them (its failure, if it failed first).
 
-    The search goes on beside the run's writes while it only reports (it reads the target in its own
-    first snapshot); applied deletes are done by then.
+    The auth import stages production's users meanwhile and waits for the deleted ones before it reads
+    the target's. The search goes on beside the run's writes while it only reports (it reads the target
+    in its own first snapshot); applied deletes are done by the time it knows the users.
     """
-    users: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
+    users: asyncio.Future[frozenset[UUID]] = asyncio.get_running_loop().create_future()
 
     def known(ids: set[str]) -> None:
         if not users.done():
-            users.set_result(ids)
+            users.set_result(frozenset(UUID(k) for k in ids))
+
+    def ended(task: asyncio.Task[tuple[DeletesReport, set[str]]]) -> None:
+        if users.done():
+            return
+        if task.cancelled():
+            users.cancel()
+            return
+        error = task.exception() or SyncError("the production-delete search ended without the users")
+        users.set_exception(error)
+        # Marked as seen: when no import waits for the users, the run meets the failure in the search.
+        users.exception()
 
     finding = asyncio.create_task(find(known))
-    await asyncio.wait({users, finding}, return_when=asyncio.FIRST_COMPLETED)
-    if finding.done() and finding.exception() is not None:
-        raise finding.exception()  # type: ignore[misc]
-    return finding, users.result()
+    finding.add_done_callback(ended)
+    return finding, users

@@ -18,6 +18,7 @@ from queries import execute, fetch
 from unchanged import unchanged
 
 from sync.auth import AuthOptions, AuthReport
+from sync.auth.match import deleted_ones
 from sync.cli import main
 from sync.connect import Endpoint, Side
 from sync.mapping import Mapping
@@ -144,8 +145,9 @@ def test_production_deletes_are_reported_and_nothing_changes(pair):
 
 
 def test_reported_deletes_are_searched_beside_the_import_in_the_target_as_it_was(pair):
-    """Only reported, the search goes on while the users are imported (it knows the deleted users by
-    then), and it reads the target as it was before the run wrote: the same answer as searched alone."""
+    """Only reported, the search goes on while the users are imported (the import waits for the deleted
+    users, which it knows first), and it reads the target as it was before the run wrote: the same
+    answer as searched alone."""
     source, target = pair
     production_deletes_ana_carla_and_betos_request(source)
     seen: dict[str, object] = {}
@@ -161,7 +163,7 @@ def test_reported_deletes_are_searched_beside_the_import_in_the_target_as_it_was
         waits = "SELECT wait_event_type FROM pg_stat_activity WHERE application_name = 'sync deletes'"
 
         async def import_while_searching(ctx) -> AuthReport:
-            seen["deleted users"] = sorted(str(u) for u in ctx.deleted_accounts)
+            seen["deleted users"] = sorted(str(u) for u in await deleted_ones(ctx.deleted_accounts))
             for _ in range(200):  # until the search reaches the locked table (or is seen not to)
                 seen["searching"] = await asyncio.to_thread(fetch, target.url, waits)
                 if seen["searching"] != [("Client",)]:
@@ -188,6 +190,59 @@ def test_reported_deletes_are_searched_beside_the_import_in_the_target_as_it_was
         "public.requests": (3, ["1", "2", "3"]),
     }
     assert report.exit_code == 0
+
+
+def test_the_import_stages_production_users_while_the_search_waits_and_matches_once_it_knows(pair):
+    """The users' search held up (a lock on the target's users): the import stages production's users
+    meanwhile, then waits for the deleted ones before it reads the target's; Ana, deleted and signed up
+    again under a new id, is held back rather than matched to her old account by e-mail."""
+    source, target = pair
+    production_deletes_ana_carla_and_betos_request(source)
+    add_user(source.url, ANA_AGAIN, "ana@ultima.mx", "2025-01-10")
+    activity = (
+        "SELECT application_name, state, wait_event_type, query FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    seen: list[tuple] = []
+    with psycopg.connect(target.url) as holder:
+        release = threading.Timer(30, holder.commit)  # never held for good
+
+        def watch() -> None:
+            for _ in range(600):
+                now = fetch(target.url, activity)
+                staged = [r for r in now if r[1] == "idle" and "_sync_user_keys" in r[3]]
+                if staged and any(r[0] == "sync deletes" and r[2] == "Lock" for r in now):
+                    seen.extend(staged)
+                    break
+                threading.Event().wait(0.05)
+            holder.commit()
+
+        watcher = threading.Thread(target=watch)
+
+        async def lock_users() -> None:
+            holder.execute("LOCK TABLE auth.users IN ACCESS EXCLUSIVE MODE")
+            release.start()
+            watcher.start()
+
+        report = asyncio.run(
+            run_sync(
+                Endpoint.parse(Side.SOURCE, source.url),
+                Endpoint.parse(Side.TARGET, target.url),
+                Mapping.model_validate(MAPPING),
+                RunOptions(since=SINCE),
+                auth_stage=auth_import(AuthOptions()),
+                checks=[lock_users],
+            )
+        )
+        watcher.join()
+        release.cancel()
+    # The import's last statement then: its COPY of production's user keys, or their ANALYZE (a stage
+    # this small has its statistics taken).
+    assert [r[3].split()[0] for r in seen] in (["COPY"], ["ANALYZE"])
+    assert report.auth is not None
+    (why,) = [q.error for q in report.auth.quarantine if str(q.source_id) == ANA_AGAIN]
+    assert "deleted" in why and ANA in why
+    assert found(report)["auth.users"] == (2, [ANA, CARLA])
 
 
 def test_applied_deletes_remove_what_production_deleted_but_never_a_development_row(pair):

@@ -91,7 +91,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 from uuid import UUID
@@ -103,7 +103,7 @@ from sync.auth.columns import STRING_COLUMNS, USERS_TABLE
 from sync.auth.direct import TargetWriter
 from sync.auth.direct_copy import Readers
 from sync.auth.importer import UserImport, UserProgress
-from sync.auth.match import MatchKind, SourceKey, TargetKey, UserMatch, match_users
+from sync.auth.match import DeletedAccounts, MatchKind, SourceKey, TargetKey, UserMatch, match_users
 from sync.auth.options import AdminApi, AuthMode, AuthOptions, TriggerMode
 from sync.auth.preflight import SOURCE_PRIVILEGES, TARGET_PRIVILEGES, check_privileges, check_trigger_skip
 from sync.auth.report import AuthReport
@@ -150,7 +150,7 @@ async def import_users(
     only_ids: Sequence[UUID] | None = None,
     guard: WriteGuard | None = None,
     changes: Changes | None = None,
-    deleted_accounts: Collection[UUID] = (),
+    deleted_accounts: DeletedAccounts = (),
     progress: UserProgress | None = None,
 ) -> AuthReport:
     """Bring every source auth user onto the target (rules in the package docstring); return the report.
@@ -163,7 +163,8 @@ async def import_users(
     row or identities a transaction wrote since the previous run's snapshot, whatever their clock
     columns say. ``deleted_accounts``: target users whose production account was deleted; no one else
     is matched to them (a person who signed up again is a new user, held back while the old account is
-    there). ``progress`` hears of the users ahead and of each batch as it lands.
+    there); or the search that will know them, waited for before any target user is read.
+    ``progress`` hears of the users ahead and of each batch as it lands.
 
     ``direct`` needs ``target``. ``admin-api`` needs ``admin_api`` and, when ``target`` is given too,
     writes there what the API cannot carry, the id map and the quarantine. Raises UsageError before

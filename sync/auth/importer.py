@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from itertools import chain, islice
@@ -18,9 +18,11 @@ from sync.auth.admin_api_user import api_refusal, uncarried
 from sync.auth.direct import StagedUser, TargetWriter
 from sync.auth.direct_copy import CopyCreator, Group, Lanes, Readers, write_groups
 from sync.auth.match import (
+    DeletedAccounts,
     MatchKind,
     SourceKey,
     UserMatch,
+    deleted_ones,
     match_users,
     normal_email,
     normal_phone,
@@ -62,7 +64,7 @@ class UserImport:
         changed_since: datetime | None = None,
         only_ids: Sequence[UUID] | None = None,
         changes: Changes | None = None,
-        deleted_accounts: Collection[UUID] = (),
+        deleted_accounts: DeletedAccounts = (),
         progress: UserProgress | None = None,
         readers: Readers | None = None,
     ) -> None:
@@ -159,13 +161,14 @@ class UserImport:
                 self.progress.users(len(rows), self.report.created - created)
 
     async def _match(self, keys: list[SourceKey]) -> None:
+        deleted = await deleted_ones(self.deleted_accounts)
         if self.writer is not None:
             id_map = await read_id_map(self.writer.conn, [k.id for k in keys])
             target = await read_target_keys(self.writer.conn, keys, id_map)
         else:
             assert self.api is not None
             target, id_map = await self.api.list_target(), {}
-        for match in match_users(keys, target, id_map, self.deleted_accounts):
+        for match in match_users(keys, target, id_map, deleted):
             self.matches[match.source_id] = match
             if match.target_id is not None and match.kind is not MatchKind.NEW:
                 self.claimed[match.target_id] = match.source_id

@@ -6,6 +6,7 @@ only; one target user for at most one source user) are in the package docstring.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,15 @@ from uuid import UUID
 import asyncpg
 
 from sync.auth.columns import USERS_TABLE
+
+DeletedAccounts = Collection[UUID] | asyncio.Future[frozenset[UUID]]
+"""Target users whose production account was deleted, or the search that will know them (the import
+reads production's users meanwhile, and waits for it before it reads the target's)."""
+
+
+async def deleted_ones(accounts: DeletedAccounts) -> Collection[UUID]:
+    """The deleted accounts, once the search knows them."""
+    return await accounts if isinstance(accounts, asyncio.Future) else accounts
 
 
 class MatchKind(StrEnum):

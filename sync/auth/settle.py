@@ -20,7 +20,7 @@ user with a kind byte after each id (about 17 bytes per user in all).
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -30,9 +30,11 @@ from sync.auth.columns import USERS_TABLE
 from sync.auth.match import (
     PLAIN_EMAIL,
     PLAIN_PHONE,
+    DeletedAccounts,
     MatchKind,
     SourceKey,
     UserMatch,
+    deleted_ones,
     match_users,
     normal_email,
     normal_phone,
@@ -166,9 +168,10 @@ def _chunks(packed: bytes, size: int) -> Iterator[PackedIds]:
 
 
 async def settle_users(
-    source: SourceSnapshot, target: asyncpg.Connection, deleted_accounts: Collection[UUID] = ()
+    source: SourceSnapshot, target: asyncpg.Connection, deleted_accounts: DeletedAccounts = ()
 ) -> Settled:
-    """Stage ``source``'s keys on ``target``, settle what SQL can, match the rest; see the module."""
+    """Stage ``source``'s keys on ``target``, settle what SQL can, match the rest; see the module. The
+    deleted accounts are waited for once production's keys are staged, before any target user is read."""
     await target.execute(f"{_DROP}; {_STAGE}")
     try:
         users = await source.copy_keys_to(target, KEY_STAGE)
@@ -178,6 +181,7 @@ async def settle_users(
             await target.execute(f"ANALYZE {KEY_STAGE}")
         # Keys stored otherwise on either side (few), normalised here: production's without an id, the
         # target's with the id of their user.
+        deleted = await deleted_ones(deleted_accounts)
         odd = [(None, r["email"], r["phone"]) for r in await target.fetch(_ODD_SOURCE)]
         odd += [(r["id"], r["email"], r["phone"]) for r in await target.fetch(_ODD_TARGET)]
         await target.copy_records_to_table(
@@ -187,14 +191,14 @@ async def settle_users(
         )
         # Its statistics (a few rows, read at once) let the planner hash it rather than sort every key.
         await target.execute(f"ANALYZE {_ODD_STAGE}")
-        row = await target.fetchrow(_KINDS, [str(u) for u in deleted_accounts], USERS_TABLE)
+        row = await target.fetchrow(_KINDS, [str(u) for u in deleted], USERS_TABLE)
         keys = [
             SourceKey(UUID(i), normal_email(e), normal_phone(p), sso, deleted)
             for i, e, p, sso, deleted in json.loads(row["unsettled"] or "[]")
         ]
         id_map = await read_id_map(target, [k.id for k in keys])
         candidates = await read_target_keys(target, keys, id_map)
-        matches = {m.source_id: m for m in match_users(keys, candidates, id_map, deleted_accounts)}
+        matches = {m.source_id: m for m in match_users(keys, candidates, id_map, deleted)}
         return Settled(row["copied"] or b"", row["same"] or b"", row["others"] or b"", matches, users)
     finally:
         await target.execute(_DROP)
