@@ -104,12 +104,13 @@ def test_a_handed_on_connection_the_server_ended_is_replaced(caught_up_once, mon
     async def take(self):
         idle = [conn for conn in self._idle if not conn.is_closed()]
         if idle and len(ended) < 3:
+            pid = idle[-1].get_server_pid()  # read first: the driver drops it once it sees the end
             admin = await asyncpg.connect(target.admin_url)
             try:
-                await admin.execute("SELECT pg_terminate_backend($1)", idle[-1].get_server_pid())
+                await admin.execute("SELECT pg_terminate_backend($1)", pid)
             finally:
                 await admin.close()
-            ended.append(idle[-1].get_server_pid())
+            ended.append(pid)
             for _ in range(100):  # the driver reads the server's goodbye while the loop runs
                 if idle[-1].is_closed():
                     break
