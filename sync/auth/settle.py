@@ -181,7 +181,7 @@ async def settle_users(
             await target.execute(f"ANALYZE {KEY_STAGE}")
         # Keys stored otherwise on either side (few), normalised here: production's without an id, the
         # target's with the id of their user.
-        deleted = await deleted_ones(deleted_accounts)
+        accounts = await deleted_ones(deleted_accounts)
         odd = [(None, r["email"], r["phone"]) for r in await target.fetch(_ODD_SOURCE)]
         odd += [(r["id"], r["email"], r["phone"]) for r in await target.fetch(_ODD_TARGET)]
         await target.copy_records_to_table(
@@ -191,14 +191,14 @@ async def settle_users(
         )
         # Its statistics (a few rows, read at once) let the planner hash it rather than sort every key.
         await target.execute(f"ANALYZE {_ODD_STAGE}")
-        row = await target.fetchrow(_KINDS, [str(u) for u in deleted], USERS_TABLE)
+        row = await target.fetchrow(_KINDS, [str(u) for u in accounts], USERS_TABLE)
         keys = [
             SourceKey(UUID(i), normal_email(e), normal_phone(p), sso, deleted)
             for i, e, p, sso, deleted in json.loads(row["unsettled"] or "[]")
         ]
         id_map = await read_id_map(target, [k.id for k in keys])
         candidates = await read_target_keys(target, keys, id_map)
-        matches = {m.source_id: m for m in match_users(keys, candidates, id_map, deleted)}
+        matches = {m.source_id: m for m in match_users(keys, candidates, id_map, accounts)}
         return Settled(row["copied"] or b"", row["same"] or b"", row["others"] or b"", matches, users)
     finally:
         await target.execute(_DROP)
