@@ -218,7 +218,8 @@ async def read_catalog(
         # whatever its search_path.
         return await _read(conn, list(schemas), list(extra_tables))
     finally:
-        await transaction.rollback()
+        if not conn.is_closed():  # a lost connection has nothing to roll back: its failure is told
+            await transaction.rollback()
 
 
 async def _read(conn: asyncpg.Connection, schemas: list[str], extra_tables: list[str]) -> Catalog:

@@ -21,6 +21,7 @@ from sync.auth import AuthOptions, AuthReport
 from sync.auth.match import deleted_ones
 from sync.cli import main
 from sync.connect import Endpoint, Side
+from sync.errors import first_cause
 from sync.mapping import Mapping
 from sync.modes import DeleteMode
 from sync.run import RunOptions, RunReport, auth_import, run_auth_only, run_sync
@@ -243,6 +244,56 @@ def test_the_import_stages_production_users_while_the_search_waits_and_matches_o
     (why,) = [q.error for q in report.auth.quarantine if str(q.source_id) == ANA_AGAIN]
     assert "deleted" in why and ANA in why
     assert found(report)["auth.users"] == (2, [ANA, CARLA])
+
+
+def test_a_search_that_fails_before_it_knows_the_users_fails_the_run_before_any_user_is_written(pair):
+    """The users' search ended while it waits (its backend terminated): the import, which staged
+    production's users meanwhile, writes none, no table row is copied, and the run fails."""
+    source, target = pair
+    production_deletes_ana_carla_and_betos_request(source)
+    add_user(source.url, ELENA, "elena@ultima.mx", "2025-01-10")
+    before = (users(target.url), fetch(target.url, "SELECT count(*) FROM public.requests"))
+    searching = (
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = 'sync deletes' AND wait_event_type = 'Lock'"
+    )
+    ended: list[int] = []
+    with psycopg.connect(target.url) as holder:
+        release = threading.Timer(30, holder.commit)  # never held for good
+
+        def end_the_search() -> None:
+            for _ in range(600):
+                if waiting := fetch(target.url, searching):
+                    ended.extend(pid for (pid,) in waiting)
+                    execute(target.admin_url, "SELECT pg_terminate_backend(%s)", waiting[0][0])
+                    break
+                threading.Event().wait(0.05)
+            holder.commit()
+
+        killer = threading.Thread(target=end_the_search)
+
+        async def lock_users() -> None:
+            holder.execute("LOCK TABLE auth.users IN ACCESS EXCLUSIVE MODE")
+            release.start()
+            killer.start()
+
+        with pytest.raises(Exception) as failure:
+            asyncio.run(
+                run_sync(
+                    Endpoint.parse(Side.SOURCE, source.url),
+                    Endpoint.parse(Side.TARGET, target.url),
+                    Mapping.model_validate(MAPPING),
+                    RunOptions(since=SINCE),
+                    auth_stage=auth_import(AuthOptions()),
+                    checks=[lock_users],
+                )
+            )
+        killer.join()
+        release.cancel()
+    assert ended, "the search never waited on the lock"
+    # The failure itself, not a secondary one from rolling back on the connection it lost.
+    assert "terminating connection due to administrator command" in str(first_cause(failure.value))
+    assert (users(target.url), fetch(target.url, "SELECT count(*) FROM public.requests")) == before
 
 
 def test_applied_deletes_remove_what_production_deleted_but_never_a_development_row(pair):

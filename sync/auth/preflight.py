@@ -74,4 +74,5 @@ async def check_trigger_skip(conn: asyncpg.Connection) -> None:
             "allowed to set it."
         ) from None
     finally:
-        await transaction.rollback()
+        if not conn.is_closed():  # a lost connection has nothing to roll back: its failure is told
+            await transaction.rollback()

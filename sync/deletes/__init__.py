@@ -260,7 +260,8 @@ async def find_deletes(
                 copied = await copy_date(tconn)
             found = await production_deletes(sconn, tconn, tables, copied, mode, basis, tallies, on_users)
         except BaseException:
-            await transaction.rollback()
+            if not tconn.is_closed():  # a lost connection has nothing to roll back: its failure is told
+                await transaction.rollback()
             raise
         if mode is DeleteMode.REPORT:
             await transaction.rollback()

@@ -31,7 +31,8 @@ async def check_casts(conn: asyncpg.Connection, plans: Sequence[TablePlan]) -> l
             if problem:
                 problems.append(problem)
     finally:
-        await transaction.rollback()
+        if not conn.is_closed():  # a lost connection has nothing to roll back: its failure is told
+            await transaction.rollback()
     return problems
 
 
