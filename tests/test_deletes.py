@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import psycopg
@@ -193,6 +194,42 @@ def test_reported_deletes_are_searched_beside_the_import_in_the_target_as_it_was
     assert report.exit_code == 0
 
 
+def run_with_users_locked(source, target, until: Callable[[], bool]) -> RunReport:
+    """A first run with the target's users locked once the plan is read (the users' search waits on the
+    lock), until ``until`` says so (asked every 50 ms, for 30 s at most) or the run ends."""
+    with psycopg.connect(target.url) as holder:
+        release = threading.Timer(30, holder.commit)  # never held for good
+
+        def watch() -> None:
+            for _ in range(600):
+                if until():
+                    break
+                threading.Event().wait(0.05)
+            holder.commit()
+
+        watcher = threading.Thread(target=watch)
+
+        async def lock_users() -> None:
+            holder.execute("LOCK TABLE auth.users IN ACCESS EXCLUSIVE MODE")
+            release.start()
+            watcher.start()
+
+        try:
+            return asyncio.run(
+                run_sync(
+                    Endpoint.parse(Side.SOURCE, source.url),
+                    Endpoint.parse(Side.TARGET, target.url),
+                    Mapping.model_validate(MAPPING),
+                    RunOptions(since=SINCE),
+                    auth_stage=auth_import(AuthOptions()),
+                    checks=[lock_users],
+                )
+            )
+        finally:
+            watcher.join()
+            release.cancel()
+
+
 def test_the_import_stages_production_users_while_the_search_waits_and_matches_once_it_knows(pair):
     """The users' search held up (a lock on the target's users): the import stages production's users
     meanwhile, then waits for the deleted ones before it reads the target's; Ana, deleted and signed up
@@ -205,41 +242,20 @@ def test_the_import_stages_production_users_while_the_search_waits_and_matches_o
         "WHERE datname = current_database() AND pid <> pg_backend_pid()"
     )
     seen: list[tuple] = []
-    with psycopg.connect(target.url) as holder:
-        release = threading.Timer(30, holder.commit)  # never held for good
 
-        def watch() -> None:
-            for _ in range(600):
-                now = fetch(target.url, activity)
-                staged = [r for r in now if r[1] == "idle" and "_sync_user_keys" in r[3]]
-                if staged and any(r[0] == "sync deletes" and r[2] == "Lock" for r in now):
-                    seen.extend(staged)
-                    break
-                threading.Event().wait(0.05)
-            holder.commit()
+    # The import's connection idle after its COPY of production's user keys, or their ANALYZE (a stage
+    # this small has its statistics taken), while the search waits on the lock.
+    staging = ('COPY "_sync_user_keys"', "ANALYZE _sync_user_keys")
 
-        watcher = threading.Thread(target=watch)
+    def staged_while_the_search_waits() -> bool:
+        now = fetch(target.url, activity)
+        staged = [r for r in now if r[1] == "idle" and r[3].startswith(staging)]
+        if staged and any(r[0] == "sync deletes" and r[2] == "Lock" for r in now):
+            seen.extend(staged)
+        return bool(seen)
 
-        async def lock_users() -> None:
-            holder.execute("LOCK TABLE auth.users IN ACCESS EXCLUSIVE MODE")
-            release.start()
-            watcher.start()
-
-        report = asyncio.run(
-            run_sync(
-                Endpoint.parse(Side.SOURCE, source.url),
-                Endpoint.parse(Side.TARGET, target.url),
-                Mapping.model_validate(MAPPING),
-                RunOptions(since=SINCE),
-                auth_stage=auth_import(AuthOptions()),
-                checks=[lock_users],
-            )
-        )
-        watcher.join()
-        release.cancel()
-    # The import's last statement then: its COPY of production's user keys, or their ANALYZE (a stage
-    # this small has its statistics taken).
-    assert [r[3].split()[0] for r in seen] in (["COPY"], ["ANALYZE"])
+    report = run_with_users_locked(source, target, staged_while_the_search_waits)
+    assert len(seen) == 1
     assert report.auth is not None
     (why,) = [q.error for q in report.auth.quarantine if str(q.source_id) == ANA_AGAIN]
     assert "deleted" in why and ANA in why
@@ -258,38 +274,15 @@ def test_a_search_that_fails_before_it_knows_the_users_fails_the_run_before_any_
         "AND application_name = 'sync deletes' AND wait_event_type = 'Lock'"
     )
     ended: list[int] = []
-    with psycopg.connect(target.url) as holder:
-        release = threading.Timer(30, holder.commit)  # never held for good
 
-        def end_the_search() -> None:
-            for _ in range(600):
-                if waiting := fetch(target.url, searching):
-                    ended.extend(pid for (pid,) in waiting)
-                    execute(target.admin_url, "SELECT pg_terminate_backend(%s)", waiting[0][0])
-                    break
-                threading.Event().wait(0.05)
-            holder.commit()
+    def search_ended() -> bool:
+        if waiting := fetch(target.url, searching):
+            ended.append(waiting[0][0])
+            execute(target.admin_url, "SELECT pg_terminate_backend(%s)", waiting[0][0])
+        return bool(ended)
 
-        killer = threading.Thread(target=end_the_search)
-
-        async def lock_users() -> None:
-            holder.execute("LOCK TABLE auth.users IN ACCESS EXCLUSIVE MODE")
-            release.start()
-            killer.start()
-
-        with pytest.raises(Exception) as failure:
-            asyncio.run(
-                run_sync(
-                    Endpoint.parse(Side.SOURCE, source.url),
-                    Endpoint.parse(Side.TARGET, target.url),
-                    Mapping.model_validate(MAPPING),
-                    RunOptions(since=SINCE),
-                    auth_stage=auth_import(AuthOptions()),
-                    checks=[lock_users],
-                )
-            )
-        killer.join()
-        release.cancel()
+    with pytest.raises(Exception) as failure:
+        run_with_users_locked(source, target, search_ended)
     assert ended, "the search never waited on the lock"
     # The failure itself, not a secondary one from rolling back on the connection it lost.
     assert "terminating connection due to administrator command" in str(first_cause(failure.value))
