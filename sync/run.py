@@ -29,7 +29,7 @@ from sync.connect import Endpoint, call_off, connect
 from sync.copy.context import target_writers
 from sync.deletes import DeletesReport, copy_date, counted, find_deletes
 from sync.deletes.basis import Basis, forget_basis, last_basis
-from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, SyncError, first_cause, first_line
+from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, first_cause, first_line
 from sync.mapping import Mapping
 from sync.models import Model
 from sync.modes import DeleteMode
@@ -303,7 +303,8 @@ async def run_sync(
                 finding, ctx.deleted_accounts = deletes_beside(
                     lambda known: production_deletes(
                         snapshot, target, plan, options.deletes, basis, census, known, copy_day
-                    )
+                    ),
+                    applied=options.deletes is not DeleteMode.REPORT,
                 )
             importing = (
                 asyncio.ensure_future(auth_stage(ctx))
@@ -472,19 +473,26 @@ async def production_deletes(
 
 def deletes_beside(
     find: Callable[[Callable[[set[str]], None]], Awaitable[tuple[DeletesReport, set[str]]]],
+    applied: bool = False,
 ) -> tuple[asyncio.Task[tuple[DeletesReport, set[str]]], asyncio.Future[frozenset[UUID]]]:
-    """Start ``find`` (given a callback for the deleted users' ids); return it and the deleted users,
-    known once it knew them (its failure, if it failed first).
+    """Start ``find`` (given a callback for the deleted users' ids); return it and the deleted users
+    (its failure, if it failed first).
 
     The auth import stages production's users meanwhile and waits for the deleted ones before it reads
-    the target's. The search goes on beside the run's writes while it only reports (it reads the target
-    in its own first snapshot); applied deletes are done by the time it knows the users.
+    the target's. Only reported, they are known as soon as the search knows them, and the search goes on
+    beside the run's writes (it reads the target in its own first snapshot). ``applied`` (or soft), they
+    are known once the search has ended and its deletes are committed: the import must find the target
+    without those users, or it would hold back a person who signed up again for an account going away.
     """
     users: asyncio.Future[frozenset[UUID]] = asyncio.get_running_loop().create_future()
 
-    def known(ids: set[str]) -> None:
+    def given(ids: set[str]) -> None:
         if not users.done():
             users.set_result(frozenset(UUID(k) for k in ids))
+
+    def known(ids: set[str]) -> None:
+        if not applied:
+            given(ids)
 
     def ended(task: asyncio.Task[tuple[DeletesReport, set[str]]]) -> None:
         if users.done():
@@ -492,8 +500,10 @@ def deletes_beside(
         if task.cancelled():
             users.cancel()
             return
-        error = task.exception() or SyncError("the production-delete search ended without the users")
-        users.set_exception(error)
+        if task.exception() is None:
+            given(task.result()[1])
+            return
+        users.set_exception(task.exception())  # type: ignore[arg-type]
         # Marked as seen: when no import waits for the users, the run meets the failure in the search.
         users.exception()
 

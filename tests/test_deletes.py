@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -22,10 +23,11 @@ from sync.auth import AuthOptions, AuthReport
 from sync.auth.match import deleted_ones
 from sync.cli import main
 from sync.connect import Endpoint, Side
+from sync.deletes import DeletesReport
 from sync.errors import first_cause
 from sync.mapping import Mapping
 from sync.modes import DeleteMode
-from sync.run import RunOptions, RunReport, auth_import, run_auth_only, run_sync
+from sync.run import RunOptions, RunReport, auth_import, deletes_beside, run_auth_only, run_sync
 
 SINCE = datetime(2024, 11, 18, tzinfo=UTC)
 ANA, BETO, CARLA, DIEGO, TESTER, ANA_AGAIN, ELENA = (
@@ -192,6 +194,42 @@ def test_reported_deletes_are_searched_beside_the_import_in_the_target_as_it_was
         "public.requests": (3, ["1", "2", "3"]),
     }
     assert report.exit_code == 0
+
+
+@pytest.mark.parametrize("applied", [False, True], ids=["reported", "applied"])
+def test_the_import_is_given_the_deleted_users_when_reported_at_once_when_applied_once_committed(applied):
+    """Reported, the deleted users go to the import as soon as the search knows them; applied, only when
+    the search has ended (its deletes committed), so the import never reads a target about to lose them."""
+
+    async def scenario() -> tuple[bool, frozenset[uuid.UUID]]:
+        committed = asyncio.Event()
+
+        async def search(known: Callable[[set[str]], None]) -> tuple[DeletesReport, set[str]]:
+            known({ANA})
+            await committed.wait()  # the tables searched after the users, then the commit
+            return DeletesReport(), {ANA}
+
+        finding, users = deletes_beside(search, applied=applied)
+        await asyncio.sleep(0.05)
+        given_early = users.done()
+        committed.set()
+        await finding
+        return given_early, await users
+
+    given_early, deleted = asyncio.run(scenario())
+    assert given_early is not applied and deleted == {uuid.UUID(ANA)}
+
+
+def test_the_import_meets_the_search_s_failure_when_it_fails_before_giving_the_users():
+    async def scenario() -> BaseException | None:
+        async def search(known: Callable[[set[str]], None]) -> tuple[DeletesReport, set[str]]:
+            raise RuntimeError("the search broke")
+
+        finding, users = deletes_beside(search)
+        await asyncio.gather(finding, return_exceptions=True)
+        return users.exception()
+
+    assert str(asyncio.run(scenario())) == "the search broke"
 
 
 def run_with_users_locked(source, target, until: Callable[[], bool]) -> RunReport:
