@@ -27,7 +27,8 @@ from sync.deletes import DeletesReport
 from sync.errors import first_cause
 from sync.mapping import Mapping
 from sync.modes import DeleteMode
-from sync.run import RunOptions, RunReport, auth_import, deletes_beside, run_auth_only, run_sync
+from sync.run import RunOptions, RunReport, auth_import, run_auth_only, run_sync
+from sync.run_deletes import deletes_beside
 
 SINCE = datetime(2024, 11, 18, tzinfo=UTC)
 ANA, BETO, CARLA, DIEGO, TESTER, ANA_AGAIN, ELENA = (
