@@ -23,17 +23,22 @@ class IdleConnections:
 
     def __init__(
         self,
-        open_one: Callable[[], Awaitable[asyncpg.Connection]],
+        connect_one: Callable[[], Awaitable[asyncpg.Connection]],
         fits: Callable[[asyncpg.Connection], bool],
+        ready: Callable[[asyncpg.Connection], Awaitable[object]] | None = None,
     ) -> None:
-        self._open = open_one
+        """``connect_one`` opens a connection; ``ready`` (when given) prepares a new one for its first
+        step; ``fits`` says whether one a step gave back may serve the next."""
+        self._connect = connect_one
+        self._ready = ready
         self._fits = fits
         self._idle: list[asyncpg.Connection] = []
-        self._ahead: list[asyncio.Task[asyncpg.Connection]] = []
+        self._ahead: list[asyncio.Future[asyncpg.Connection]] = []
 
-    def open_ahead(self) -> None:
-        """Start opening a connection now, beside other work, for the first step that asks for one."""
-        self._ahead.append(asyncio.ensure_future(self._open()))
+    def open_ahead(self, count: int = 1) -> None:
+        """Start opening ``count`` connections now, beside other work, for the first steps that ask for
+        one (each made ready when it is taken: what it needs may not be there yet)."""
+        self._ahead += [asyncio.ensure_future(self._connect()) for _ in range(count)]
 
     async def take(self) -> asyncpg.Connection:
         """An idle connection that still fits, else one opened ahead, else a new one."""
@@ -47,10 +52,19 @@ class IdleConnections:
                 conn = await self._ahead.pop(0)
             except Exception:
                 continue  # opened again below, where a failure is the step's own
-            if not conn.is_closed() and self._fits(conn):
-                return conn
-            conn.terminate()
-        return await self._open()
+            if not conn.is_closed():
+                return await self._readied(conn)
+        return await self._readied(await self._connect())
+
+    async def _readied(self, conn: asyncpg.Connection) -> asyncpg.Connection:
+        """A new connection, prepared for its first step (closed when that fails)."""
+        if self._ready is not None:
+            try:
+                await self._ready(conn)
+            except BaseException:
+                conn.terminate()
+                raise
+        return conn
 
     def give_back(self, conn: asyncpg.Connection) -> None:
         """Keep ``conn`` for the next step when it still fits; close it otherwise.

@@ -13,15 +13,13 @@ import and table passes share a few readers rather than opening a pair of connec
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
 
-from sync.connect import Endpoint, PoolMode, connect, discard
+from sync.connect import Endpoint, PoolMode, connect
 from sync.pool import IdleConnections
 
 log = logging.getLogger("sync")
@@ -66,9 +64,10 @@ class SourceSnapshot:
         self._tx: asyncpg.transaction.Transaction | None = None
         # A reader is kept only while it is inside the shared snapshot (in its transaction, which a
         # reader never ends); without one each reader reads an instant of its own and is not kept.
-        self._ahead: list[asyncio.Future[asyncpg.Connection]] = []
         self._readers = IdleConnections(
-            self._open_reader, lambda conn: self.shared and conn.is_in_transaction()
+            lambda: connect(self.endpoint, application_name="sync reader"),
+            lambda conn: self.shared and conn.is_in_transaction(),
+            self.begin,
         )
 
     async def open(self, conn: asyncpg.Connection | None = None) -> SourceSnapshot:
@@ -126,23 +125,7 @@ class SourceSnapshot:
     def connect_ahead(self, readers: int) -> None:
         """Start opening ``readers`` connections now, beside other work; they join the snapshot when a
         step first asks for a reader."""
-        for _ in range(readers):
-            self._ahead.append(asyncio.ensure_future(connect(self.endpoint, application_name="sync reader")))
-
-    async def _open_reader(self) -> asyncpg.Connection:
-        conn = None
-        while conn is None and self._ahead:
-            # One that failed to open is opened again below, where a failure is the step's own.
-            with contextlib.suppress(Exception):
-                conn = await self._ahead.pop(0)
-        if conn is None:
-            conn = await connect(self.endpoint, application_name="sync reader")
-        try:
-            await self.begin(conn)
-        except BaseException:
-            conn.terminate()
-            raise
-        return conn
+        self._readers.open_ahead(readers)
 
     async def begin(self, conn: asyncpg.Connection) -> asyncpg.transaction.Transaction:
         """Open ``conn``'s read-only transaction, joining the snapshot if it is still there."""
@@ -161,9 +144,8 @@ class SourceSnapshot:
         return tx
 
     async def close(self) -> None:
-        """Close the idle readers, then end the coordinator's transaction and connection."""
-        ahead, self._ahead = self._ahead, []
-        await discard(*ahead)
+        """Close the idle readers (and those still opening), then end the coordinator's transaction and
+        connection."""
         await self._readers.close()
         if self._coordinator is not None and not self._coordinator.is_closed():
             try:

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import asyncpg
 from pydantic import field_serializer
 
 from sync.connect import Endpoint, PoolMode, connect
@@ -86,15 +85,9 @@ def target_writers(target: Endpoint) -> IdleConnections:
     no connection is kept.
     """
 
-    async def open_one() -> asyncpg.Connection:
-        conn = await connect(target, application_name="sync writer")
-        if target.mode is not PoolMode.TRANSACTION:
-            try:
-                await bound_lock_waits(conn, local=False)
-            except BaseException:
-                conn.terminate()
-                raise
-        return conn
-
     pooled = target.mode is not PoolMode.TRANSACTION
-    return IdleConnections(open_one, lambda conn: pooled and not conn.is_in_transaction())
+    return IdleConnections(
+        lambda: connect(target, application_name="sync writer"),
+        lambda conn: pooled and not conn.is_in_transaction(),
+        (lambda conn: bound_lock_waits(conn, local=False)) if pooled else None,
+    )
