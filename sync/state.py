@@ -28,7 +28,7 @@ from sync.retry import retrying
 
 log = logging.getLogger("sync")
 
-STATE_VERSION = 5
+STATE_VERSION = 6
 CATCH_UP_OVERLAP = timedelta(minutes=10)
 """How much before the last run's high-water mark a catch-up re-reads, unless told otherwise."""
 LOCK_KEY = 0x53594E43  # "SYNC"

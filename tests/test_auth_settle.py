@@ -119,9 +119,27 @@ def sso_target_users(c: Case) -> None:
     c.on_source("same phone as sso", "phone.of.sso@x.com", "5215599990005")
 
 
+def held_in_another_form(c: Case) -> None:
+    """Same-id users whose target address a production user claims in another form (case, a ``+``)."""
+    c.on_target("keeper", "kept@x.com")
+    c.on_source("keeper", "moved.on@x.com")
+    c.on_source("claims it in capitals", "Kept@X.com")
+    c.on_target("phone keeper", "phone.keeper@x.com", "5215599990006")
+    c.on_source("phone keeper", "phone.keeper@x.com", "5215599990007")
+    c.on_source("claims it with a plus", "plus@x.com", "+5215599990006")
+
+
 CASES: dict[str, Callable[[Case], None]] = {
     f.__name__: f
-    for f in (case_variants, moved_address, shared_addresses, mapped_users, deleted_and_sso, sso_target_users)
+    for f in (
+        case_variants,
+        moved_address,
+        shared_addresses,
+        mapped_users,
+        deleted_and_sso,
+        sso_target_users,
+        held_in_another_form,
+    )
 }
 
 

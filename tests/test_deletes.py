@@ -22,13 +22,14 @@ from unchanged import unchanged
 from sync.auth import AuthOptions, AuthReport
 from sync.auth.match import deleted_ones
 from sync.cli import main
-from sync.connect import Endpoint, Side
+from sync.connect import Endpoint, Side, connect
 from sync.deletes import DeletesReport
 from sync.errors import first_cause
 from sync.mapping import Mapping
 from sync.modes import DeleteMode
 from sync.run import RunOptions, RunReport, auth_import, run_auth_only, run_sync
 from sync.run_deletes import deletes_beside
+from sync.state import ensure_state
 
 SINCE = datetime(2024, 11, 18, tzinfo=UTC)
 ANA, BETO, CARLA, DIEGO, TESTER, ANA_AGAIN, ELENA = (
@@ -407,6 +408,43 @@ def test_a_request_moved_to_another_person_after_landing_is_updated_not_duplicat
     ]
     ledger = "SELECT target_key FROM _sync.landed WHERE table_name = 'public.requests' AND source_key = '5'"
     assert fetch(target.url, ledger) == [("5",)]
+
+
+async def _state_as_version_5(url: str) -> None:
+    """The tool's state as version 5 left it: an index of every entry's target key in the ledger."""
+    conn = await connect(Endpoint.parse(Side.TARGET, url))
+    try:
+        await ensure_state(conn)
+        await conn.execute(
+            "DROP INDEX _sync.landed_moved_idx; "
+            "CREATE INDEX landed_target_idx ON _sync.landed (table_name, target_key); "
+            "DELETE FROM _sync.schema_version WHERE version > 5"
+        )
+    finally:
+        await conn.close()
+
+
+def test_a_row_the_ledger_alone_names_as_another_one_s_landing_is_not_a_delete_after_an_upgrade(pair):
+    """A target row dated before the copy that the ledger (with no id-map entry) says production's request
+    1 landed as is that request's, not a row of its own production deleted. The ledger holds such a moved
+    entry in an index of its own; a state from before that index is upgraded by the run."""
+    source, target = pair
+    asyncio.run(_state_as_version_5(target.url))
+    execute(
+        target.url,
+        f"INSERT INTO public.requests (id, profile_id, amount, created_at, updated_at) "
+        f"VALUES (7, '{BETO}', 100, '2024-10-02', '2024-10-02'); "
+        "INSERT INTO _sync.landed (table_name, source_key, target_key) VALUES ('public.requests', '1', '7')",
+    )
+
+    assert found(run(source, target, since=SINCE)) == {}
+
+    indexes = "SELECT indexname FROM pg_indexes WHERE schemaname = '_sync' AND tablename = 'landed' ORDER BY 1"
+    assert fetch(target.url, indexes) == [("landed_moved_idx",), ("landed_pkey",)]
+    moved = "SELECT indexdef FROM pg_indexes WHERE indexname = 'landed_moved_idx'"
+    assert "WHERE (target_key <> source_key)" in fetch(target.url, moved)[0][0]
+    execute(source.url, "DELETE FROM public.requests WHERE id = 1")
+    assert found(run(source, target)) == {"public.requests": (2, ["1", "7"])}
 
 
 def test_sync_plan_reports_production_deletes_per_table_and_writes_nothing(pair, tmp_path):

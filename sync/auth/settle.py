@@ -63,16 +63,16 @@ _ODD_TARGET = (
 # index; none an ``IN (subquery)`` under an OR. A user is left to the matcher when its own keys may meet
 # another user's, or when the target user with its id may be another production user's candidate. An SSO
 # target user is no one's candidate by e-mail (the matcher's rule), which also lets a few staged keys probe
-# the e-mail index, partial on exactly that condition.
+# the e-mail index, partial on exactly that condition. A production key that meets another target user's
+# unsettles both that production user and the one with the target user's id, from one join; the ids it
+# gives that are no production user's (as the target users met by keys stored otherwise) settle nothing.
 _PER_CONTACT = f"""
 UNION SELECT k.id FROM {KEY_STAGE} AS k
       JOIN (SELECT {{c}} FROM {KEY_STAGE} GROUP BY {{c}} HAVING count(*) > 1) AS d ON d.{{c}} = k.{{c}}
-UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN auth.users AS t ON t.{{c}} = k.{{c}} AND t.id <> k.id{{sso}}
+UNION SELECT x.id FROM {KEY_STAGE} AS k JOIN auth.users AS t ON t.{{c}} = k.{{c}} AND t.id <> k.id{{sso}}
+      CROSS JOIN LATERAL (VALUES (k.id), (t.id)) AS x (id)
 UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN {_ODD_STAGE} AS o ON o.{{c}} = k.{{c}}
-UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN auth.users AS t ON t.id = k.id
-      JOIN {KEY_STAGE} AS k2 ON k2.{{c}} = t.{{c}} AND k2.id <> k.id{{sso}}
-UNION SELECT k.id FROM {KEY_STAGE} AS k JOIN auth.users AS t ON t.id = k.id
-      JOIN {_ODD_STAGE} AS o ON o.{{c}} = t.{{c}}"""
+UNION SELECT t.id FROM auth.users AS t JOIN {_ODD_STAGE} AS o ON o.{{c}} = t.{{c}}"""
 _UNSETTLED = f"""
 SELECT k.id FROM {KEY_STAGE} AS k
 WHERE NOT k.plain_keys OR k.id = ANY ($1::text[]::uuid[])

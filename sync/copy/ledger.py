@@ -53,7 +53,7 @@ async def record_landed(
     )
     await conn.execute(
         f"INSERT INTO _sync.landed (table_name, source_key, target_key, run_id) "
-        f"SELECT $1, s._source_key, {target_key_sql(tp, 's.')}, $2 FROM {STAGE} AS s "
+        f"SELECT $1, s._source_key, {target_key_sql(tp, 's.')}, $2 FROM {STAGE} AS s ORDER BY 2 "
         f"{'' if fresh else upsert}",
         tp.name,
         run_id,

@@ -24,7 +24,7 @@ none of those keys is gone, and the table has no production delete.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -81,7 +81,8 @@ class Found:
 
 
 # The target's ledgers of landed rows, looked for with the users' table.
-LEDGERS = ("_sync.landed", "_sync.id_map")
+LANDED = "_sync.landed"
+LEDGERS = (LANDED, "_sync.id_map")
 
 
 @dataclass(frozen=True)
@@ -303,11 +304,7 @@ def _from_production(
             )
             earlier.append(ledger)
         if dated and copied:
-            unledgered = "".join(
-                f" AND NOT EXISTS (SELECT FROM {e} AS e WHERE e.table_name = {table} "
-                f"AND e.target_key = {target_key})"
-                for e in ledgers
-            )
+            unledgered = _unledgered(ledgers, table, target_key)
             branches.append(
                 f"SELECT {target_key} AS k, {target_key} AS s FROM {table_ident(name)} AS t "
                 f"WHERE t.{ident(dated)} < {params.bind(copied, 'timestamptz')}{unledgered}"
@@ -342,10 +339,7 @@ def _held_from_production(
             for ledger in ledgers
         ]
         if dated and copied:
-            unledgered = "".join(
-                f" AND NOT EXISTS (SELECT FROM {e} AS e WHERE e.table_name = {table} AND e.target_key = c.s)"
-                for e in ledgers
-            )
+            unledgered = _unledgered(ledgers, table, "c.s")
             held.append(
                 f"EXISTS (SELECT FROM {table_ident(name)} AS t WHERE {holds('c.s')} "
                 f"AND t.{ident(dated)} < {params.bind(copied, 'timestamptz')}{unledgered})"
@@ -354,6 +348,21 @@ def _held_from_production(
         return f"SELECT count(*) FROM unnest({among}) AS c(s) WHERE {' OR '.join(held) or 'false'}"
 
     return sql
+
+
+def _unledgered(ledgers: Sequence[str], table: str, key: str) -> str:
+    """SQL (each part after ``AND``) true when no entry of ``ledgers`` for ``table`` has ``key`` as its
+    target key. ``_sync.landed`` is asked twice: for an entry that kept its key, through its primary key;
+    for one whose key changed, through the index of those alone (it has no index of every target key)."""
+    landed = (
+        f"e.source_key = {key} AND e.target_key = {key}",
+        f"e.target_key = {key} AND e.target_key <> e.source_key",
+    )
+    return "".join(
+        f" AND NOT EXISTS (SELECT FROM {e} AS e WHERE e.table_name = {table} AND {found})"
+        for e in ledgers
+        for found in (landed if e == LANDED else (f"e.target_key = {key}",))
+    )
 
 
 def _relation(keys: KeySet, scope: list[Buckets] | None) -> Relation:
