@@ -11,7 +11,10 @@ of an empty production schema; and a plain binary ``COPY`` of the users and iden
 into the target's own auth tables (the floor of the auth import). Medians over the rounds, the ratios the
 performance budget speaks of, and every round's figures go to ``bench/results.json``.
 
-Runs on the server ``DATABASE_URL`` names (a superuser URL) or on the project's embedded one. The sync
+Runs on the server ``DATABASE_URL`` names (a superuser URL), as it is configured, or on a server of the
+bench's own beside the project's embedded one (``.pg/<major>-bench/``): durable as a real one is (fsync,
+full-page writes and synchronous commit on), where the server the tests and the demo share trades them
+for speed. The summary names the server and those three settings. The sync
 runs with ``--jobs`` as many as this machine's CPUs, since both of its databases live on one server that
 shares them (more jobs than cores only adds contention; give ``--jobs`` for a server elsewhere).
 """
@@ -32,10 +35,39 @@ from psycopg import sql
 
 from bench.measure import SyncRun, auth_copy_floor, change_rows, pg_dump_seconds, sync_cli
 from devkit import testbed
-from devkit.embedded import Server, ensure_server
+from devkit.embedded import Server, dedicated_cluster, ensure_server
 
 RESULTS = Path(__file__).parent / "results.json"
 SINCE = "2024-11-18"
+
+
+# A real server's durability, which the embedded server of the tests and the demo turns off.
+DURABLE = ("fsync", "full_page_writes", "synchronous_commit")
+
+
+def bench_server() -> Server:
+    """``DATABASE_URL``'s server as it is; else the bench's own, made durable once (``ALTER SYSTEM``)."""
+    if os.environ.get("DATABASE_URL"):
+        return ensure_server()
+    server = dedicated_cluster("bench").ensure_running()
+    if any(value != "on" for value in durability(server).values()):
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            for name in DURABLE:
+                conn.execute(sql.SQL("ALTER SYSTEM SET {} = on").format(sql.Identifier(name)))
+            conn.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 10
+        while any(value != "on" for value in durability(server).values()):
+            if time.monotonic() > deadline:
+                sys.exit(f"bench: the server in .pg/ did not turn on {', '.join(DURABLE)}")
+            time.sleep(0.1)
+    return server
+
+
+def durability(server: Server) -> dict[str, str]:
+    """The server's durability settings, as a new session sees them."""
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        rows = conn.execute("SELECT name, setting FROM pg_settings WHERE name = ANY(%s)", (list(DURABLE),))
+        return dict(rows.fetchall())
 
 
 def scenario_templates(server: Server, scale: int) -> tuple[testbed.Database, testbed.Database]:
@@ -233,7 +265,8 @@ def main() -> None:
     if args.scale < 1 or args.rounds < 1 or args.jobs < 1:
         parser.error("--scale, --rounds and --jobs must be at least 1")
 
-    server = ensure_server()
+    server = bench_server()
+    settings = durability(server)
     common = [
         "--jobs",
         str(args.jobs),
@@ -253,12 +286,15 @@ def main() -> None:
         )
     summary = summarise(rounds)
     print_summary(summary, args.scale, args.rounds, args.jobs)
+    shown = ", ".join(f"{name} {value}" for name, value in settings.items())
+    print(f"  server: PostgreSQL {server.version}, {shown}")
     payload = {
         "scale": args.scale,
         "jobs": args.jobs,
         "rounds": rounds,
         "median": summary,
         "server_version": server.version,
+        "server_settings": settings,
     }
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nwritten to {args.out}")
