@@ -24,6 +24,7 @@ from sync import copy as table_copy
 from sync.auth import AdminApi, AuthOptions, AuthReport, UserProgress, import_users
 from sync.auth.columns import USERS_TABLE
 from sync.auth.match import DeletedAccounts
+from sync.auth.settle import StoredOtherwise, stored_otherwise_ahead
 from sync.census import READERS, take_census
 from sync.connect import Endpoint, call_off, connect
 from sync.copy.context import target_writers
@@ -104,6 +105,8 @@ class RunContext:
     will know them (the auth import stages production's users meanwhile)."""
     writers: IdleConnections | None = None
     """The target connections the table copies hand on to one another (closed when the run ends)."""
+    odd_target: asyncio.Future[StoredOtherwise] | None = None
+    """The target's users stored otherwise, being read on one of ``writers`` while production is read."""
 
 
 class RunReport(Model):
@@ -181,6 +184,7 @@ def auth_import(
             changes=ctx.changes,
             deleted_accounts=ctx.deleted_accounts,
             progress=progress,
+            odd_target=ctx.odd_target,
         )
 
     return stage
@@ -238,6 +242,8 @@ async def run_sync(
     writers = target_writers(target)
     # The snapshot is exported while the run's record is read and written: both after the lock is held.
     exporting = asyncio.ensure_future(snapshot.open(sides[0]))
+    copied: asyncio.Future[datetime | None] | None = None
+    odd_target: asyncio.Future[StoredOtherwise] | None = None
     try:
         since = options.since
         mark, previous = await catch_up_point(tconn, options.overlap, checked.source_identity)
@@ -270,6 +276,13 @@ async def run_sync(
         )
         # The copy date production deletes are judged by, read beside the census (it never changes).
         copied = None if options.retry_quarantine else asyncio.ensure_future(bookkeeping.call(copy_date))
+        # The target's users stored otherwise, a read of every target user, beside the census and the
+        # import's read of production's keys: settling the users waits for it only if it is still going.
+        odd_target = (
+            asyncio.ensure_future(stored_otherwise_ahead(writers))
+            if users and _users_to_import(only_keys)
+            else None
+        )
         census = None
         if not options.retry_quarantine and (changes is not None or basis is not None):
             selection = Selection(plan, since, None, changes)
@@ -295,6 +308,7 @@ async def run_sync(
             guard=lock.confirm,
             changes=changes,
             writers=writers,
+            odd_target=odd_target,
         )
         if census is None or any(t.name not in census.quiet for t in plan.tables):
             writers.open_ahead()  # the first table's target connection, while the stages before it run
@@ -357,7 +371,7 @@ async def run_sync(
         await bookkeeping.call(close_run)
         return report
     finally:
-        await call_off(exporting, copied)
+        await call_off(exporting, copied, odd_target)
         await asyncio.gather(snapshot.close(), writers.close(), bookkeeping.close())
         await lock.release()
 

@@ -13,12 +13,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import bcrypt
 import psycopg
 import pytest
+from queries import seed_sync
 
 from devkit.testbed import Database
-from sync.auth import AuthOptions, MatchKind, import_users, match_users
+from sync.auth import AuthOptions, MatchKind, import_users, match_users, settle
 from sync.auth.match import read_id_map, read_target_keys
 from sync.auth.report import hash_problem, plain_hash_sql
 from sync.auth.settle import settle_users
@@ -197,6 +199,63 @@ async def test_users_settled_in_sql_get_the_matchers_answer(
     assert len(settled.matches) < len(keys) // 4 and settled.copied
     kinds = {m.kind for m in everyone if m.source_id in {u for u, *_ in case.source}}
     assert kinds - {MatchKind.NEW}, "each case has users the matcher does not simply create"
+
+
+def test_a_run_reads_the_target_users_stored_otherwise_ahead_and_matches_by_them(
+    seed_dbs: tuple[Database, Database], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run reads the target's users stored otherwise while it reads production, and settles with them:
+    a production user meets the development user holding its address in another case, and the read is
+    not made again on the import's connection."""
+    source, target = seed_dbs
+    case = Case()
+    case.on_target("casey", "Casey@Example.com")
+    case.on_source("casey in production", "casey@example.com")
+    _add(target, case.target)
+    _add(source, case.source)
+    readers: list[str] = []
+    read = settle.stored_otherwise
+
+    async def noted(conn: asyncpg.Connection) -> settle.StoredOtherwise:
+        readers.append(conn.get_settings().application_name)
+        return await read(conn)
+
+    monkeypatch.setattr(settle, "stored_otherwise", noted)
+    report = seed_sync(source, target, since=datetime(2024, 11, 18, tzinfo=UTC))
+
+    assert report.exit_code == 0
+    assert readers == ["sync writer"], "read once, on a table writer's connection, ahead of the import"
+    mapped = "SELECT target_key FROM _sync.id_map WHERE table_name = 'auth.users' AND source_key = %s::text"
+    assert _fetch(target, mapped, case.id("casey in production")) == [(str(case.id("casey")),)]
+    holders = "SELECT count(*) FROM auth.users WHERE lower(email) = 'casey@example.com'"
+    assert _fetch(target, holders) == [(1,)]
+
+
+def test_when_the_read_ahead_fails_the_import_reads_the_users_stored_otherwise_itself(
+    seed_dbs: tuple[Database, Database], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, target = seed_dbs
+    case = Case()
+    case.on_target("casey", "Casey@Example.com")
+    case.on_source("casey in production", "casey@example.com")
+    _add(target, case.target)
+    _add(source, case.source)
+    readers: list[str] = []
+    read = settle.stored_otherwise
+
+    async def cut_first(conn: asyncpg.Connection) -> settle.StoredOtherwise:
+        readers.append(conn.get_settings().application_name)
+        if len(readers) == 1:
+            conn.terminate()  # the connection lost under the read ahead
+        return await read(conn)
+
+    monkeypatch.setattr(settle, "stored_otherwise", cut_first)
+    report = seed_sync(source, target, since=datetime(2024, 11, 18, tzinfo=UTC))
+
+    assert report.exit_code == 0
+    assert readers == ["sync writer", "sync"]
+    mapped = "SELECT target_key FROM _sync.id_map WHERE table_name = 'auth.users' AND source_key = %s::text"
+    assert _fetch(target, mapped, case.id("casey in production")) == [(str(case.id("casey")),)]
 
 
 def _written(db: Database, leaving_out: uuid.UUID) -> list[tuple[Any, ...]]:

@@ -107,6 +107,7 @@ from sync.auth.match import DeletedAccounts, MatchKind, SourceKey, TargetKey, Us
 from sync.auth.options import AdminApi, AuthMode, AuthOptions, TriggerMode
 from sync.auth.preflight import SOURCE_PRIVILEGES, TARGET_PRIVILEGES, check_privileges, check_trigger_skip
 from sync.auth.report import AuthReport
+from sync.auth.settle import StoredOtherwise
 from sync.connect import Endpoint, both, connect, open_all
 from sync.errors import UsageError
 from sync.lazy import lazy_names
@@ -152,6 +153,7 @@ async def import_users(
     changes: Changes | None = None,
     deleted_accounts: DeletedAccounts = (),
     progress: UserProgress | None = None,
+    odd_target: asyncio.Future[StoredOtherwise] | None = None,
 ) -> AuthReport:
     """Bring every source auth user onto the target (rules in the package docstring); return the report.
 
@@ -164,7 +166,8 @@ async def import_users(
     columns say. ``deleted_accounts``: target users whose production account was deleted; no one else
     is matched to them (a person who signed up again is a new user, held back while the old account is
     there); or the search that will know them, waited for before any target user is read.
-    ``progress`` hears of the users ahead and of each batch as it lands.
+    ``progress`` hears of the users ahead and of each batch as it lands. ``odd_target``: the target's users
+    stored otherwise, being read ahead (:func:`~sync.auth.settle.stored_otherwise_ahead`).
 
     ``direct`` needs ``target``. ``admin-api`` needs ``admin_api`` and, when ``target`` is given too,
     writes there what the API cannot carry, the id map and the quarantine. Raises UsageError before
@@ -222,6 +225,7 @@ async def import_users(
             deleted_accounts,
             progress,
             _readers(snapshot),
+            odd_target,
         )
         if api is not None:
             api.claimed = run.claimed

@@ -31,7 +31,7 @@ from sync.auth.match import (
 )
 from sync.auth.options import AuthOptions, ConflictPolicy
 from sync.auth.report import AuthReport, QuarantinedUser, UserNote, direct_notes
-from sync.auth.settle import CREATED, MATCHER, SAME_ID, Settled, settle_users
+from sync.auth.settle import CREATED, MATCHER, SAME_ID, Settled, StoredOtherwise, settle_users
 from sync.auth.source import SourceSnapshot, read_only_snapshot
 from sync.selection import Changes
 
@@ -67,8 +67,10 @@ class UserImport:
         deleted_accounts: DeletedAccounts = (),
         progress: UserProgress | None = None,
         readers: Readers | None = None,
+        odd_target: asyncio.Future[StoredOtherwise] | None = None,
     ) -> None:
         self.progress = progress
+        self.odd_target = odd_target
         self.readers = readers
         self.changed_since = changed_since
         self.only_ids = only_ids
@@ -108,7 +110,7 @@ class UserImport:
                 # Every production user, most of them in groups: the other lanes open while the
                 # matching is settled (a catch-up's few users seldom need them).
                 more.open(self.options.jobs - 1)
-            settled = await settle_users(snapshot, writer.conn, self.deleted_accounts)
+            settled = await settle_users(snapshot, writer.conn, self.deleted_accounts, self.odd_target)
             self._total(settled.users)
             self.matches = settled.matches
 

@@ -19,6 +19,7 @@ user with a kind byte after each id (about 17 bytes per user in all).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from sync.auth.match import (
     read_target_keys,
 )
 from sync.auth.source import SourceSnapshot
+from sync.pool import IdleConnections
 from sync.sqltext import PackedIds
 
 KEY_STAGE = "_sync_user_keys"
@@ -160,6 +162,17 @@ class Settled:
         return [self.match(u, kinds[u]) if u in kinds else UserMatch(u, u, MatchKind.NEW) for u in order]
 
 
+async def _stored_otherwise(
+    target: asyncpg.Connection, ahead: asyncio.Future[StoredOtherwise] | None
+) -> StoredOtherwise:
+    if ahead is not None:
+        try:
+            return await ahead
+        except Exception:
+            pass  # read again here, where a failure is the import's own
+    return await stored_otherwise(target)
+
+
 def _chunks(packed: bytes, size: int) -> Iterator[PackedIds]:
     """The ids packed 16 bytes each, ``size`` at a time (still packed)."""
     step = 16 * size
@@ -167,11 +180,39 @@ def _chunks(packed: bytes, size: int) -> Iterator[PackedIds]:
         yield PackedIds(packed[start : start + step])
 
 
+StoredOtherwise = list[tuple[UUID, str | None, str | None]]
+"""Target users whose e-mail or phone is stored otherwise than in normal form: id, both as stored."""
+
+
+async def stored_otherwise(conn: asyncpg.Connection) -> StoredOtherwise:
+    """The target's users whose keys are stored otherwise (few; found by reading every user)."""
+    return [(r["id"], r["email"], r["phone"]) for r in await conn.fetch(_ODD_TARGET)]
+
+
+async def stored_otherwise_ahead(connections: IdleConnections) -> StoredOtherwise:
+    """:func:`stored_otherwise` on a connection of ``connections``, given back after: a run reads them
+    while it reads only production (its census, production's user keys), so that settling does not wait
+    for a read of every target user. The list is as old as that: a target user whose address changes
+    after it is read is judged as it was then, as it would be if it changed while the groups are written."""
+    conn = await connections.take()
+    try:
+        found = await stored_otherwise(conn)
+    except BaseException:
+        conn.terminate()
+        raise
+    connections.give_back(conn)
+    return found
+
+
 async def settle_users(
-    source: SourceSnapshot, target: asyncpg.Connection, deleted_accounts: DeletedAccounts = ()
+    source: SourceSnapshot,
+    target: asyncpg.Connection,
+    deleted_accounts: DeletedAccounts = (),
+    odd_target: asyncio.Future[StoredOtherwise] | None = None,
 ) -> Settled:
     """Stage ``source``'s keys on ``target``, settle what SQL can, match the rest; see the module. The
-    deleted accounts are waited for once production's keys are staged, before any target user is read."""
+    deleted accounts are waited for once production's keys are staged, before any target user is read.
+    ``odd_target``: the target's users stored otherwise, being read ahead (read here when that failed)."""
     await target.execute(f"{_DROP}; {_STAGE}")
     try:
         users = await source.copy_keys_to(target, KEY_STAGE)
@@ -182,8 +223,9 @@ async def settle_users(
         # Keys stored otherwise on either side (few), normalised here: production's without an id, the
         # target's with the id of their user.
         accounts = await deleted_ones(deleted_accounts)
+        odd: list[tuple[UUID | None, str | None, str | None]]
         odd = [(None, r["email"], r["phone"]) for r in await target.fetch(_ODD_SOURCE)]
-        odd += [(r["id"], r["email"], r["phone"]) for r in await target.fetch(_ODD_TARGET)]
+        odd += await _stored_otherwise(target, odd_target)
         await target.copy_records_to_table(
             _ODD_STAGE,
             records=[(i, normal_email(e), normal_phone(p)) for i, e, p in odd],
