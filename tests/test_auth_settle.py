@@ -201,61 +201,42 @@ async def test_users_settled_in_sql_get_the_matchers_answer(
     assert kinds - {MatchKind.NEW}, "each case has users the matcher does not simply create"
 
 
+@pytest.mark.parametrize(
+    ("cut", "readers"),
+    [(False, ["sync writer"]), (True, ["sync writer", "sync"])],
+    ids=["read ahead", "read ahead cut"],
+)
 def test_a_run_reads_the_target_users_stored_otherwise_ahead_and_matches_by_them(
-    seed_dbs: tuple[Database, Database], monkeypatch: pytest.MonkeyPatch
+    cut: bool, readers: list[str], seed_dbs: tuple[Database, Database], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A run reads the target's users stored otherwise while it reads production, and settles with them:
-    a production user meets the development user holding its address in another case, and the read is
-    not made again on the import's connection."""
+    """A run reads the target's users stored otherwise on a table writer's connection while it reads
+    production, and settles with them (not reading them again): a production user meets the development
+    user holding its address in another case. When that read's connection is lost, the import reads them
+    itself."""
     source, target = seed_dbs
     case = Case()
     case.on_target("casey", "Casey@Example.com")
     case.on_source("casey in production", "casey@example.com")
     _add(target, case.target)
     _add(source, case.source)
-    readers: list[str] = []
+    seen: list[str] = []
     read = settle.stored_otherwise
 
     async def noted(conn: asyncpg.Connection) -> settle.StoredOtherwise:
-        readers.append(conn.get_settings().application_name)
+        seen.append(conn.get_settings().application_name)
+        if cut and len(seen) == 1:
+            conn.terminate()  # the connection lost under the read ahead
         return await read(conn)
 
     monkeypatch.setattr(settle, "stored_otherwise", noted)
     report = seed_sync(source, target, since=datetime(2024, 11, 18, tzinfo=UTC))
 
     assert report.exit_code == 0
-    assert readers == ["sync writer"], "read once, on a table writer's connection, ahead of the import"
+    assert seen == readers
     mapped = "SELECT target_key FROM _sync.id_map WHERE table_name = 'auth.users' AND source_key = %s::text"
     assert _fetch(target, mapped, case.id("casey in production")) == [(str(case.id("casey")),)]
     holders = "SELECT count(*) FROM auth.users WHERE lower(email) = 'casey@example.com'"
     assert _fetch(target, holders) == [(1,)]
-
-
-def test_when_the_read_ahead_fails_the_import_reads_the_users_stored_otherwise_itself(
-    seed_dbs: tuple[Database, Database], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    source, target = seed_dbs
-    case = Case()
-    case.on_target("casey", "Casey@Example.com")
-    case.on_source("casey in production", "casey@example.com")
-    _add(target, case.target)
-    _add(source, case.source)
-    readers: list[str] = []
-    read = settle.stored_otherwise
-
-    async def cut_first(conn: asyncpg.Connection) -> settle.StoredOtherwise:
-        readers.append(conn.get_settings().application_name)
-        if len(readers) == 1:
-            conn.terminate()  # the connection lost under the read ahead
-        return await read(conn)
-
-    monkeypatch.setattr(settle, "stored_otherwise", cut_first)
-    report = seed_sync(source, target, since=datetime(2024, 11, 18, tzinfo=UTC))
-
-    assert report.exit_code == 0
-    assert readers == ["sync writer", "sync"]
-    mapped = "SELECT target_key FROM _sync.id_map WHERE table_name = 'auth.users' AND source_key = %s::text"
-    assert _fetch(target, mapped, case.id("casey in production")) == [(str(case.id("casey")),)]
 
 
 def _written(db: Database, leaving_out: uuid.UUID) -> list[tuple[Any, ...]]:
