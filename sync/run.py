@@ -106,7 +106,7 @@ class RunContext:
     writers: IdleConnections | None = None
     """The target connections the table copies hand on to one another (closed when the run ends)."""
     odd_target: asyncio.Future[StoredOtherwise] | None = None
-    """The target's users stored otherwise, being read on one of ``writers`` while production is read."""
+    """The target's users stored otherwise, being read on one of ``writers`` while production's keys are."""
 
 
 class RunReport(Model):
@@ -276,13 +276,6 @@ async def run_sync(
         )
         # The copy date production deletes are judged by, read beside the census (it never changes).
         copied = None if options.retry_quarantine else asyncio.ensure_future(bookkeeping.call(copy_date))
-        # The target's users stored otherwise, a read of every target user, beside the census and the
-        # import's read of production's keys: settling the users waits for it only if it is still going.
-        odd_target = (
-            asyncio.ensure_future(stored_otherwise_ahead(writers))
-            if users and _users_to_import(only_keys)
-            else None
-        )
         census = None
         if not options.retry_quarantine and (changes is not None or basis is not None):
             selection = Selection(plan, since, None, changes)
@@ -292,6 +285,12 @@ async def run_sync(
             if changes is not None:
                 changes = replace(changes, quiet=census.quiet, keyed=census.keyed)
         copy_day = await copied if copied is not None else None  # before the connection serves anything else
+        # The target's users stored otherwise, a read of every target user, beside the import's read of
+        # production's keys: settling waits for it only if it is still going. Not when the census found no
+        # user changed (the import then reads nothing), so a no-op catch-up never pays for it.
+        quiet_users = changes is not None and USERS_TABLE in changes.quiet
+        if users and _users_to_import(only_keys) and not quiet_users:
+            odd_target = asyncio.ensure_future(stored_otherwise_ahead(writers))
         report = RunReport(
             run_id=run.id, since=since, high_water=run.high_water or snapshot.high_water, resumed=run.resumed
         )

@@ -212,7 +212,7 @@ def test_a_run_reads_the_target_users_stored_otherwise_ahead_and_matches_by_them
     """A run reads the target's users stored otherwise on a table writer's connection while it reads
     production, and settles with them (not reading them again): a production user meets the development
     user holding its address in another case. When that read's connection is lost, the import reads them
-    itself."""
+    itself. A catch-up with no user changed does not read them."""
     source, target = seed_dbs
     case = Case()
     case.on_target("casey", "Casey@Example.com")
@@ -237,6 +237,9 @@ def test_a_run_reads_the_target_users_stored_otherwise_ahead_and_matches_by_them
     assert _fetch(target, mapped, case.id("casey in production")) == [(str(case.id("casey")),)]
     holders = "SELECT count(*) FROM auth.users WHERE lower(email) = 'casey@example.com'"
     assert _fetch(target, holders) == [(1,)]
+    # A catch-up whose census finds no user changed reads no target user.
+    caught_up = seed_sync(source, target, overlap=timedelta(0))
+    assert (caught_up.exit_code, caught_up.auth.source_users, seen) == (0, 0, readers)
 
 
 def _written(db: Database, leaving_out: uuid.UUID) -> list[tuple[Any, ...]]:

@@ -439,7 +439,9 @@ def test_a_row_the_ledger_alone_names_as_another_one_s_landing_is_not_a_delete_a
 
     assert found(run(source, target, since=SINCE)) == {}
 
-    indexes = "SELECT indexname FROM pg_indexes WHERE schemaname = '_sync' AND tablename = 'landed' ORDER BY 1"
+    indexes = (
+        "SELECT indexname FROM pg_indexes WHERE schemaname = '_sync' AND tablename = 'landed' ORDER BY 1"
+    )
     assert fetch(target.url, indexes) == [("landed_moved_idx",), ("landed_pkey",)]
     moved = "SELECT indexdef FROM pg_indexes WHERE indexname = 'landed_moved_idx'"
     assert "WHERE (target_key <> source_key)" in fetch(target.url, moved)[0][0]

@@ -191,9 +191,9 @@ async def stored_otherwise(conn: asyncpg.Connection) -> StoredOtherwise:
 
 async def stored_otherwise_ahead(connections: IdleConnections) -> StoredOtherwise:
     """:func:`stored_otherwise` on a connection of ``connections``, given back after: a run reads them
-    while it reads only production (its census, production's user keys), so that settling does not wait
-    for a read of every target user. The list is as old as that: a target user whose address changes
-    after it is read is judged as it was then, as it would be if it changed while the groups are written."""
+    while the import reads production's user keys, so that settling does not wait for a read of every
+    target user. The list is as old as that: a target user whose address changes after it is read is
+    judged as it was then, as it would be if it changed while the groups are written."""
     conn = await connections.take()
     try:
         found = await stored_otherwise(conn)
