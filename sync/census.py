@@ -11,7 +11,7 @@ run reads nothing of it, so a catch-up costs these scans and what changed, not e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -128,15 +128,20 @@ def quiet_tables(plan: Plan, window: Mapping[str, int]) -> frozenset[str]:
     return frozenset(name for name in window if name not in needed)
 
 
+_USER_TABLES = (USERS_TABLE, IDENTITIES_TABLE)
+
+
 async def take_census(
     snapshot: SourceSnapshot,
     plan: Plan,
     selection: Selection,
     users_since: datetime | None,
     basis: Basis | None,
+    users_changed: Callable[[], object] | None = None,
 ) -> Census:
     """Count every planned table (and the users, when ``users_since`` is set) in the run's snapshot,
-    and the rows ``basis`` (the previous run's) saw of each table it can settle."""
+    and the rows ``basis`` (the previous run's) saw of each table it can settle. ``users_changed`` is
+    called as soon as the users are counted and some changed (the other tables still being counted)."""
     settled = Changes.since_snapshot(basis.snapshot, snapshot.xids.xmax) if basis and snapshot.xids else None
     jobs: list[Job] = []
     for tp in plan.tables:
@@ -166,11 +171,17 @@ async def take_census(
         else:
             pages = await _pages(readers[0], [job[1] for job in jobs])
         queue = sorted([*jobs, *users], key=lambda job: -pages.get(table_ident(job[1]), 0))
+        waiting = {job[0] for job in users}
 
         async def scan(conn: asyncpg.Connection) -> None:
             while queue:
                 name, table, conditions, params, listed = queue.pop(0)
                 counts[name] = await tally(conn, table, conditions, params, listed)
+                if name in waiting:
+                    waiting.discard(name)
+                    changed = sum(counts[n]["n_keyed"] for n in _USER_TABLES if n in counts)
+                    if not waiting and changed and users_changed is not None:
+                        users_changed()
 
         async with asyncio.TaskGroup() as group:
             for conn in readers:

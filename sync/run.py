@@ -277,20 +277,31 @@ async def run_sync(
         # The copy date production deletes are judged by, read beside the census (it never changes).
         copied = None if options.retry_quarantine else asyncio.ensure_future(bookkeeping.call(copy_date))
         census = None
+
+        def read_ahead() -> None:
+            """The target's users stored otherwise, a read of every target user, read beside the rest of
+            the census or the import's read of production's keys: settling waits for it only if it is still
+            going. Not when the census found no user changed (the import then reads nothing)."""
+            nonlocal odd_target
+            if odd_target is None and users and _users_to_import(only_keys):
+                odd_target = asyncio.ensure_future(stored_otherwise_ahead(writers))
+
         if not options.retry_quarantine and (changes is not None or basis is not None):
             selection = Selection(plan, since, None, changes)
             census = await retrying(what="counting the source's tables")(
-                take_census, snapshot, plan, selection, since if catch_up and users else None, basis
+                take_census,
+                snapshot,
+                plan,
+                selection,
+                since if catch_up and users else None,
+                basis,
+                read_ahead,
             )
             if changes is not None:
                 changes = replace(changes, quiet=census.quiet, keyed=census.keyed)
         copy_day = await copied if copied is not None else None  # before the connection serves anything else
-        # The target's users stored otherwise, a read of every target user, beside the import's read of
-        # production's keys: settling waits for it only if it is still going. Not when the census found no
-        # user changed (the import then reads nothing), so a no-op catch-up never pays for it.
-        quiet_users = changes is not None and USERS_TABLE in changes.quiet
-        if users and _users_to_import(only_keys) and not quiet_users:
-            odd_target = asyncio.ensure_future(stored_otherwise_ahead(writers))
+        if not (changes is not None and USERS_TABLE in changes.quiet):
+            read_ahead()
         report = RunReport(
             run_id=run.id, since=since, high_water=run.high_water or snapshot.high_water, resumed=run.resumed
         )

@@ -9,7 +9,7 @@ rest given to the same matcher.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,12 +20,15 @@ import pytest
 from queries import seed_sync
 
 from devkit.testbed import Database
+from sync import census
+from sync import run as run_module
 from sync.auth import AuthOptions, MatchKind, import_users, match_users, settle
 from sync.auth.match import read_id_map, read_target_keys
 from sync.auth.report import hash_problem, plain_hash_sql
 from sync.auth.settle import settle_users
 from sync.auth.source import read_only_snapshot, read_source_keys
 from sync.connect import Endpoint, Side, connect
+from sync.pool import IdleConnections
 from sync.snapshot import SourceSnapshot
 from sync.state import ensure_state
 
@@ -237,9 +240,34 @@ def test_a_run_reads_the_target_users_stored_otherwise_ahead_and_matches_by_them
     assert _fetch(target, mapped, case.id("casey in production")) == [(str(case.id("casey")),)]
     holders = "SELECT count(*) FROM auth.users WHERE lower(email) = 'casey@example.com'"
     assert _fetch(target, holders) == [(1,)]
-    # A catch-up whose census finds no user changed reads no target user.
+    # A catch-up whose census finds no user changed reads no target user; one that finds a user changed
+    # reads them while the census counts the other tables.
     caught_up = seed_sync(source, target, overlap=timedelta(0))
     assert (caught_up.exit_code, caught_up.auth.source_users, seen) == (0, 0, readers)
+    counted = census.take_census
+
+    async def noted_census(*args: Any) -> census.Census:
+        taken = await counted(*args)
+        seen.append("census taken")
+        return taken
+
+    started = run_module.stored_otherwise_ahead
+
+    def noted_start(connections: IdleConnections) -> Coroutine[Any, Any, settle.StoredOtherwise]:
+        seen.append("read ahead")
+        return started(connections)
+
+    monkeypatch.setattr(run_module, "take_census", noted_census)
+    monkeypatch.setattr(run_module, "stored_otherwise_ahead", noted_start)
+    _fetch(
+        source,
+        "UPDATE auth.users SET raw_user_meta_data = '{\"a\": 1}' WHERE id = %s",
+        case.id("casey in production"),
+    )
+    caught_up = seed_sync(source, target, overlap=timedelta(0))
+    assert (caught_up.exit_code, caught_up.auth.source_users) == (0, 1)
+    later = seen[len(readers) :]
+    assert later.index("read ahead") < later.index("census taken") and later.count("sync writer") == 1, later
 
 
 def _written(db: Database, leaving_out: uuid.UUID) -> list[tuple[Any, ...]]:
