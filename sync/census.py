@@ -128,7 +128,9 @@ def quiet_tables(plan: Plan, window: Mapping[str, int]) -> frozenset[str]:
     return frozenset(name for name in window if name not in needed)
 
 
-_USER_TABLES = (USERS_TABLE, IDENTITIES_TABLE)
+def _users_window(counts: Mapping[str, Mapping[str, Any]]) -> int:
+    """The users in the window: those whose row changed, and those one of whose identities did."""
+    return sum(counts[n]["n_keyed"] for n in (USERS_TABLE, IDENTITIES_TABLE) if n in counts)
 
 
 async def take_census(
@@ -179,8 +181,7 @@ async def take_census(
                 counts[name] = await tally(conn, table, conditions, params, listed)
                 if name in waiting:
                     waiting.discard(name)
-                    changed = sum(counts[n]["n_keyed"] for n in _USER_TABLES if n in counts)
-                    if not waiting and changed and users_changed is not None:
+                    if not waiting and users_changed is not None and _users_window(counts):
                         users_changed()
 
         async with asyncio.TaskGroup() as group:

@@ -162,17 +162,6 @@ class Settled:
         return [self.match(u, kinds[u]) if u in kinds else UserMatch(u, u, MatchKind.NEW) for u in order]
 
 
-async def _stored_otherwise(
-    target: asyncpg.Connection, ahead: asyncio.Future[StoredOtherwise] | None
-) -> StoredOtherwise:
-    if ahead is not None:
-        try:
-            return await ahead
-        except Exception:
-            pass  # read again here, where a failure is the import's own
-    return await stored_otherwise(target)
-
-
 def _chunks(packed: bytes, size: int) -> Iterator[PackedIds]:
     """The ids packed 16 bytes each, ``size`` at a time (still packed)."""
     step = 16 * size
@@ -202,6 +191,17 @@ async def stored_otherwise_ahead(connections: IdleConnections) -> StoredOtherwis
         raise
     connections.give_back(conn)
     return found
+
+
+async def _stored_otherwise(
+    target: asyncpg.Connection, ahead: asyncio.Future[StoredOtherwise] | None
+) -> StoredOtherwise:
+    if ahead is not None:
+        try:
+            return await ahead
+        except Exception:
+            pass  # read again here, where a failure is the import's own
+    return await stored_otherwise(target)
 
 
 async def settle_users(
