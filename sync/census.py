@@ -128,11 +128,6 @@ def quiet_tables(plan: Plan, window: Mapping[str, int]) -> frozenset[str]:
     return frozenset(name for name in window if name not in needed)
 
 
-def _users_window(counts: Mapping[str, Mapping[str, Any]]) -> int:
-    """The users in the window: those whose row changed, and those one of whose identities did."""
-    return sum(counts[n]["n_keyed"] for n in (USERS_TABLE, IDENTITIES_TABLE) if n in counts)
-
-
 async def take_census(
     snapshot: SourceSnapshot,
     plan: Plan,
@@ -143,7 +138,8 @@ async def take_census(
 ) -> Census:
     """Count every planned table (and the users, when ``users_since`` is set) in the run's snapshot,
     and the rows ``basis`` (the previous run's) saw of each table it can settle. ``users_changed`` is
-    called as soon as the users are counted and some changed (the other tables still being counted)."""
+    called once, as soon as the users' count or their identities' count finds a user changed, whichever
+    comes first (the other tables, and maybe the other of the two, still being counted)."""
     settled = Changes.since_snapshot(basis.snapshot, snapshot.xids.xmax) if basis and snapshot.xids else None
     jobs: list[Job] = []
     for tp in plan.tables:
@@ -173,16 +169,15 @@ async def take_census(
         else:
             pages = await _pages(readers[0], [job[1] for job in jobs])
         queue = sorted([*jobs, *users], key=lambda job: -pages.get(table_ident(job[1]), 0))
-        waiting = {job[0] for job in users}
+        unheard = [users_changed] if users_changed is not None else []
+        user_jobs = {job[0] for job in users}
 
         async def scan(conn: asyncpg.Connection) -> None:
             while queue:
                 name, table, conditions, params, listed = queue.pop(0)
                 counts[name] = await tally(conn, table, conditions, params, listed)
-                if name in waiting:
-                    waiting.discard(name)
-                    if not waiting and users_changed is not None and _users_window(counts):
-                        users_changed()
+                if name in user_jobs and counts[name]["n_keyed"] and unheard:
+                    unheard.pop()()  # the first count that finds a user changed: the other is not awaited
 
         async with asyncio.TaskGroup() as group:
             for conn in readers:

@@ -8,6 +8,8 @@ rest given to the same matcher.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
@@ -252,13 +254,32 @@ def test_a_run_reads_the_target_users_stored_otherwise_ahead_and_matches_by_them
         return taken
 
     started = run_module.stored_otherwise_ahead
+    heard: list[asyncio.Event] = []
+
+    def started_event() -> asyncio.Event:
+        if not heard:
+            heard.append(asyncio.Event())
+        return heard[0]
 
     def noted_start(connections: IdleConnections) -> Coroutine[Any, Any, settle.StoredOtherwise]:
         seen.append("read ahead")
+        started_event().set()
         return started(connections)
+
+    tally = census.tally
+
+    async def held_tally(conn: asyncpg.Connection, table: str, *args: Any) -> dict[str, Any]:
+        # The identities' count (no identity changed) ends only once the read ahead has started, or 5 s
+        # later: the users' count, which found the user changed, starts it without waiting for this one.
+        if table == "auth.identities":
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(started_event().wait(), 5)
+            seen.append("identities counted")
+        return await tally(conn, table, *args)
 
     monkeypatch.setattr(run_module, "take_census", noted_census)
     monkeypatch.setattr(run_module, "stored_otherwise_ahead", noted_start)
+    monkeypatch.setattr(census, "tally", held_tally)
     _fetch(
         source,
         "UPDATE auth.users SET raw_user_meta_data = '{\"a\": 1}' WHERE id = %s",
@@ -268,6 +289,7 @@ def test_a_run_reads_the_target_users_stored_otherwise_ahead_and_matches_by_them
     assert (caught_up.exit_code, caught_up.auth.source_users) == (0, 1)
     later = seen[len(readers) :]
     assert later.index("read ahead") < later.index("census taken") and later.count("sync writer") == 1, later
+    assert later.index("read ahead") < later.index("identities counted"), later
 
 
 def _written(db: Database, leaving_out: uuid.UUID) -> list[tuple[Any, ...]]:
