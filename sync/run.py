@@ -28,6 +28,7 @@ from sync.auth.settle import StoredOtherwise, stored_otherwise_ahead
 from sync.census import READERS, take_census
 from sync.connect import Endpoint, call_off, connect
 from sync.copy.context import target_writers
+from sync.copy.ledger import refresh_statistics
 from sync.deletes import DeletesReport, copy_date
 from sync.deletes.basis import forget_basis, last_basis
 from sync.errors import EXIT_OK, EXIT_QUARANTINED, LockLostError, first_cause, first_line
@@ -379,11 +380,38 @@ async def run_sync(
                 await finish_run(conn, run.id, status, report.counts(), settled)
 
         await bookkeeping.call(close_run)
+
+        async def once(step: LedgerStep) -> bool:  # not retried: the next run may as well plan without
+            return await step(await bookkeeping.alive())
+
+        await keep_ledger_planned(once, _ledger_entries(report))
         return report
     finally:
         await call_off(exporting, copied, odd_target)
         await asyncio.gather(snapshot.close(), writers.close(), bookkeeping.close())
         await lock.release()
+
+
+LedgerStep = Callable[[asyncpg.Connection], Awaitable[bool]]
+
+
+async def keep_ledger_planned(call: Callable[[LedgerStep], Awaitable[bool]], entries: int) -> None:
+    """Once a run is recorded, refresh the ledger's statistics (on a connection ``call`` gives) when the run
+    grew it (:func:`~sync.copy.ledger.refresh_statistics`). They only speed the next run up: a failure is
+    a warning, never the run's."""
+    try:
+        await call(lambda conn: refresh_statistics(conn, entries))
+    except Exception as exc:
+        log.warning("the ledger's statistics were not refreshed: %s", first_line(exc))
+
+
+def _ledger_entries(report: RunReport | AuthReport) -> int:
+    """At most how many ledger entries a run added: one per row or user it read that was not held back."""
+    users = report if isinstance(report, AuthReport) else report.auth
+    entries = users.source_users - users.quarantined if users else 0
+    if isinstance(report, RunReport):
+        entries += sum(t.read - t.quarantined for t in report.tables)
+    return entries
 
 
 def _users_to_import(only_keys: dict[str, list[str]] | None) -> bool:
@@ -412,7 +440,7 @@ async def run_auth_only(
         finally:
             await conn.close()
         await snapshot.open()
-        return await import_users(
+        report = await import_users(
             source,
             target,
             options,
@@ -421,6 +449,16 @@ async def run_auth_only(
             guard=lock.confirm,
             progress=progress,
         )
+
+        async def on_target(step: LedgerStep) -> bool:
+            conn = await connect(target, application_name="sync run")
+            try:
+                return await step(conn)
+            finally:
+                await conn.close()
+
+        await keep_ledger_planned(on_target, _ledger_entries(report))
+        return report
     finally:
         await snapshot.close()
         await lock.release()

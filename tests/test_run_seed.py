@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from datetime import timedelta
 
 import asyncpg
 import bcrypt
@@ -17,9 +19,10 @@ from test_verify import problems, verify
 from devkit import scenario
 from sync.auth import AuthOptions
 from sync.cli import main
-from sync.connect import Endpoint, Side
+from sync.connect import Endpoint, Side, connect
 from sync.mapping import load_mapping
 from sync.run import RunOptions, auth_import, run_sync
+from sync.state import ensure_state
 
 APP = SEED_APP_TABLES
 
@@ -307,3 +310,50 @@ def test_soft_deleted_production_users_land_with_their_rows_and_verify_equal(
     code, checked = verify(source, target)
     assert code == 0, problems(checked)
     assert checked["users"]["equal"] == 4082
+
+
+def test_a_run_that_grew_the_ledger_analyses_it_and_a_small_catch_up_leaves_it(seed_dbs):
+    """The first run analyses the ledger it filled (a catch-up's per-key probes are planned by those
+    statistics before autovacuum gets to them); a catch-up that adds a few entries leaves them as they are."""
+    source, target = seed_dbs
+    analysed = (
+        "SELECT s.analyze_count, c.reltuples::bigint FROM pg_stat_user_tables AS s "
+        "JOIN pg_class AS c ON c.oid = s.relid WHERE s.relid = '_sync.landed'::regclass"
+    )
+    assert sync_run(source, target).exit_code == 0
+    entries = fetch(target.url, "SELECT count(*) FROM _sync.landed")[0][0]
+    assert fetch(target.url, analysed) == [(1, entries)]
+    execute(
+        source.url,
+        "UPDATE public.profiles SET updated_at = now() "
+        "WHERE id IN (SELECT id FROM public.profiles ORDER BY id LIMIT 3)",
+    )
+    caught_up = seed_sync(source, target, overlap=timedelta(0))
+    assert caught_up.exit_code == 0 and sum(t.written for t in caught_up.tables) >= 3
+    assert fetch(target.url, analysed) == [(1, entries)]
+
+
+def test_a_ledger_analysis_that_cannot_take_its_lock_is_a_warning_and_the_run_succeeds(seed_dbs, caplog):
+    """Another session holding the lock an analysis needs (as a manual VACUUM would): the run waits its
+    lock timeout, warns, and ends as it would have; its record says it succeeded."""
+    source, target = seed_dbs
+
+    async def state() -> None:
+        conn = await connect(Endpoint.parse(Side.TARGET, target.url))
+        try:
+            await ensure_state(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(state())
+    with psycopg.connect(target.url) as holder:
+        holder.execute("LOCK TABLE _sync.landed IN SHARE UPDATE EXCLUSIVE MODE")
+        with caplog.at_level(logging.WARNING, logger="sync"):
+            report = sync_run(source, target)
+        holder.rollback()
+    assert report.exit_code == 0
+    warned = [r.getMessage() for r in caplog.records if "statistics were not refreshed" in r.getMessage()]
+    assert len(warned) == 1 and "lock timeout" in warned[0], warned
+    analysed = "SELECT analyze_count FROM pg_stat_user_tables WHERE relid = '_sync.landed'::regclass"
+    assert fetch(target.url, analysed) == [(0,)]
+    assert fetch(target.url, "SELECT status FROM _sync.runs ORDER BY id DESC LIMIT 1") == [("succeeded",)]
