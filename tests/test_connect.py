@@ -87,11 +87,13 @@ def test_a_dsns_options_and_session_attributes_hold_on_the_connection(supabase_d
     )
     assert info["host"]
 
-    async def read() -> tuple[str, str]:
+    async def read() -> tuple[str, ...]:
         conn = await connect(Endpoint.parse(Side.TARGET, dsn))
         try:
-            return await conn.fetchval("SHOW search_path"), await conn.fetchval("SHOW work_mem")
+            shown = ("search_path", "work_mem", "statement_timeout", "jit")
+            return tuple([await conn.fetchval(f"SHOW {name}") for name in shown])
         finally:
             await conn.close()
 
-    assert asyncio.run(read()) == ("auth,public", "3MB")
+    # The DSN's own settings, and the session's: a long statement timeout, and no JIT compilation.
+    assert asyncio.run(read()) == ("auth,public", "3MB", "10min", "off")
