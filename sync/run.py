@@ -384,7 +384,7 @@ async def run_sync(
         async def once(step: LedgerStep) -> bool:  # not retried: the next run may as well plan without
             return await step(await bookkeeping.alive())
 
-        await keep_ledger_planned(once, _ledger_entries(report))
+        await keep_ledger_planned(once, _ledger_entries(report.auth, report.tables))
         return report
     finally:
         await call_off(exporting, copied, odd_target)
@@ -405,13 +405,10 @@ async def keep_ledger_planned(call: Callable[[LedgerStep], Awaitable[bool]], ent
         log.warning("the ledger's statistics were not refreshed: %s", first_line(exc))
 
 
-def _ledger_entries(report: RunReport | AuthReport) -> int:
-    """At most how many ledger entries a run added: one per row or user it read that was not held back."""
-    users = report if isinstance(report, AuthReport) else report.auth
-    entries = users.source_users - users.quarantined if users else 0
-    if isinstance(report, RunReport):
-        entries += sum(t.read - t.quarantined for t in report.tables)
-    return entries
+def _ledger_entries(auth: AuthReport | None, tables: Sequence[table_copy.TableResult] = ()) -> int:
+    """At most how many ledger entries a run added: one per user or row it read that was not held back."""
+    users = auth.source_users - auth.quarantined if auth else 0
+    return users + sum(t.read - t.quarantined for t in tables)
 
 
 def _users_to_import(only_keys: dict[str, list[str]] | None) -> bool:
